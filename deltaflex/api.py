@@ -1,0 +1,104 @@
+"""Public entry points: `delta_rule` (deltaflex's names) and `chunk_delta_rule` (fla's names)."""
+
+from __future__ import annotations
+
+import torch
+
+from .chunk import ChunkDeltaRuleFunction
+from .validation import check_chunk_size, check_delta_rule_inputs
+
+PLAN_NAMES = ("eager", "compiled")
+
+
+def _resolve_plan(plan, device: torch.device) -> str:
+    if plan is None:
+        # Compiling pays off on GPUs; on CPUs compile time (tens of seconds) rarely does.
+        return "compiled" if device.type == "cuda" else "eager"
+    if plan not in PLAN_NAMES:
+        raise ValueError(f"plan must be None or one of {PLAN_NAMES}, got {plan!r}")
+    return plan
+
+
+def delta_rule(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    beta: torch.Tensor,
+    *,
+    scale: float | None = None,
+    initial_state: torch.Tensor | None = None,
+    output_final_state: bool = False,
+    cu_seqlens: torch.Tensor | None = None,
+    use_qk_l2norm: bool = False,
+    chunk_size: int = 64,
+    plan: str | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The DeltaNet delta rule by the chunkwise-parallel algorithm.
+
+    S_t = S_{t-1} + beta_t k_t (v_t - S_{t-1}^T k_t)^T,   o_t = scale * S_t^T q_t.
+
+    Args:
+        q, k: [B, T, H, K]; v: [B, T, H, V]; beta: [B, T, H] (q's dtype or float32).
+            bfloat16, float16, float32 or float64; any T >= 1; K, V <= 256.
+        scale: defaults to K ** -0.5.
+        initial_state: [N, H, K, V], N = B; float32 (float64 with float64 inputs), or a
+            lower-precision float, which is upcast exactly.
+        output_final_state: also return the state after the last token, [N, H, K, V].
+        cu_seqlens: packed variable-length sequences; not supported yet.
+        use_qk_l2norm: L2-normalise q and k inside the op (gradients flow through it).
+        chunk_size: 16, 32, 64 or 128.
+        plan: None (default: "compiled" on CUDA, "eager" on CPU), "eager" (blocked ops, no
+            compile), or "compiled" (the same ops through torch.compile).
+
+    Returns:
+        (o [B, T, H, V] in q's dtype, final_state or None).
+    """
+    if cu_seqlens is not None:
+        raise NotImplementedError(
+            "cu_seqlens (packed variable-length sequences) is not supported by the chunk plans yet; "
+            "run each sequence separately, or use deltaflex.reference.recurrent_delta_rule_ref"
+        )
+    scale = check_delta_rule_inputs(q, k, v, beta, scale, initial_state, cu_seqlens)
+    chunk_size = check_chunk_size(chunk_size)
+    plan = _resolve_plan(plan, q.device)
+    return ChunkDeltaRuleFunction.apply(
+        q, k, v, beta, initial_state, scale, chunk_size, bool(use_qk_l2norm), bool(output_final_state), plan == "compiled"
+    )
+
+
+def chunk_delta_rule(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    beta: torch.Tensor,
+    scale: float | None = None,
+    initial_state: torch.Tensor | None = None,
+    output_final_state: bool = False,
+    use_qk_l2norm_in_kernel: bool = False,
+    cu_seqlens: torch.Tensor | None = None,
+    cu_seqlens_cpu: torch.Tensor | None = None,
+    **kwargs,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """fla-core 0.6.0's `fla.ops.delta_rule.chunk_delta_rule` signature over `delta_rule`.
+
+    Extra keyword arguments: `chunk_size` and `plan`, as in `delta_rule`.
+    """
+    if kwargs.pop("head_first", False):
+        raise ValueError("head_first=True is not supported (fla removed it too); pass [B, T, H, D] tensors")
+    unknown = set(kwargs) - {"chunk_size", "plan"}
+    if unknown:
+        raise TypeError(f"chunk_delta_rule got unexpected keyword arguments {sorted(unknown)}")
+    if cu_seqlens_cpu is not None and cu_seqlens is None:
+        raise ValueError("cu_seqlens_cpu is a host copy of cu_seqlens and needs cu_seqlens too")
+    return delta_rule(
+        q,
+        k,
+        v,
+        beta,
+        scale=scale,
+        initial_state=initial_state,
+        output_final_state=output_final_state,
+        cu_seqlens=cu_seqlens,
+        use_qk_l2norm=use_qk_l2norm_in_kernel,
+        **kwargs,
+    )

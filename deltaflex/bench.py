@@ -1,0 +1,235 @@
+"""The kernel benchmark of DESIGN.md: deltaflex plans against fla and causal SDPA, in one process
+on the same inputs.
+
+For every shape: each contender's output is checked against the float64 oracle first, then forward
+and forward+backward are timed (median of `triton.testing.do_bench` on CUDA, of a wall-clock loop on
+CPU), and the peak memory above the inputs is read for forward+backward. Compiled plans also report
+their first-call (compile) time per shape and how many graphs were compiled; `warm_start_seconds`
+times a first call in a fresh process whose compile caches are already filled.
+
+Used by `deltaflex bench` and `benchmarks/bench_delta_rule.py`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+from .api import delta_rule
+from .reference import recurrent_delta_rule_ref
+from .testing import make_inputs, relative_error
+
+Forward = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+@dataclasses.dataclass(frozen=True)
+class Shape:
+    B: int
+    T: int
+    H: int
+    K: int
+    V: int
+
+    @classmethod
+    def parse(cls, text: str) -> Shape:
+        """'B,T,H,K' or 'B,T,H,K,V'."""
+        try:
+            dims = [int(x) for x in text.split(",")]
+        except ValueError:
+            dims = []
+        if len(dims) not in (4, 5) or min(dims) < 1:
+            raise ValueError(f"a shape is B,T,H,K or B,T,H,K,V with positive integers, got {text!r}")
+        return cls(*dims) if len(dims) == 5 else cls(*dims, dims[3])
+
+    def __str__(self) -> str:
+        tail = "" if self.V == self.K else f"x{self.V}"
+        return f"{self.B}x{self.T}x{self.H}x{self.K}{tail}"
+
+
+def paper_shapes() -> list[Shape]:
+    """d_model 2048 and 16K tokens a batch, head dims 64/128/256 (DESIGN.md)."""
+    return [Shape(B, T, 2048 // D, D, D) for D in (64, 128, 256) for B, T in ((8, 2048), (4, 4096), (2, 8192))]
+
+
+@dataclasses.dataclass(frozen=True)
+class Contender:
+    name: str
+    forward: Forward
+    computes_delta_rule: bool = True  # False for the attention baseline: timed, not checked
+    compiles: bool = False
+
+
+def _deltaflex(plan: str, chunk_size: int) -> Contender:
+    def forward(q, k, v, beta):
+        return delta_rule(q, k, v, beta, chunk_size=chunk_size, plan=plan)[0]
+
+    return Contender(f"deltaflex[{plan}]", forward, compiles=plan != "eager")
+
+
+def _fla_contenders() -> list[Contender]:
+    try:
+        from fla.ops.delta_rule import chunk_delta_rule, fused_recurrent_delta_rule
+    except Exception:  # fla is an optional peer, absent on most machines
+        return []
+    return [
+        Contender("fla chunk", lambda q, k, v, beta: chunk_delta_rule(q, k, v, beta)[0]),
+        Contender("fla recurrent", lambda q, k, v, beta: fused_recurrent_delta_rule(q, k, v, beta)[0]),
+    ]
+
+
+def _sdpa(q, k, v, beta):
+    o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True)
+    return o.transpose(1, 2)
+
+
+def contenders(plans: list[str], device: torch.device, chunk_size: int = 64, fla: bool = True) -> list[Contender]:
+    out = [_deltaflex(plan, chunk_size) for plan in plans]
+    if fla and device.type == "cuda":
+        out += _fla_contenders()
+    return out + [Contender("sdpa causal", _sdpa, computes_delta_rule=False)]
+
+
+def time_ms(fn: Callable[[], object], device: torch.device, grad_to_none=None) -> float:
+    """Median milliseconds of fn()."""
+    if device.type == "cuda":
+        import triton.testing
+
+        return triton.testing.do_bench(fn, warmup=25, rep=100, grad_to_none=grad_to_none, return_mode="median")
+    fn()
+    samples, start = [], time.perf_counter()
+    while len(samples) < 5 or (time.perf_counter() - start < 1.0 and len(samples) < 50):
+        if grad_to_none:
+            for t in grad_to_none:
+                t.grad = None
+        t0 = time.perf_counter()
+        fn()
+        samples.append(1e3 * (time.perf_counter() - t0))
+    return statistics.median(samples)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _frames_ok() -> int:
+    from torch._dynamo.utils import counters
+
+    return counters["frames"]["ok"]
+
+
+def measure(contender: Contender, x: dict[str, torch.Tensor], o_ref: torch.Tensor | None, device) -> dict:
+    """One contender at one shape: error, first-call time, forward and forward+backward times, memory."""
+    leaves = [x[n].detach().requires_grad_() for n in ("q", "k", "v", "beta")]
+    do = torch.randn_like(x["v"])
+    row: dict = {"contender": contender.name}
+
+    def fwd():
+        return contender.forward(*leaves)
+
+    def fwd_bwd():
+        contender.forward(*leaves).backward(do)
+
+    frames, start = _frames_ok(), time.perf_counter()
+    o = fwd()
+    o.backward(do)
+    _sync(device)
+    row["first_call_s"] = time.perf_counter() - start
+    row["graphs_compiled"] = _frames_ok() - frames
+    if contender.computes_delta_rule and o_ref is not None:
+        row["rel_err"] = relative_error(o, o_ref)
+    with torch.no_grad():
+        row["fwd_ms"] = time_ms(fwd, device)
+    row["fwd_bwd_ms"] = time_ms(fwd_bwd, device, grad_to_none=leaves)
+    if device.type == "cuda":
+        for t in leaves:
+            t.grad = None
+        _sync(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        fwd_bwd()
+        _sync(device)
+        row["peak_extra_gib"] = (torch.cuda.max_memory_allocated(device) - base) / 2**30
+    return row
+
+
+def run_benchmark(
+    shapes: list[Shape],
+    plans: list[str],
+    *,
+    device: str | torch.device = "cuda",
+    dtype: torch.dtype = torch.bfloat16,
+    chunk_size: int = 64,
+    fla: bool = True,
+    check: bool = True,
+    log: Callable[[str], None] = print,
+) -> list[dict]:
+    device = torch.device(device)
+    rows = []
+    for shape in shapes:
+        x = make_inputs(shape.B, shape.T, shape.H, shape.K, shape.V, dtype=dtype, device=device)
+        o_ref = recurrent_delta_rule_ref(**x)[0] if check else None
+        for contender in contenders(plans, device, chunk_size, fla):
+            try:
+                row = measure(contender, x, o_ref, device)
+            except torch.OutOfMemoryError:
+                row = {"contender": contender.name, "error": "out of memory"}
+                torch.cuda.empty_cache()
+            row.update(shape=str(shape), dtype=str(dtype).removeprefix("torch."))
+            rows.append(row)
+            log(json.dumps(row))
+    _add_ratios(rows)
+    return rows
+
+
+def _add_ratios(rows: list[dict]) -> None:
+    """fla_fwd_ratio / fla_fwd_bwd_ratio: fla chunk's time over this row's (> 1: faster than fla)."""
+    fla = {r["shape"]: r for r in rows if r["contender"] == "fla chunk" and "fwd_ms" in r}
+    for r in rows:
+        base = fla.get(r["shape"])
+        if base and "fwd_ms" in r:
+            r["fla_fwd_ratio"] = base["fwd_ms"] / r["fwd_ms"]
+            r["fla_fwd_bwd_ratio"] = base["fwd_bwd_ms"] / r["fwd_bwd_ms"]
+
+
+def recompile_check(plan: str, *, device: str, dtype: torch.dtype, H: int = 16, D: int = 128) -> dict:
+    """Graphs compiled after the first call as T and B change (2048 -> 4096 -> 8192 -> 3000)."""
+    counts = {}
+    for B, T in ((8, 2048), (4, 4096), (2, 8192), (3, 3000)):
+        shape = Shape(B, T, H, D, D)
+        frames = _frames_ok()
+        _first_call(shape, plan, dtype, device, 64)
+        counts[str(shape)] = _frames_ok() - frames
+    return counts
+
+
+def warm_start_seconds(shape: Shape, plan: str, dtype: torch.dtype, device: str, chunk_size: int = 64) -> float:
+    """First-call time (forward+backward) of `plan` in a new process that shares this one's compile
+    caches (TORCHINDUCTOR_CACHE_DIR / TRITON_CACHE_DIR), i.e. a warm start."""
+    args = [sys.executable, "-m", "deltaflex.bench", "first-call", str(shape).replace("x", ","), plan,
+            str(dtype).removeprefix("torch."), device, str(chunk_size)]
+    out = subprocess.run(args, check=True, capture_output=True, text=True, env=os.environ.copy())
+    return float(out.stdout.strip().splitlines()[-1])
+
+
+def _first_call(shape: Shape, plan: str, dtype: torch.dtype, device: str, chunk_size: int) -> float:
+    x = make_inputs(shape.B, shape.T, shape.H, shape.K, shape.V, dtype=dtype, device=device)
+    leaves = [x[n].requires_grad_() for n in ("q", "k", "v", "beta")]
+    start = time.perf_counter()
+    delta_rule(*leaves, chunk_size=chunk_size, plan=plan)[0].sum().backward()
+    _sync(torch.device(device))
+    return time.perf_counter() - start
+
+
+if __name__ == "__main__" and len(sys.argv) == 7 and sys.argv[1] == "first-call":
+    _shape, _plan, _dtype, _device, _chunk = sys.argv[2:]
+    print(_first_call(Shape.parse(_shape), _plan, getattr(torch, _dtype), _device, int(_chunk)))

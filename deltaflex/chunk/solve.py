@@ -1,0 +1,55 @@
+"""Stage 1, `kkt + solve`: A = tril(diag(beta) K K^T, -1) and T = (I + A)^-1 per chunk.
+
+The inverse is recursive block inversion,
+    inv([[L11, 0], [L21, L22]]) = [[X11, 0], [-X22 L21 X11, X22]],
+run bottom-up: all 1x1 diagonal blocks, then 2x2, ... up to C x C, each level one pair of batched
+matmuls over every block of every chunk. It needs no per-row loop and stays accurate when keys are
+strongly correlated, where the loop-free product prod_m (I + (-A)^(2^m)) loses all precision
+(powers of A grow like binomial coefficients; see DESIGN.md).
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def kkt(k: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
+    """A = tril(diag(beta) K K^T, -1); k [..., C, K], beta [..., C] -> [..., C, C]."""
+    return torch.tril(beta[..., None] * (k @ k.transpose(-1, -2)), -1)
+
+
+def _diagonal_pairs(a: torch.Tensor, b: int) -> torch.Tensor:
+    """The lower-left b x b block of every 2b x 2b diagonal block of a [..., C, C] -> [..., C/2b, b, b]."""
+    C = a.shape[-1]
+    nb = C // (2 * b)
+    blocks = a.reshape(*a.shape[:-2], nb, 2, b, nb, 2, b)
+    diag = torch.diagonal(blocks, dim1=-6, dim2=-3)  # [..., 2, b, 2, b, nb]
+    return diag[..., 1, :, 0, :, :].movedim(-1, -3)
+
+
+def solve_unit_lower(a: torch.Tensor) -> torch.Tensor:
+    """(I + A)^-1 for strictly lower triangular a [..., C, C], C a power of two."""
+    C = a.shape[-1]
+    inv = a.new_ones(*a.shape[:-2], C, 1, 1)  # inverses of the 1x1 diagonal blocks
+    b = 1
+    while b < C:
+        x11, x22 = inv[..., 0::2, :, :], inv[..., 1::2, :, :]
+        x21 = -(x22 @ _diagonal_pairs(a, b)) @ x11
+        top = torch.cat([x11, torch.zeros_like(x11)], dim=-1)
+        inv = torch.cat([top, torch.cat([x21, x22], dim=-1)], dim=-2)
+        b *= 2
+    return inv.squeeze(-3)
+
+
+def solve_unit_lower_backward(t: torch.Tensor, dt: torch.Tensor) -> torch.Tensor:
+    """Gradient w.r.t. the strictly lower A of T = (I + A)^-1: tril(-T^T dT T^T, -1)."""
+    tt = t.transpose(-1, -2)
+    return torch.tril(-(tt @ dt) @ tt, -1)
+
+
+def kkt_backward(k: torch.Tensor, beta: torch.Tensor, da: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dk, dbeta) of A = tril(diag(beta) K K^T, -1), given a strictly lower da."""
+    dbeta = (da * (k @ k.transpose(-1, -2))).sum(-1)
+    da_beta = beta[..., None] * da
+    dk = da_beta @ k + da_beta.transpose(-1, -2) @ k
+    return dk, dbeta

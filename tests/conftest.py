@@ -1,0 +1,24 @@
+import pytest
+import torch
+
+HAS_CUDA = torch.cuda.is_available()
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
+
+
+def pytest_collection_modifyitems(config, items):
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords and not HAS_CUDA:
+            item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def _fresh_seed(request):
+    # A different seed per test (stable across runs of the same test), so inputs are fresh random
+    # draws rather than one fixed tensor reused everywhere.
+    torch.manual_seed(hash(request.node.nodeid) % 2**31)
+
+
+@pytest.fixture(params=DEVICES)
+def device(request):
+    return request.param
