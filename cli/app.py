@@ -133,3 +133,7 @@ def info():
 
 def main() -> None:
     app()
+
+
+if __name__ == "__main__":
+    main()

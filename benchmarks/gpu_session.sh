@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# Everything one GPU call does, logs under $OUT, a short table last. Run through the device tool with
+# `.whl` carried (../shared/tools/gpu-wheels.sh fills it):
+#   bash benchmarks/gpu_session.sh tests profile bench
+# Steps: tests (the whole suite, GPU tests included), profile (benchmarks/profile_plan.py at
+# $PROFILE_SHAPE for $PLANS), bench (deltaflex bench at $BENCH_SHAPES, or all of DESIGN.md's).
+set -uo pipefail
+OUT=${OUT:-/tmp/deltaflex-out}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+if compgen -G ".whl/*.whl" >/dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH=/tmp/site
+fi
+python3 -m pip install -q --no-index --no-deps --no-build-isolation -e . >"$OUT/install.log" 2>&1 || cat "$OUT/install.log"
+{ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+  python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
+  python3 -c "import fla; print('fla', fla.__version__)" 2>&1 | tail -1; } | tee "$OUT/env.txt"
+
+PLANS=${PLANS:-compiled}
+plan_args=(); for p in $PLANS; do plan_args+=(--plan "$p"); done
+for step in "$@"; do
+  case "$step" in
+    tests)
+      python3 -m pytest -q -n 8 -p no:cacheprovider tests 2>&1 | tail -40 >"$OUT/tests.log"
+      tail -5 "$OUT/tests.log" ;;
+    profile)
+      for shape in ${PROFILE_SHAPES:-4,4096,16,128}; do
+        python3 benchmarks/profile_plan.py --shape "$shape" "${plan_args[@]}" --out "$OUT" 2>&1 | tail -5
+      done ;;
+    bench)
+      shape_args=(); for s in ${BENCH_SHAPES:-}; do shape_args+=(--shape "$s"); done
+      python3 -m deltaflex.cli.app bench "${shape_args[@]}" "${plan_args[@]}" ${BENCH_FLAGS:-} --out "$OUT" 2>&1 \
+        | tee "$OUT/bench.log" | tail -${BENCH_TAIL:-40} ;;
+    *) echo "unknown step $step" ;;
+  esac
+done
