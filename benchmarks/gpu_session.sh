@@ -3,7 +3,7 @@
 # `.whl` carried (../shared/tools/gpu-wheels.sh fills it):
 #   bash benchmarks/gpu_session.sh tests profile bench
 # Steps: tests (the whole suite, GPU tests included), profile (benchmarks/profile_plan.py at
-# $PROFILE_SHAPE for $PLANS), bench (deltaflex bench at $BENCH_SHAPES, or all of DESIGN.md's).
+# $PROFILE_SHAPES for $PLANS), probe (benchmarks/probe_blocks.py), bench (deltaflex bench at $BENCH_SHAPES, or all of DESIGN.md's).
 set -uo pipefail
 OUT=${OUT:-/tmp/deltaflex-out}
 mkdir -p "$OUT"
@@ -28,6 +28,8 @@ for step in "$@"; do
       for shape in ${PROFILE_SHAPES:-4,4096,16,128}; do
         python3 benchmarks/profile_plan.py --shape "$shape" "${plan_args[@]}" --out "$OUT" 2>&1 | tail -5
       done ;;
+    probe)
+      python3 benchmarks/probe_blocks.py 2>&1 | tee "$OUT/probe.log" | tail -12 ;;
     bench)
       shape_args=(); for s in ${BENCH_SHAPES:-}; do shape_args+=(--shape "$s"); done
       python3 -m deltaflex.cli.app bench "${shape_args[@]}" "${plan_args[@]}" ${BENCH_FLAGS:-} --out "$OUT" 2>&1 \

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import sys
 import tempfile
 from pathlib import Path
 
@@ -14,7 +15,7 @@ from rich.console import Console
 from rich.table import Table
 
 app = typer.Typer(help="deltaflex: the DeltaNet delta rule as compiled blocked PyTorch ops.", no_args_is_help=True)
-console = Console()
+console = Console(width=None if sys.stdout.isatty() else 160)
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, "fp64": torch.float64}
 

@@ -49,9 +49,11 @@ def affine_scan(
     """
     step = _affine_step(transpose)
     if impl == "scan":
-        # scan needs the carry's layout to match the step's output (an expanded x0 would not)
-        final, entering = scan(step, x0.contiguous(), (p, r), dim=2, reverse=reverse)
-        return entering, final
+        # Scanned over dim 0: torch 2.11's scan stacks its outputs there whatever `dim` says.
+        # The carry's layout must match the step's output, so an expanded x0 is made contiguous.
+        xs = (p.movedim(2, 0), r.movedim(2, 0))
+        final, entering = scan(step, x0.contiguous(), xs, dim=0, reverse=reverse)
+        return entering.movedim(0, 2), final
     if impl != "loop":
         raise ValueError(f"impl must be one of {SCAN_IMPLS}, got {impl!r}")
     N = p.shape[2]
