@@ -5,19 +5,8 @@ from __future__ import annotations
 import torch
 
 from .chunk import ChunkDeltaRuleFunction
-from .validation import check_chunk_size, check_delta_rule_inputs
-
-PLAN_NAMES = ("eager", "compiled")
-
-
-def _resolve_plan(plan, device: torch.device) -> str:
-    if plan is None:
-        # Compiling pays off on GPUs; on CPUs compile time (tens of seconds) rarely does.
-        return "compiled" if device.type == "cuda" else "eager"
-    if plan not in PLAN_NAMES:
-        raise ValueError(f"plan must be None or one of {PLAN_NAMES}, got {plan!r}")
-    return plan
-
+from .plan import Plan, resolve_plan
+from .validation import check_delta_rule_inputs
 
 def delta_rule(
     q: torch.Tensor,
@@ -30,8 +19,8 @@ def delta_rule(
     output_final_state: bool = False,
     cu_seqlens: torch.Tensor | None = None,
     use_qk_l2norm: bool = False,
-    chunk_size: int = 64,
-    plan: str | None = None,
+    chunk_size: int | None = None,
+    plan: str | Plan | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The DeltaNet delta rule by the chunkwise-parallel algorithm.
 
@@ -46,9 +35,9 @@ def delta_rule(
         output_final_state: also return the state after the last token, [N, H, K, V].
         cu_seqlens: packed variable-length sequences; not supported yet.
         use_qk_l2norm: L2-normalise q and k inside the op (gradients flow through it).
-        chunk_size: 16, 32, 64 or 128.
-        plan: None (default: "compiled" on CUDA, "eager" on CPU), "eager" (blocked ops, no
-            compile), or "compiled" (the same ops through torch.compile).
+        chunk_size: 16, 32, 64 or 128; default: the plan's (64 for the named plans).
+        plan: a `deltaflex.Plan`, or a name: "eager" (blocked ops, no compile) or "compiled"
+            (the same ops through torch.compile); None picks "compiled" on CUDA, "eager" on CPU.
 
     Returns:
         (o [B, T, H, V] in q's dtype, final_state or None).
@@ -59,10 +48,9 @@ def delta_rule(
             "run each sequence separately, or use deltaflex.reference.recurrent_delta_rule_ref"
         )
     scale = check_delta_rule_inputs(q, k, v, beta, scale, initial_state, cu_seqlens)
-    chunk_size = check_chunk_size(chunk_size)
-    plan = _resolve_plan(plan, q.device)
+    plan = resolve_plan(plan, chunk_size, q.device.type)
     return ChunkDeltaRuleFunction.apply(
-        q, k, v, beta, initial_state, scale, chunk_size, bool(use_qk_l2norm), bool(output_final_state), plan == "compiled"
+        q, k, v, beta, initial_state, scale, bool(use_qk_l2norm), bool(output_final_state), plan
     )
 
 

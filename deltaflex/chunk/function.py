@@ -14,6 +14,7 @@ import functools
 
 import torch
 
+from ..plan import Plan
 from ..reference import L2NORM_EPS, l2norm
 from ..validation import state_dtype
 from .layout import from_chunks, to_chunks
@@ -103,30 +104,34 @@ def _compiled(fn):
     return torch.compile(fn, fullgraph=True)
 
 
-def _select(fn, compiled: bool):
+def _select(fn, plan: Plan):
     # Inside a caller's torch.compile the plain ops are traced into the caller's graph instead.
-    if compiled and not torch.compiler.is_compiling():
+    if plan.compile and not torch.compiler.is_compiling():
         return _compiled(fn)
     return fn
 
 
+def _options(plan: Plan, scale: float, use_qk_l2norm: bool) -> dict:
+    triton_stages = [stage for stage, backend in plan.backends().items() if backend == "triton"]
+    if triton_stages:
+        raise NotImplementedError(f"the triton backend is not implemented yet (stages {triton_stages})")
+    # A compiled graph traces the scan op once; eager runs the plain loop, which is faster there.
+    scan_impl = "scan" if plan.compile or torch.compiler.is_compiling() else "loop"
+    return dict(scale=scale, chunk_size=plan.chunk_size, use_qk_l2norm=use_qk_l2norm, scan_impl=scan_impl)
+
+
 class ChunkDeltaRuleFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, beta, initial_state, scale, chunk_size, use_qk_l2norm, output_final_state, compiled):
-        options = dict(scale=scale, chunk_size=chunk_size, use_qk_l2norm=use_qk_l2norm, scan_impl=_scan_impl(compiled))
-        o, final = _select(chunk_delta_rule_fwd, compiled)(q, k, v, beta, initial_state, **options)
+    def forward(ctx, q, k, v, beta, initial_state, scale, use_qk_l2norm, output_final_state, plan):
+        options = _options(plan, scale, use_qk_l2norm)
+        o, final = _select(chunk_delta_rule_fwd, plan)(q, k, v, beta, initial_state, **options)
         ctx.save_for_backward(q, k, v, beta, initial_state)
-        ctx.options, ctx.compiled = options, compiled
+        ctx.options, ctx.plan = options, plan
         return o, (final if output_final_state else None)
 
     @staticmethod
     def backward(ctx, do, dfinal):
         q, k, v, beta, initial_state = ctx.saved_tensors
-        bwd = _select(chunk_delta_rule_bwd, ctx.compiled)
+        bwd = _select(chunk_delta_rule_bwd, ctx.plan)
         dq, dk, dv, dbeta, ds0 = bwd(q, k, v, beta, initial_state, do, dfinal, **ctx.options)
-        return dq, dk, dv, dbeta, ds0, None, None, None, None, None
-
-
-def _scan_impl(compiled: bool) -> str:
-    # A compiled graph traces the scan op once; eager runs the plain loop, which is faster there.
-    return "scan" if compiled or torch.compiler.is_compiling() else "loop"
+        return dq, dk, dv, dbeta, ds0, None, None, None, None
