@@ -32,9 +32,12 @@ def _run(step, carry, xs: tuple[torch.Tensor, ...], impl: str, reverse: bool):
     if impl != "loop":
         raise ValueError(f"impl must be one of {SCAN_IMPLS}, got {impl!r}")
     N = xs[0].shape[2]
-    outs = [None] * N
+    outs = []
     for n in reversed(range(N)) if reverse else range(N):
-        carry, outs[n] = step(carry, tuple(x[:, :, n] for x in xs))
+        carry, y = step(carry, tuple(x[:, :, n] for x in xs))
+        outs.append(y)
+    if reverse:
+        outs.reverse()
     return carry, tuple(torch.stack(ys, dim=2) for ys in zip(*outs))
 
 
