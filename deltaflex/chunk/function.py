@@ -20,10 +20,7 @@ from ..reference import L2NORM_EPS, l2norm
 from ..validation import state_dtype
 from .layout import from_chunks, to_chunks
 from .matmul import make_dot
-from .output import output, output_backward
-from .solve import kkt, kkt_backward, solve_unit_lower, solve_unit_lower_backward
-from .state import state_pass, state_pass_backward
-from .wy import wy, wy_backward
+from .stages import STAGES, implementation
 
 
 def l2norm_backward(x: torch.Tensor, dy: torch.Tensor) -> torch.Tensor:
@@ -49,46 +46,49 @@ def _initial_state(initial_state, q, v):
     return initial_state.to(state_dtype(q.dtype))
 
 
-def _intra_chunk(k, v, beta, dot):
-    t = solve_unit_lower(kkt(k, beta, dot))
-    w, u = wy(t, k, v, beta, dot)
-    return t, w, u
-
-
-def forward_chunks(q, k, v, beta, s0, *, scale, use_qk_l2norm, policy, scan_impl):
+def forward_chunks(q, k, v, beta, s0, *, scale, use_qk_l2norm, policy, scan_impl, backends):
     """The forward on chunk-layout tensors: q, k [B, H, N, C, K], v [B, H, N, C, V] (in their
-    low dtype), beta [B, H, N, C] and s0 [B, H, K, V] (state dtype); returns (o chunks, final)."""
+    low dtype), beta [B, H, N, C] and s0 [B, H, K, V] (state dtype); returns (o chunks, final).
+    `backends` names each stage's implementation, in `stages.STAGES` order."""
+    solve, wy, state, output = (implementation(s, b)[0] for s, b in zip(STAGES, backends))
     dot = make_dot(policy, q.dtype)
     if use_qk_l2norm:
         q, k = l2norm(q.to(beta.dtype)), l2norm(k.to(beta.dtype))
-    _, w, u = _intra_chunk(k, v, beta, dot)
-    v_new, states, final = state_pass(k, w, u, s0, dot=dot, impl=scan_impl)
+    t = solve(k, beta, dot)
+    w, u = wy(t, k, v, beta, dot)
+    v_new, states, final = state(k, w, u, s0, dot, scan_impl)
     return output(q, k, v_new, states, scale, dot), final
 
 
-def backward_chunks(q, k, v, beta, s0, do, ds_final, *, scale, use_qk_l2norm, policy, scan_impl):
+def backward_chunks(q, k, v, beta, s0, do, ds_final, *, scale, use_qk_l2norm, policy, scan_impl, backends):
     """Gradients of `forward_chunks` given do (chunk layout, low dtype) and the final state's
     gradient; returns (dq, dk, dv, dbeta, ds0) in chunk layout, float32 (float64)."""
+    (solve, solve_bwd), (wy, wy_bwd), (state, state_bwd), (_, output_bwd) = (
+        implementation(s, b) for s, b in zip(STAGES, backends)
+    )
     dot = make_dot(policy, q.dtype)
     q_raw, k_raw = q, k
     if use_qk_l2norm:
         q_raw, k_raw = q.to(beta.dtype), k.to(beta.dtype)
         q, k = l2norm(q_raw), l2norm(k_raw)
-    t, w, u = _intra_chunk(k, v, beta, dot)
-    v_new, states, _ = state_pass(k, w, u, s0, dot=dot, impl=scan_impl)
+    t = solve(k, beta, dot)  # recomputed: nothing but the inputs is kept from the forward
+    w, u = wy(t, k, v, beta, dot)
+    v_new, states, _ = state(k, w, u, s0, dot, scan_impl)
 
-    dq, dk, dv_local = output_backward(q, k, v_new, states, do, scale, dot)
-    dv_new, ds_next, ds0 = state_pass_backward(q, k, w, do, dv_local, ds_final, scale, dot=dot, impl=scan_impl)
-    dk = dk + dot(v_new, ds_next.transpose(-1, -2))
-    dw = -dot(dv_new, states.transpose(-1, -2))
-
-    dt, dk_wy, dv, dbeta = wy_backward(t, k, v, beta, dw, dv_new, dot)
-    dk_kkt, dbeta_kkt = kkt_backward(k, beta, solve_unit_lower_backward(t, dt), dot)
-    dk = dk + dk_wy + dk_kkt
-    dbeta = dbeta + dbeta_kkt
+    dq, dk_output, dv_local = output_bwd(q, k, v_new, states, do, scale, dot)
+    dv_new, dw, dk_state, ds0 = state_bwd(q, k, w, v_new, states, do, dv_local, ds_final, scale, dot, scan_impl)
+    dt, dk_wy, dv, dbeta_wy = wy_bwd(t, k, v, beta, dw, dv_new, dot)
+    dk_solve, dbeta_solve = solve_bwd(k, beta, t, dt, dot)
+    dk = dk_output + dk_state + dk_wy + dk_solve
+    dbeta = dbeta_wy + dbeta_solve
     if use_qk_l2norm:
         dq, dk = l2norm_backward(q_raw, dq), l2norm_backward(k_raw, dk)
     return dq, dk, dv, dbeta, ds0
+
+
+def _chunk_options(plan: Plan, device_type: str, scale: float, use_qk_l2norm: bool) -> dict:
+    backends = tuple(plan.backends()[stage] for stage in STAGES)
+    return dict(scale=scale, use_qk_l2norm=use_qk_l2norm, policy=plan.precision_for(device_type), backends=backends)
 
 
 def chunk_delta_rule_fwd(q, k, v, beta, initial_state, *, scale, use_qk_l2norm, plan, device_type):
@@ -96,7 +96,7 @@ def chunk_delta_rule_fwd(q, k, v, beta, initial_state, *, scale, use_qk_l2norm, 
     C = plan.chunk_size
     chunks = (*(_chunked(x, C) for x in (q, k, v)), to_chunks(beta, C, state_dtype(q.dtype)))
     s0 = _initial_state(initial_state, q, v)
-    options = dict(scale=scale, use_qk_l2norm=use_qk_l2norm, policy=plan.precision_for(device_type))
+    options = _chunk_options(plan, device_type, scale, use_qk_l2norm)
     o, final = _run(forward_chunks, plan, (*chunks, s0), options)
     return from_chunks(o, q.shape[1], q.dtype), final
 
@@ -108,7 +108,7 @@ def chunk_delta_rule_bwd(q, k, v, beta, initial_state, do, dfinal, *, scale, use
     s0 = _initial_state(initial_state, q, v)
     doc = _chunked(do.to(q.dtype), C)
     ds_final = torch.zeros_like(s0) if dfinal is None else dfinal.to(s0.dtype)
-    options = dict(scale=scale, use_qk_l2norm=use_qk_l2norm, policy=plan.precision_for(device_type))
+    options = _chunk_options(plan, device_type, scale, use_qk_l2norm)
     dq, dk, dv, dbeta, ds0 = _run(backward_chunks, plan, (*chunks, s0, doc, ds_final), options)
     grads = tuple(from_chunks(g, T, x.dtype) for g, x in zip((dq, dk, dv, dbeta), (q, k, v, beta)))
     return (*grads, None if initial_state is None else ds0.to(initial_state.dtype))
@@ -122,7 +122,10 @@ def _compiled(fn, mode):
         # The bf16x3 policy splits x into x.to(bf16) and its rounding error; by default Inductor
         # folds such cast pairs away inside a fused kernel, which would zero the error term.
         with torch._inductor.config.patch(emulate_precision_casts=True):
-            return compiled(*args, **kwargs)
+            out = compiled(*args, **kwargs)
+        if mode == "reduce-overhead":  # CUDA-graph outputs are overwritten by the next replay
+            out = torch.utils._pytree.tree_map(lambda t: t.clone() if isinstance(t, torch.Tensor) else t, out)
+        return out
 
     return run
 
@@ -149,16 +152,11 @@ def _run(fn, plan: Plan, tensors: tuple[torch.Tensor, ...], options: dict):
     return fn(*tensors, **options, scan_impl="loop")
 
 
-def _check_backends(plan: Plan) -> None:
-    triton_stages = [stage for stage, backend in plan.backends().items() if backend == "triton"]
-    if triton_stages:
-        raise NotImplementedError(f"the triton backend is not implemented yet (stages {triton_stages})")
-
-
 class ChunkDeltaRuleFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, beta, initial_state, scale, use_qk_l2norm, output_final_state, plan):
-        _check_backends(plan)
+        for stage, backend in plan.backends().items():
+            implementation(stage, backend)  # a missing backend fails here, before any compute
         options = dict(scale=scale, use_qk_l2norm=use_qk_l2norm, plan=plan, device_type=q.device.type)
         o, final = chunk_delta_rule_fwd(q, k, v, beta, initial_state, **options)
         ctx.save_for_backward(q, k, v, beta, initial_state)
