@@ -64,3 +64,18 @@ def make_dot(policy: str, low: torch.dtype) -> Dot:
     if policy not in POLICIES:
         raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")
     return functools.partial(dot, policy=policy, low=low)
+
+
+def is_plain(dot: Dot) -> bool:
+    """Whether `dot` multiplies in the state dtype as it is (policy fp32, or fp32/fp64 inputs)."""
+    return dot.keywords["policy"] == "fp32" or dot.keywords["low"] in (torch.float32, torch.float64)
+
+
+def dot_add(c: torch.Tensor, a: torch.Tensor, b: torch.Tensor, dot: Dot, alpha: float = 1.0) -> torch.Tensor:
+    """c + alpha * (a @ b), one fused baddbmm when `dot` is plain and a, b already have c's dtype."""
+    if is_plain(dot) and a.dtype == b.dtype == c.dtype:
+        batch = c.shape[:-2]
+        a3 = a.expand(*batch, *a.shape[-2:]).reshape(-1, *a.shape[-2:])
+        b3 = b.expand(*batch, *b.shape[-2:]).reshape(-1, *b.shape[-2:])
+        return torch.baddbmm(c.reshape(-1, *c.shape[-2:]), a3, b3, alpha=alpha).reshape(c.shape)
+    return c + alpha * dot(a, b)
