@@ -195,19 +195,19 @@ class Plan:
 
     def describe(self) -> str:
         """One line for tables, e.g. 'C64 compiled' or 'C128 eager, state=triton[BK=64 w4 s2]'."""
-        parts = [f"C{self.chunk_size}", self._compiler()]
-        for stage in STAGES:
-            if getattr(self, stage) == "triton":
-                config = getattr(self, f"{stage}_kernel")
-                launch = "" if config is None else "[" + " ".join(
-                    [f"{n}={s}" for n, s in config.blocks] + [f"w{config.num_warps}", f"s{config.num_stages}"]) + "]"
-                parts.append(f"{stage}=triton{launch}")
-        return " ".join(parts[:2]) + ("" if len(parts) == 2 else ", " + ", ".join(parts[2:]))
+        hand = [f"{stage}=triton{_launch(getattr(self, f'{stage}_kernel'))}" for stage in STAGES if getattr(self, stage) == "triton"]
+        return ", ".join([f"C{self.chunk_size} {self._compiler()}", *hand])
 
     def _compiler(self) -> str:
         if not self.compile:
             return "eager"
         return "compiled" if self.compile_mode == "default" else f"compiled({self.compile_mode})"
+
+
+def _launch(config: KernelConfig | None) -> str:
+    if config is None:
+        return ""
+    return "[" + " ".join([f"{n}={s}" for n, s in config.blocks] + [f"w{config.num_warps}", f"s{config.num_stages}"]) + "]"
 
 
 def _fields(cls, data, what: str) -> dict:

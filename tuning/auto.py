@@ -48,6 +48,6 @@ def _memo(generation: int, directory: str, device_type, index, dtype, K, V, T_bu
     try:
         check_available(entry.plan, device_type)
     except (NotImplementedError, ValueError) as e:
-        warn_once(f"the cached plan for {key.describe()} cannot run here ({e})")
+        warn_once(f"the cached plan for {key.describe()} cannot run here ({e}); using the default plan")
         return default_plan(device_type)
     return entry.plan

@@ -125,7 +125,7 @@ def warn_once(message: str) -> None:
     """A PlanCacheWarning, once per process per message."""
     if message not in _reported:
         _reported.add(message)
-        warnings.warn(message + "; ignored", PlanCacheWarning, stacklevel=3)
+        warnings.warn(message, PlanCacheWarning, stacklevel=3)
 
 
 class PlanCache:
@@ -142,11 +142,11 @@ class PlanCache:
         except FileNotFoundError:
             return [], False
         except (OSError, UnicodeDecodeError) as e:
-            warn_once(f"plan cache {self.path} cannot be read ({e})")
+            warn_once(f"plan cache {self.path} cannot be read ({e}); ignored")
             return [], True
         entries, problems = parse(text, f"plan cache {self.path}")
         for problem in problems:
-            warn_once(problem)
+            warn_once(problem + "; ignored")
         return entries, bool(problems) and not entries
 
     def entries(self) -> list[Entry]:
@@ -168,7 +168,7 @@ class PlanCache:
                 warn_once(
                     f"plan cache {self.path} has a plan for {key.env.device}, {key.describe()} tuned under other versions "
                     f"(torch {env.torch}, triton {env.triton or '-'}, deltaflex {env.deltaflex}); "
-                    f"run `deltaflex tune` again to tune for this one"
+                    f"ignored; run `deltaflex tune` again to tune for this one"
                 )
         return entry
 

@@ -100,14 +100,14 @@ def chunk_delta_rule_bwd(q, k, v, beta, initial_state, do, dfinal, *, scale, chu
 
 
 @functools.cache
-def _compiled(fn):
-    return torch.compile(fn, fullgraph=True)
+def _compiled(fn, mode: str):
+    return torch.compile(fn, fullgraph=True, mode=None if mode == "default" else mode)
 
 
 def _select(fn, plan: Plan):
     # Inside a caller's torch.compile the plain ops are traced into the caller's graph instead.
     if plan.compile and not torch.compiler.is_compiling():
-        return _compiled(fn)
+        return _compiled(fn, plan.compile_mode)
     return fn
 
 
