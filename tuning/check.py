@@ -27,30 +27,44 @@ class PlanRejected(Exception):
         super().__init__(f"plan {plan.describe()} is off the float64 oracle: {bad} > {tolerance:g}")
 
 
-def plan_errors(plan: Plan, x: dict[str, torch.Tensor]) -> dict[str, float]:
-    """Relative errors of the plan's output, final state and every gradient against the oracle's."""
-    ours = {n: t.clone().requires_grad_() for n, t in x.items()}
-    refs = {n: t.detach().double().requires_grad_() for n, t in x.items()}
-    o, s = delta_rule(**ours, output_final_state=True, plan=plan)
-    o_ref, s_ref = recurrent_delta_rule_ref(**refs, output_final_state=True)
-    do, ds = torch.randn_like(o_ref), torch.randn_like(s_ref)
-    ((o.double() * do).sum() + (s.double() * ds).sum()).backward()
-    ((o_ref * do).sum() + (s_ref * ds).sum()).backward()
-    errors = {"o": relative_error(o, o_ref), "final_state": relative_error(s, s_ref)}
-    for n in ours:
-        errors[f"d{n}"] = float("inf") if ours[n].grad is None else relative_error(ours[n].grad, refs[n].grad)
-    return errors
+class OracleCheck:
+    """Fresh random inputs, with random and with correlated keys, and the oracle's results on them:
+    drawn once and shared by every plan checked with this object (a tuning run), since the
+    sequential oracle costs more than most plans."""
+
+    def __init__(self, *, K: int, V: int, dtype: torch.dtype, device: str | torch.device):
+        self.tolerance = TOLERANCES[dtype]
+        self.cases = []
+        for keys in KEY_KINDS:
+            x = make_inputs(CHECK_B, CHECK_T, CHECK_H, K, V, dtype=dtype, device=device, keys=keys, initial_state=True)
+            refs = {n: t.detach().double().requires_grad_() for n, t in x.items()}
+            o_ref, s_ref = recurrent_delta_rule_ref(**refs, output_final_state=True)
+            do, ds = torch.randn_like(o_ref), torch.randn_like(s_ref)
+            ((o_ref * do).sum() + (s_ref * ds).sum()).backward()
+            expected = {"o": o_ref.detach(), "final_state": s_ref.detach(), **{f"d{n}": t.grad for n, t in refs.items()}}
+            self.cases.append((x, do, ds, expected))
+
+    def errors(self, plan: Plan) -> dict[str, float]:
+        """The worst relative error over the cases of the plan's output, final state and every gradient."""
+        worst: dict[str, float] = {}
+        for x, do, ds, expected in self.cases:
+            ours = {n: t.clone().requires_grad_() for n, t in x.items()}
+            o, s = delta_rule(**ours, output_final_state=True, plan=plan)
+            ((o.double() * do).sum() + (s.double() * ds).sum()).backward()
+            got = {"o": o, "final_state": s, **{f"d{n}": t.grad for n, t in ours.items()}}
+            for name, ref in expected.items():
+                err = float("inf") if got[name] is None else relative_error(got[name], ref)
+                worst[name] = max(worst.get(name, 0.0), err)
+        return worst
+
+    def __call__(self, plan: Plan) -> float:
+        """The plan's worst relative error; raises PlanRejected if any is over TOLERANCES[dtype]."""
+        errors = self.errors(plan)
+        if not all(err <= self.tolerance for err in errors.values()):  # `not <=` also catches NaN
+            raise PlanRejected(plan, errors, self.tolerance)
+        return max(errors.values())
 
 
 def check_plan(plan: Plan, *, K: int, V: int, dtype: torch.dtype, device: str | torch.device) -> float:
-    """The worst relative error of the plan over fresh random and correlated-key inputs; raises
-    PlanRejected if any result is over TOLERANCES[dtype]."""
-    tolerance = TOLERANCES[dtype]
-    worst: dict[str, float] = {}
-    for keys in KEY_KINDS:
-        x = make_inputs(CHECK_B, CHECK_T, CHECK_H, K, V, dtype=dtype, device=device, keys=keys, initial_state=True)
-        for name, err in plan_errors(plan, x).items():
-            worst[name] = max(worst.get(name, 0.0), err)
-    if not all(err <= tolerance for err in worst.values()):  # `not <=` also catches NaN
-        raise PlanRejected(plan, worst, tolerance)
-    return max(worst.values())
+    """One plan's check on inputs of its own; see OracleCheck."""
+    return OracleCheck(K=K, V=V, dtype=dtype, device=device)(plan)
