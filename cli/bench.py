@@ -11,7 +11,7 @@ import torch
 import typer
 from rich.table import Table
 
-from .common import console, env, fmt, parse_device, parse_dtype, parse_shapes, device_name
+from .common import add_row, console, say, env, fmt, parse_device, parse_dtype, parse_shapes, device_name
 
 
 def _bench_table(rows: list[dict]) -> Table:
@@ -20,9 +20,10 @@ def _bench_table(rows: list[dict]) -> Table:
         table.add_column(col, justify="left" if col in ("shape", "contender") else "right")
     for r in rows:
         if "error" in r:
-            table.add_row(r["shape"], r["contender"], r["error"], *["-"] * 6)
+            add_row(table, r["shape"], r["contender"], r["error"], *["-"] * 6)
             continue
-        table.add_row(
+        add_row(
+            table,
             r["shape"], r["contender"], fmt(r.get("rel_err"), ".1e"), fmt(r["fwd_ms"], ".3f"),
             fmt(r["fwd_bwd_ms"], ".3f"), fmt(r.get("fla_fwd_ratio"), ".2f"), fmt(r.get("fla_fwd_bwd_ratio"), ".2f"),
             fmt(r.get("peak_extra_gib"), ".2f"), fmt(r["first_call_s"], ".1f"),
@@ -53,16 +54,16 @@ def bench(
         cache = tempfile.mkdtemp(prefix="deltaflex-bench-")
         os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", os.path.join(cache, "inductor"))
         os.environ.setdefault("TRITON_CACHE_DIR", os.path.join(cache, "triton"))
-    console.print(f"device {dev} ({device_name(dev)}), dtype {dt}, torch {torch.__version__}, plans {plans}")
+    say(f"device {dev} ({device_name(dev)}), dtype {dt}, torch {torch.__version__}, plans {plans}")
     rows = run_benchmark(shapes, plans, device=dev, dtype=dt, chunk_size=chunk_size, fla=fla, check=check,
-                         log=lambda line: console.print(line, markup=False, highlight=False))
+                         log=say)
     extra = {}
     if compile_checks:
         for p in (p for p in plans if p != "eager"):
             extra[p] = {"warm_start_s": warm_start_seconds(shapes[0], p, dt, str(dev), chunk_size)}
             if dev.type == "cuda":
                 extra[p]["graphs_compiled_as_T_B_change"] = recompile_check(p, device=str(dev), dtype=dt)
-            console.print(f"{p}: {json.dumps(extra[p])}")
+            say(f"{p}: {json.dumps(extra[p])}")
     if out:
         out.mkdir(parents=True, exist_ok=True)
         (out / "bench.json").write_text(json.dumps({"env": env(dev), "rows": rows, "compile": extra}, indent=1))

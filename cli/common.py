@@ -8,6 +8,8 @@ import sys
 import torch
 import typer
 from rich.console import Console
+from rich.table import Table
+from rich.text import Text
 
 console = Console(width=None if sys.stdout.isatty() else 160)
 
@@ -46,6 +48,17 @@ def parse_shapes(texts: list[str] | None, default):
         raise typer.BadParameter(str(e), param_hint="--shape") from e
 
 
+def say(text: str) -> None:
+    """Prints text as it is: no markup, no highlighting (paths, plan lists, shapes)."""
+    console.print(text, markup=False, highlight=False)
+
+
+def add_row(table: Table, *cells: str) -> None:
+    """A table row of plain text: contender names and plans like 'deltaflex[eager]' or
+    'state=triton[BK=64 w4 s2]' are not rich markup."""
+    table.add_row(*(Text(str(c)) for c in cells))
+
+
 def fmt(value, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
@@ -73,5 +86,5 @@ def env(dev: torch.device) -> dict:
 
 def fail(message: str, code: int = 1):
     """Prints the message in red and exits with `code`."""
-    console.print(f"[red]{message}[/red]", highlight=False)
+    console.print(Text(message, style="red"))
     raise typer.Exit(code)

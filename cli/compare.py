@@ -9,7 +9,7 @@ import torch
 import typer
 from rich.table import Table
 
-from .common import console, env, fail, fmt, parse_device, parse_dtype, parse_shapes
+from .common import add_row, console, say, env, fail, fmt, parse_device, parse_dtype, parse_shapes
 
 BASELINE_NOTE = "speedup = the first plan's time / this time"
 
@@ -77,9 +77,10 @@ def _table(rows: list[dict]) -> Table:
         table.add_column(col, justify="left" if col in ("shape", "contender", "plan") else "right")
     for r in rows:
         if "error" in r:
-            table.add_row(r["shape"], r["contender"], r.get("plan", ""), r["error"], *["-"] * 6)
+            add_row(table, r["shape"], r["contender"], r.get("plan", ""), r["error"], *["-"] * 6)
             continue
-        table.add_row(
+        add_row(
+            table,
             r["shape"], r["contender"], r.get("plan", ""), fmt(r.get("rel_err"), ".1e"), fmt(r["fwd_ms"], ".3f"),
             fmt(r["fwd_bwd_ms"], ".3f"), fmt(r.get("speedup_fwd"), ".2f"), fmt(r.get("speedup_fwd_bwd"), ".2f"),
             fmt(r.get("fla_fwd_bwd_ratio"), ".2f"), fmt(r.get("first_call_s"), ".1f"),
@@ -139,7 +140,7 @@ def compare(
     names = _checked_plan_names(plan, dev.type) if plan else _default_plan_names(dev.type)
     if plot:
         _import_pyplot()  # fail before measuring, not after
-    console.print(f"comparing on {dev}, {dt}: {names}", highlight=False)
+    say(f"comparing on {dev}, {dt}: {names}")
     rows = []
     for s in shapes:
         x = make_inputs(s.B, s.T, s.H, s.K, s.V, dtype=dt, device=dev)
@@ -162,7 +163,7 @@ def compare(
         (out / "compare.json").write_text(json.dumps({"env": env(dev), "rows": rows}, indent=1))
     if plot:
         plot_rows(rows, plot)
-        console.print(f"plot written to {plot}", highlight=False)
+        say(f"plot written to {plot}")
     bad = [r for r in rows if r["contender"].startswith("deltaflex") and ("error" in r or not r["rel_err"] <= TOLERANCES[dt])]
     if bad:
         fail(f"{len(bad)} deltaflex plan(s) failed or exceeded the {dt} tolerance {TOLERANCES[dt]:g}")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .common import console, env, parse_device
+from .common import console, env, parse_device, say
 from .plans import environments_here, named_table
 
 
@@ -17,5 +17,5 @@ def info():
     entries = cache.entries()
     here = environments_here()
     usable = sum(e.key.env in here for e in entries)
-    console.print(f"plan cache: {cache.path} ({len(entries)} tuned plan(s), {usable} for this machine)", highlight=False)
+    say(f"plan cache: {cache.path} ({len(entries)} tuned plan(s), {usable} for this machine)")
     console.print(named_table())

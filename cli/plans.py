@@ -10,7 +10,7 @@ import torch
 import typer
 from rich.table import Table
 
-from .common import console, fail, fmt
+from .common import add_row, console, say, fail, fmt
 
 app = typer.Typer(help="The named plans and the tuned plans in the plan cache.", no_args_is_help=True)
 
@@ -46,7 +46,7 @@ def named_table() -> Table:
     for col in ("name", "plan", f"available on {device_type}"):
         table.add_column(col)
     for name, plan in NAMED_PLANS.items():
-        table.add_row(name, plan.describe(), availability(plan, device_type))
+        add_row(table, name, plan.describe(), availability(plan, device_type))
     return table
 
 
@@ -57,7 +57,8 @@ def cache_table(entries) -> Table:
         table.add_column(col, justify="right" if col in ("#", "K", "V", "T <=", "B*H <=", "ms", "speedup") else "left")
     for i, e in enumerate(entries):
         k = e.key
-        table.add_row(
+        add_row(
+            table,
             str(i), k.env.device, k.dtype, str(k.K), str(k.V), str(k.T_bucket), str(k.BH_bucket), e.plan.describe(),
             fmt(e.time_ms, ".3f"), fmt(e.default_ms / e.time_ms if e.time_ms else None, ".2f"), e.mode, e.tuned_at,
             "yes" if k.env in here else "no (other device or versions)",
@@ -77,7 +78,7 @@ def list_plans():
         console.print(cache_table(entries))
     else:
         console.print("no tuned plans yet (run `deltaflex tune --gpu` or `--cpu`)")
-    console.print(f"plan cache: {cache.path}", highlight=False)
+    say(f"plan cache: {cache.path}")
 
 
 @app.command()
@@ -111,7 +112,7 @@ def clear(
     removed = cache.clear() if cache.path.exists() else 0
     if studies:
         shutil.rmtree(cache.directory / "studies", ignore_errors=True)
-    console.print(f"removed {removed} tuned plan(s)" + (" and the stored studies" if studies else ""), highlight=False)
+    say(f"removed {removed} tuned plan(s)" + (" and the stored studies" if studies else ""))
 
 
 @app.command("export")
@@ -129,7 +130,7 @@ def export_plans(
         file.write_text(dumps(entries))
     except OSError as e:
         fail(f"cannot write {file}: {e}")
-    console.print(f"exported {len(entries)} tuned plan(s) to {file}", highlight=False)
+    say(f"exported {len(entries)} tuned plan(s) to {file}")
 
 
 @app.command("import")
@@ -149,4 +150,4 @@ def import_plans(file: Path = typer.Argument(..., help="JSON file written by `de
     here = environments_here()
     foreign = sum(e.key.env not in here for e in entries)
     note = f" ({foreign} for other devices or versions: kept, not used here)" if foreign else ""
-    console.print(f"imported {len(entries)} tuned plan(s) into {cache.path}{note}", highlight=False)
+    say(f"imported {len(entries)} tuned plan(s) into {cache.path}{note}")

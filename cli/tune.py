@@ -9,7 +9,7 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from .common import console, device_name, fail, fmt, parse_device, parse_dtype, parse_shapes
+from .common import add_row, console, say, device_name, fail, fmt, parse_device, parse_dtype, parse_shapes
 
 
 class Mode(str, enum.Enum):
@@ -44,7 +44,8 @@ def _result_table(results) -> Table:
     for r in results:
         e = r.entry
         counts = "/".join(str(r.statuses.get(s, 0)) for s in ("ok", "rejected", "failed"))
-        table.add_row(
+        add_row(
+            table,
             e.shape, e.key.dtype, e.mode, r.default.describe(), fmt(r.default_ms, ".3f"), e.plan.describe(),
             fmt(e.time_ms, ".3f"), fmt(r.default_ms / e.time_ms, ".2f"), fmt(e.error, ".1e"), counts,
         )
@@ -83,8 +84,8 @@ def tune(
     except ImportError:
         fail("deltaflex tune needs optuna: pip install optuna")
     cache = PlanCache()
-    console.print(f"tuning {dev} ({device_name(dev)}), {dt}, mode {mode.value}, {len(shapes)} shape(s), "
-                  f"{trials} trials / {timeout:g} s each; cache {cache.path}", highlight=False)
+    say(f"tuning {dev} ({device_name(dev)}), {dt}, mode {mode.value}, {len(shapes)} shape(s), "
+        f"{trials} trials / {timeout:g} s each; cache {cache.path}")
     results, failed = [], []
     with Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                   TimeElapsedColumn(), TextColumn("{task.fields[best]}"), console=console) as progress:
@@ -105,6 +106,6 @@ def tune(
                 failed.append(f"{s}: {e}")
     if results:
         console.print(_result_table(results))
-        console.print(f"saved to {cache.path}", highlight=False)
+        say(f"saved to {cache.path}")
     if failed:
         fail("tuning failed for " + "; ".join(failed))
