@@ -59,10 +59,11 @@ def tune(
     shape: list[str] = typer.Option(None, help="B,T,H,K[,V]; repeatable. Default: DESIGN.md's benchmark shapes that fit the GPU; 1,512,4,64 on CPU."),
     dtype: str = typer.Option(None, help="bf16, fp16, fp32 or fp64. Default: bf16 on CUDA, fp32 on CPU."),
     trials: int = typer.Option(20, min=1, help="New trials per shape (the default plan's baseline is one of them)."),
-    timeout: float = typer.Option(420.0, min=0, help="Seconds per shape after which no new trial starts; 0: none."),
+    timeout: float = typer.Option(540.0, min=0, help="Seconds per shape, baseline included: no trial starts that would end later, judging by the slowest trial so far; 0: no limit."),
     mode: Mode = typer.Option(Mode.fwdbwd, help="Time the forward only, or forward+backward."),
     seed: int = typer.Option(0, help="Seed of the TPE sampler."),
     compile: bool = typer.Option(None, "--compile/--no-compile", help="Search compiled plans too / eager plans only. Default: compiled and eager on CUDA, eager only on CPU (a compile costs tens of seconds a graph there)."),
+    max_autotune: bool = typer.Option(False, help="Also search torch.compile's max-autotune mode (compiles take minutes)."),
 ):
     """Find the fastest correct plan per shape and cache it for plan="auto".
 
@@ -101,7 +102,8 @@ def tune(
 
             try:
                 results.append(tune_shape(s, device=dev, dtype=dt, mode=mode.value, trials=trials, timeout=timeout or None,
-                                          seed=seed, compile=compile, cache=cache, on_trial=on_trial))
+                                          seed=seed, compile=compile, max_autotune=max_autotune, cache=cache,
+                                          on_trial=on_trial))
             except TuningFailed as e:
                 failed.append(f"{s}: {e}")
     if results:

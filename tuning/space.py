@@ -22,15 +22,15 @@ class SearchSpace:
     compile_modes: tuple[str, ...]
 
     @classmethod
-    def for_device(cls, device_type: str, compile: bool | None = None) -> SearchSpace:
+    def for_device(cls, device_type: str, compile: bool | None = None, max_autotune: bool = False) -> SearchSpace:
         """compile=None: on CUDA search eager and compiled plans; on CPU eager ones only, since a
-        compile costs tens of seconds a graph there. True: both, anywhere. False: eager only."""
+        compile costs tens of seconds a graph there. True: both, anywhere. False: eager only.
+        max_autotune: also torch.compile's max-autotune mode, whose compiles take minutes."""
         if compile is None:
             compile = device_type == "cuda"
         backends = tuple((stage, available_backends(stage, device_type)) for stage in STAGES)
         kernels = tuple((stage, kernel_space(stage)) for stage, choices in backends if "triton" in choices)
-        # max-autotune on CPU compiles for minutes and rarely wins there
-        modes = COMPILE_MODES if device_type == "cuda" else ("default",)
+        modes = COMPILE_MODES if max_autotune else ("default",)
         return cls(CHUNK_SIZES, backends, kernels, (False, True) if compile else (False,), modes)
 
     def suggest(self, trial) -> Plan:

@@ -18,6 +18,7 @@ import dataclasses
 import hashlib
 import json
 import math
+import time
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
@@ -133,8 +134,24 @@ def static_compiles():
     """Every plan compiles static graphs for each shape, as a caller with fixed shapes gets, and the
     many (plan, shape) graphs of a study do not hit Dynamo's recompile limit (past which it would
     silently fall back to eager and the timings would lie)."""
-    with torch._dynamo.config.patch(automatic_dynamic_shapes=False, recompile_limit=1024, accumulated_recompile_limit=8192):
+    wanted = dict(automatic_dynamic_shapes=False, recompile_limit=1024, accumulated_recompile_limit=8192)
+    config = torch._dynamo.config
+    with config.patch(**{name: value for name, value in wanted.items() if hasattr(config, name)}):
         yield
+
+
+class Budget:
+    """A run's wall-clock budget: no trial starts that would end past it, judging by the slowest
+    trial so far (a compile can take minutes)."""
+
+    def __init__(self, seconds: float | None):
+        self.seconds, self.start, self.slowest = seconds, time.monotonic(), 0.0
+
+    def record(self, seconds: float) -> None:
+        self.slowest = max(self.slowest, seconds)
+
+    def room_for_another(self) -> bool:
+        return self.seconds is None or time.monotonic() - self.start + self.slowest <= self.seconds
 
 
 def study_name(key: CacheKey, mode: str) -> str:
@@ -165,29 +182,34 @@ def tune(
     timeout: float | None = None,
     seed: int = 0,
     compile: bool | None = None,
+    max_autotune: bool = False,
     cache: PlanCache | None = None,
     on_trial: Callable[[TrialReport], None] | None = None,
 ) -> TuneResult:
     """Tunes the plan for one shape and saves the winner to the plan cache.
 
     trials: new trials to run (the default plan's baseline trial counts among them);
-    timeout: seconds after which no new trial starts; compile: see SearchSpace.for_device.
+    timeout: seconds for the whole run, baseline included; no trial starts that would end past it,
+    judging by the slowest trial so far. compile, max_autotune: see SearchSpace.for_device.
     """
     device = torch.device(device)
     _check_arguments(device, mode, trials, timeout)
+    budget = Budget(timeout)
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
     cache = cache or PlanCache()
     key = CacheKey.for_shape(device_environment(device), dtype, shape.B, shape.T, shape.H, shape.K, shape.V)
-    space = SearchSpace.for_device(device.type, compile)
+    space = SearchSpace.for_device(device.type, compile, max_autotune)
     default = default_plan(device.type)
-    evaluator = Evaluator(shape, device=device, dtype=dtype, mode=mode)
+    on_device = torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
-    with static_compiles():
+    with on_device, static_compiles():
+        evaluator = Evaluator(shape, device=device, dtype=dtype, mode=mode)
         baseline = evaluator.evaluate(default)
         if baseline.status != "ok":
             raise TuningFailed(f"the default plan ({default.describe()}) failed at {shape}: {baseline.detail}")
-        study, statuses, failures = _run_study(evaluator, space, default, key, cache, trials, timeout, seed, on_trial)
+        budget.record(time.monotonic() - budget.start)
+        study, statuses, failures = _run_study(evaluator, space, default, key, cache, trials, budget, seed, on_trial)
         best, best_ms = _best_plan(study, evaluator, default)
         default_ms, best_ms = _compare(evaluator, default, best)
 
@@ -200,7 +222,7 @@ def tune(
     return TuneResult(shape, mode, entry, default, default_ms, best, best_ms, len(study.trials), statuses, failures, cache.path)
 
 
-def _run_study(evaluator, space, default, key, cache, trials, timeout, seed, on_trial):
+def _run_study(evaluator, space, default, key, cache, trials, budget, seed, on_trial):
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -220,7 +242,9 @@ def _run_study(evaluator, space, default, key, cache, trials, timeout, seed, on_
     def objective(trial):
         plan = space.suggest(trial)
         repeat = plan in evaluator.outcomes
+        start = time.monotonic()
         outcome = evaluator.evaluate(plan)
+        budget.record(time.monotonic() - start)
         trial.set_user_attr("plan", plan.to_json())
         trial.set_user_attr("status", outcome.status)
         if outcome.detail:
@@ -236,7 +260,12 @@ def _run_study(evaluator, space, default, key, cache, trials, timeout, seed, on_
             raise optuna.TrialPruned(outcome.detail)
         return outcome.time_ms
 
-    study.optimize(objective, n_trials=trials, timeout=timeout)
+    def stop_in_time(study, trial):
+        if not budget.room_for_another():
+            study.stop()
+
+    if budget.room_for_another():
+        study.optimize(objective, n_trials=trials, callbacks=[stop_in_time])
     return study, dict(statuses), dict(failures)
 
 

@@ -28,13 +28,15 @@ def test_cpu_space_is_eager_chunk_sizes_by_default():
     assert all_plans(SearchSpace.for_device("cpu", compile=True)) == all_plans(space) | {Plan(chunk_size=c) for c in CHUNK_SIZES}
 
 
-def test_cuda_space_searches_compile_modes_and_only_available_backends():
+def test_cuda_space_searches_compiled_and_eager_plans_with_available_backends():
     space = SearchSpace.for_device("cuda")
     plans = all_plans(space)
-    assert len(plans) == space.size() == 4 * 3  # eager, compiled, compiled(max-autotune) per chunk size
+    assert len(plans) == space.size() == 4 * 2  # eager and compiled per chunk size
     assert all(set(p.backends().values()) == {"compiled"} for p in plans)
     assert default_plan("cuda") in plans
     assert SearchSpace.for_device("cuda", compile=False).size() == 4
+    with_max_autotune = all_plans(SearchSpace.for_device("cuda", max_autotune=True))
+    assert with_max_autotune - plans == {Plan(chunk_size=c, compile_mode="max-autotune-no-cudagraphs") for c in CHUNK_SIZES}
 
 
 @pytest.fixture
@@ -52,7 +54,7 @@ def test_space_grows_with_registered_kernels(registered_state_kernel):
 
 
 def test_params_reproduce_a_plan(registered_state_kernel):
-    space = SearchSpace.for_device("cuda")
+    space = SearchSpace.for_device("cuda", max_autotune=True)
     for plan in all_plans(space):
         assert space.suggest(optuna.trial.FixedTrial(space.params(plan))) == plan
     # a hand-written stage left at the kernel's default configuration is inside the space too

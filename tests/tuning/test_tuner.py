@@ -1,13 +1,15 @@
 """The tuner on CPU: timings are faked where a test needs a given plan to be fastest; every
 correctness check is real."""
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 
 from deltaflex import Plan
 from deltaflex.bench import Shape
 from deltaflex.plan import default_plan
-from deltaflex.tuning import check
+from deltaflex.tuning import check, tuner
 from deltaflex.tuning.cache import PlanCache
 from deltaflex.tuning.tuner import Evaluator, TuningFailed, tune
 
@@ -85,6 +87,15 @@ def test_a_run_resumes_the_stored_study(monkeypatch):
     assert (first.trials, second.trials) == (3, 5) and [r.number for r in reports] == [3, 4]
     assert second.entry.plan == Plan(chunk_size=32, compile=False)  # known from the first run, re-checked and re-timed here
     assert len(list((PlanCache().directory / "studies").glob("*.log"))) == 1
+
+
+def test_no_trial_starts_that_would_end_past_the_timeout(monkeypatch):
+    fake_times(monkeypatch, {16: 4.0, 32: 1.0, 64: 3.0, 128: 5.0})
+    ticks = iter(range(10**6))
+    monkeypatch.setattr(tuner, "time", SimpleNamespace(monotonic=lambda: float(next(ticks))))  # 1 s a clock reading
+    result, reports = run(trials=50, timeout=12)
+    assert 1 <= result.trials < 5  # a trial and the budget check after it read the clock 3 times: 3 "seconds"
+    assert PlanCache().lookup(result.entry.key) == result.entry
 
 
 def test_a_broken_default_fails_the_tuning(monkeypatch):
