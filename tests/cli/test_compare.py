@@ -81,3 +81,12 @@ def test_plot_draws_every_contender(tmp_path):
 def test_compare_help():
     result = runner.invoke(app, ["compare", "--help"])
     assert result.exit_code == 0 and "--plot" in result.output
+
+
+@pytest.mark.gpu
+def test_compare_on_cuda(tmp_path):
+    result = runner.invoke(app, ["compare", "--device", "cuda", "--shape", "1,256,2,64", "--plan", "eager",
+                                 "--plan", "auto", "--out", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    rows = json.loads((tmp_path / "compare.json").read_text())["rows"]
+    assert all(r["rel_err"] < 1e-2 for r in rows if r["contender"].startswith("deltaflex"))

@@ -6,9 +6,11 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from deltaflex import Plan
+import deltaflex.api
+from deltaflex import Plan, delta_rule
 from deltaflex.bench import Shape
 from deltaflex.plan import default_plan
+from deltaflex.testing import make_inputs
 from deltaflex.tuning import check, tuner
 from deltaflex.tuning.cache import PlanCache
 from deltaflex.tuning.tuner import Evaluator, TuningFailed, tune
@@ -135,3 +137,15 @@ def test_bad_arguments(kwargs, match):
 def test_cuda_without_a_gpu():
     with pytest.raises(ValueError, match="no CUDA device is available"):
         tune(SHAPE, device="cuda")
+
+
+@pytest.mark.gpu
+def test_tune_on_cuda_then_auto_uses_it(monkeypatch):
+    # eager plans only: the CUDA plumbing (do_bench, the GPU's key, auto as the CUDA default) without compiles
+    entry = tune(Shape(1, 256, 2, 64, 64), device="cuda", dtype=torch.bfloat16, trials=3, compile=False).entry
+    assert entry.key.env.device == torch.cuda.get_device_name() and entry.key.env.capability
+    assert entry.time_ms > 0 and entry.error < 1e-2
+    seen, apply = [], deltaflex.api.ChunkDeltaRuleFunction.apply
+    monkeypatch.setattr(deltaflex.api.ChunkDeltaRuleFunction, "apply", lambda *a: (seen.append(a[-1]), apply(*a))[1])
+    delta_rule(**make_inputs(1, 256, 2, 64, dtype=torch.bfloat16, device="cuda"))  # plan=None on CUDA is "auto"
+    assert seen == [entry.plan]
