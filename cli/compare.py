@@ -72,7 +72,8 @@ def _add_speedups(rows: list[dict]) -> None:
 
 def _table(rows: list[dict]) -> Table:
     table = Table(title=f"plans compared (median ms; {BASELINE_NOTE}; vs fla = fla chunk's time / this time)")
-    cols = ("shape", "contender", "plan", "rel err", "fwd ms", "fwd+bwd ms", "speedup fwd", "speedup fwd+bwd", "vs fla fwd+bwd", "first call s")
+    cols = ("shape", "contender", "plan", "rel err", "fwd ms", "fwd+bwd ms", "speedup fwd", "speedup fwd+bwd",
+            "vs fla fwd+bwd", "first call s")
     for col in cols:
         table.add_column(col, justify="left" if col in ("shape", "contender", "plan") else "right")
     for r in rows:
@@ -121,8 +122,12 @@ def plot_rows(rows: list[dict], path: Path) -> None:
 
 
 def compare(
-    shape: list[str] = typer.Option(None, help="B,T,H,K[,V]; repeatable. Default: DESIGN.md's shapes on CUDA, 1,512,4,64 on CPU."),
-    plan: list[str] = typer.Option(None, help="Plan names (eager, compiled, triton, mixed-<stage>, auto); repeatable; the first is the baseline. Default: compiled and every available hand-written and mixed plan (eager and compiled on CPU), and auto where it has a tuned plan."),
+    shape: list[str] = typer.Option(None, help=(
+        "B,T,H,K[,V]; repeatable. Default: DESIGN.md's shapes on CUDA, 1,512,4,64 on CPU.")),
+    plan: list[str] = typer.Option(None, help=(
+        "Plan names (eager, compiled, triton, mixed-<stage>, auto); repeatable; the first is the baseline. "
+        "Default: compiled and every available hand-written and mixed plan (eager and compiled on CPU), "
+        "and auto where it has a tuned plan.")),
     device: str = typer.Option(None, help="cuda, cuda:N or cpu. Default: cuda when available."),
     dtype: str = typer.Option(None, help="bf16, fp16, fp32 or fp64. Default: bf16 on CUDA, fp32 on CPU."),
     fla: bool = typer.Option(True, help="Include fla-core's kernels when importable (CUDA)."),
@@ -152,7 +157,8 @@ def compare(
                 row = {"contender": contender.name, "error": "out of memory"}
                 torch.cuda.empty_cache()
             except Exception as e:  # one contender failing must not hide the others' figures
-                row = {"contender": contender.name, "error": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:120]}
+                first_line = str(e).strip().splitlines()[0] if str(e).strip() else ""
+                row = {"contender": contender.name, "error": f"{type(e).__name__}: {first_line}"[:120]}
             row.update(shape=str(s), plan=description, dtype=str(dt).removeprefix("torch."))
             rows.append(row)
     add_fla_ratios(rows)

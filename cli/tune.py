@@ -39,7 +39,9 @@ def _fitting_paper_shapes(dev: torch.device, dtype: torch.dtype):
 
 def _result_table(results) -> Table:
     table = Table(title="tuned plans (median ms; speedup = default time / tuned time)")
-    for col in ("shape", "dtype", "mode", "default plan", "default ms", "tuned plan", "tuned ms", "speedup", "max err", "trials ok/wrong/failed"):
+    columns = ("shape", "dtype", "mode", "default plan", "default ms", "tuned plan", "tuned ms", "speedup", "max err",
+               "trials ok/wrong/failed")
+    for col in columns:
         table.add_column(col, justify="right" if ("ms" in col or col in ("speedup", "max err")) else "left")
     for r in results:
         e = r.entry
@@ -56,13 +58,18 @@ def tune(
     gpu: bool = typer.Option(False, "--gpu", help="Tune the current CUDA device."),
     cpu: bool = typer.Option(False, "--cpu", help="Tune the CPU path."),
     device: str = typer.Option(None, help="Tune this device: cuda:N (or cpu)."),
-    shape: list[str] = typer.Option(None, help="B,T,H,K[,V]; repeatable. Default: DESIGN.md's benchmark shapes that fit the GPU; 1,512,4,64 on CPU."),
+    shape: list[str] = typer.Option(None, help=(
+        "B,T,H,K[,V]; repeatable. Default: DESIGN.md's benchmark shapes that fit the GPU; 1,512,4,64 on CPU.")),
     dtype: str = typer.Option(None, help="bf16, fp16, fp32 or fp64. Default: bf16 on CUDA, fp32 on CPU."),
     trials: int = typer.Option(20, min=1, help="New trials per shape (the default plan's baseline is one of them)."),
-    timeout: float = typer.Option(540.0, min=0, help="Seconds per shape, baseline included: no trial starts that would end later, judging by the slowest trial so far; 0: no limit."),
+    timeout: float = typer.Option(540.0, min=0, help=(
+        "Seconds per shape, baseline included: no trial starts that would end later, judging by the slowest "
+        "trial so far; 0: no limit.")),
     mode: Mode = typer.Option(Mode.fwdbwd, help="Time the forward only, or forward+backward."),
     seed: int = typer.Option(0, help="Seed of the TPE sampler."),
-    compile: bool = typer.Option(None, "--compile/--no-compile", help="Search compiled plans too / eager plans only. Default: compiled and eager on CUDA, eager only on CPU (a compile costs tens of seconds a graph there)."),
+    compile: bool = typer.Option(None, "--compile/--no-compile", help=(
+        "Search compiled plans too / eager plans only. Default: compiled and eager on CUDA, eager only on CPU "
+        "(a compile costs tens of seconds a graph there).")),
     max_autotune: bool = typer.Option(False, help="Also search torch.compile's max-autotune mode (compiles take minutes)."),
 ):
     """Find the fastest correct plan per shape and cache it for plan="auto".

@@ -152,7 +152,9 @@ class Plan:
                 if not isinstance(config, KernelConfig):
                     raise TypeError(f"plan {stage}_kernel must be a KernelConfig or None, got {type(config).__name__}")
                 if backend != "triton":
-                    raise ValueError(f"plan {stage}_kernel configures a hand-written kernel, but stage {stage!r} uses {backend!r}")
+                    raise ValueError(
+                        f"plan {stage}_kernel configures a hand-written kernel, but stage {stage!r} uses {backend!r}"
+                    )
         if not isinstance(self.compile, bool):
             raise TypeError(f"plan compile must be True or False, got {self.compile!r}")
         if self.compile_mode not in COMPILE_MODES:
@@ -195,7 +197,7 @@ class Plan:
 
     def describe(self) -> str:
         """One line for tables, e.g. 'C64 compiled' or 'C128 eager, state=triton[BK=64 w4 s2]'."""
-        hand = [f"{stage}=triton{_launch(getattr(self, f'{stage}_kernel'))}" for stage in STAGES if getattr(self, stage) == "triton"]
+        hand = [f"{s}=triton{_launch(getattr(self, f'{s}_kernel'))}" for s in STAGES if getattr(self, s) == "triton"]
         return ", ".join([f"C{self.chunk_size} {self._compiler()}", *hand])
 
     def _compiler(self) -> str:

@@ -15,7 +15,7 @@ import torch
 from deltaflex.plan import Plan, check_available, default_plan
 
 from .cache import PlanCache, cache_dir, generation, warn_once
-from .key import DTYPE_NAMES, CacheKey, bucket, environment
+from .key import DTYPE_NAMES, CacheKey, environment, shape_buckets
 
 
 # Every plan auto has handed out, append-only. The constant Dynamo bakes in is an index into this
@@ -25,11 +25,12 @@ _index: dict[Plan, int] = {}
 
 
 def auto_plan(device: torch.device, dtype: torch.dtype, B: int, T: int, H: int, K: int, V: int) -> Plan:
-    return _handed_out[_lookup(device.type, device.index, dtype, K, V, bucket(T, 64), bucket(B * H))]
+    return _handed_out[_lookup(device.type, device.index, dtype, K, V, *shape_buckets(B, T, H))]
 
 
 @torch.compiler.assume_constant_result
 def _lookup(device_type: str, index: int | None, dtype: torch.dtype, K: int, V: int, T_bucket: int, BH_bucket: int) -> int:
+    """The index in _handed_out of the plan for this key (from the cache file, read once)."""
     plan = _memo(generation(), str(cache_dir()), device_type, index, dtype, K, V, T_bucket, BH_bucket)
     if plan not in _index:
         _index[plan] = len(_handed_out)

@@ -28,6 +28,11 @@ def bucket(n: int, smallest: int = 1) -> int:
     return b
 
 
+def shape_buckets(B: int, T: int, H: int) -> tuple[int, int]:
+    """(T bucket, B*H bucket); T below 64 shares one bucket."""
+    return bucket(T, 64), bucket(B * H)
+
+
 @dataclasses.dataclass(frozen=True)
 class Environment:
     """The device and software a plan was tuned on."""
@@ -50,7 +55,7 @@ class CacheKey:
 
     @classmethod
     def for_shape(cls, env: Environment, dtype: torch.dtype, B: int, T: int, H: int, K: int, V: int) -> CacheKey:
-        return cls(env, DTYPE_NAMES[dtype], K, V, bucket(T, 64), bucket(B * H))
+        return cls(env, DTYPE_NAMES[dtype], K, V, *shape_buckets(B, T, H))
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
