@@ -54,7 +54,8 @@ def delta_rule(
         )
     scale = check_delta_rule_inputs(q, k, v, beta, scale, initial_state, cu_seqlens)
     B, T, H, K = q.shape
-    plan = resolve_plan(plan, chunk_size, q.device.type, auto=lambda: auto_plan(q.device, q.dtype, B, T, H, K, v.shape[-1]))
+    auto = lambda: auto_plan(q.device, q.dtype, B, T, H, K, v.shape[-1])  # noqa: E731 - only called for "auto"
+    plan = resolve_plan(plan, chunk_size, q.device.type, auto=auto)
     return ChunkDeltaRuleFunction.apply(
         q, k, v, beta, initial_state, scale, bool(use_qk_l2norm), bool(output_final_state), plan
     )

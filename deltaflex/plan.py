@@ -222,16 +222,12 @@ def _fields(cls, data, what: str) -> dict:
     return dict(data)
 
 
-def _mixed(stage: str) -> Plan:
-    return Plan(**{stage: "triton"})
-
-
 NAMED_PLANS = {
     "eager": Plan(compile=False),
     "compiled": Plan(),
     "triton": Plan(**{stage: "triton" for stage in STAGES}),
     # Compiled stages with one hand-written stage, e.g. "mixed-state": the hand-written state pass.
-    **{f"mixed-{stage}": _mixed(stage) for stage in STAGES},
+    **{f"mixed-{stage}": Plan(**{stage: "triton"}) for stage in STAGES},
 }
 PLAN_NAMES = (*NAMED_PLANS, "auto")
 
@@ -240,10 +236,6 @@ def default_plan(device_type: str) -> Plan:
     """The tested default: compiled on CUDA; eager on CPU, where compile time (tens of seconds a
     graph) rarely pays off."""
     return NAMED_PLANS["compiled" if device_type == "cuda" else "eager"]
-
-
-def unavailable_stages(plan: Plan, device_type: str) -> list[str]:
-    return [stage for stage, backend in plan.backends().items() if backend not in available_backends(stage, device_type)]
 
 
 def check_available(plan: Plan, device_type: str) -> None:
@@ -255,7 +247,7 @@ def check_available(plan: Plan, device_type: str) -> None:
             f"the triton backend is not available for stages {missing}: no hand-written kernel is registered "
             f"for them in this build; use the compiled backend there (e.g. plan='compiled')"
         )
-    wrong_device = unavailable_stages(plan, device_type)
+    wrong_device = [s for s, backend in plan.backends().items() if backend not in available_backends(s, device_type)]
     if wrong_device:
         raise ValueError(
             f"plan stages {wrong_device} use the triton backend, which runs on {TRITON_DEVICE_TYPES} devices only, "

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import fcntl
 import json
 import math
 import os
@@ -176,6 +175,8 @@ class PlanCache:
 
     @contextlib.contextmanager
     def _locked(self):
+        import fcntl  # here, not at the top: `import deltaflex` must not need it (Windows has none)
+
         self.directory.mkdir(parents=True, exist_ok=True)
         with open(self.directory / (FILE_NAME + ".lock"), "a") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
