@@ -107,7 +107,7 @@ def dumps(entries: list[Entry]) -> str:
 
 _reported: set[str] = set()
 _tables: dict[Path, dict[CacheKey, Entry]] = {}  # per cache file: what this process read
-_generation = 0  # bumped whenever _tables changes, so memoised lookups (auto.py) start afresh
+_generation = 0  # bumped by every write and forget_loaded, so memoised lookups (auto.py) start afresh
 
 
 def generation() -> int:
