@@ -141,7 +141,8 @@ def test_cuda_without_a_gpu():
 
 @pytest.mark.gpu
 def test_tune_on_cuda_then_auto_uses_it(monkeypatch):
-    # eager plans only: the CUDA plumbing (do_bench, the GPU's key, auto as the CUDA default) without compiles
+    # the CUDA plumbing (do_bench, the GPU's key, auto as the CUDA default); eager plans searched, so the
+    # only compiles are the default (compiled) baseline's
     entry = tune(Shape(1, 256, 2, 64, 64), device="cuda", dtype=torch.bfloat16, trials=3, compile=False).entry
     assert entry.key.env.device == torch.cuda.get_device_name() and entry.key.env.capability
     assert entry.time_ms > 0 and entry.error < 1e-2
