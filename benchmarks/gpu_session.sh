@@ -3,11 +3,15 @@
 # `.whl` carried (../shared/tools/gpu-wheels.sh fills it):
 #   bash benchmarks/gpu_session.sh tests profile bench
 # Steps: tests (the whole suite, GPU tests included), profile (benchmarks/profile_plan.py at
-# $PROFILE_SHAPES for $PLANS), probe (benchmarks/probe_blocks.py), bench (deltaflex bench at $BENCH_SHAPES, or all of DESIGN.md's).
+# $PROFILE_SHAPES for $PLANS), probe (benchmarks/probe_blocks.py), bench (deltaflex bench at $BENCH_SHAPES, or all of DESIGN.md's),
+# tune (deltaflex tune --gpu at $TUNE_SHAPES, $TUNE_TRIALS trials / $TUNE_TIMEOUT s a shape; tuned plans exported to
+# $OUT/plans.json), compare (deltaflex compare at $COMPARE_SHAPES, table and plot under $OUT).
+# The plan cache and the tuner's studies live in .deltaflex-cache, so a warm machine's next call resumes them.
 set -uo pipefail
 OUT=${OUT:-/tmp/deltaflex-out}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
+export DELTAFLEX_CACHE_DIR=${DELTAFLEX_CACHE_DIR:-$PWD/.deltaflex-cache}
 if compgen -G ".whl/*.whl" >/dev/null; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     && export PYTHONPATH=/tmp/site
@@ -35,6 +39,15 @@ for step in "$@"; do
       shape_args=(); for s in ${BENCH_SHAPES:-}; do shape_args+=(--shape "$s"); done
       python3 -m deltaflex.cli.app bench "${shape_args[@]}" "${plan_args[@]}" ${BENCH_FLAGS:-} --out "$OUT" 2>&1 \
         | tee "$OUT/bench.log" | tail -${BENCH_TAIL:-40} ;;
+    tune)
+      shape_args=(); for s in ${TUNE_SHAPES:-4,4096,16,128}; do shape_args+=(--shape "$s"); done
+      python3 -m deltaflex.cli.app tune --gpu "${shape_args[@]}" --trials "${TUNE_TRIALS:-20}" --timeout "${TUNE_TIMEOUT:-420}" \
+        ${TUNE_FLAGS:-} 2>&1 | tee "$OUT/tune.log" | tail -${TUNE_TAIL:-25}
+      python3 -m deltaflex.cli.app plans export "$OUT/plans.json" --force | tail -1 ;;
+    compare)
+      shape_args=(); for s in ${COMPARE_SHAPES:-4,4096,16,128}; do shape_args+=(--shape "$s"); done
+      python3 -m deltaflex.cli.app compare "${shape_args[@]}" ${COMPARE_FLAGS:-} --plot "$OUT/compare.png" --out "$OUT" 2>&1 \
+        | tee "$OUT/compare.log" | tail -${COMPARE_TAIL:-25} ;;
     *) echo "unknown step $step" ;;
   esac
 done

@@ -1,135 +1,21 @@
-"""`deltaflex` commands: bench, info."""
+"""The `deltaflex` command: one module a command, gathered here."""
 
 from __future__ import annotations
 
-import json
-import os
-import platform
-import sys
-import tempfile
-from pathlib import Path
-
-import torch
 import typer
-from rich.console import Console
-from rich.table import Table
+
+from . import plans
+from .bench import bench
+from .compare import compare
+from .info import info
+from .tune import tune
 
 app = typer.Typer(help="deltaflex: the DeltaNet delta rule as compiled blocked PyTorch ops.", no_args_is_help=True)
-console = Console(width=None if sys.stdout.isatty() else 160)
-
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, "fp64": torch.float64}
-
-
-def _device(device: str | None) -> torch.device:
-    if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise typer.BadParameter(f"{device} requested but no CUDA device is available", param_hint="--device")
-    return dev
-
-
-def _dtype(name: str) -> torch.dtype:
-    if name not in DTYPES:
-        raise typer.BadParameter(f"expected one of {sorted(DTYPES)}, got {name!r}", param_hint="--dtype")
-    return DTYPES[name]
-
-
-def _fmt(value, spec: str) -> str:
-    return "-" if value is None else format(value, spec)
-
-
-def _bench_table(rows: list[dict]) -> Table:
-    table = Table(title="delta rule benchmark (median ms; ratio = fla chunk time / this time)")
-    for col in ("shape", "contender", "rel err", "fwd ms", "fwd+bwd ms", "fwd ratio", "fwd+bwd ratio", "peak extra GiB", "first call s"):
-        table.add_column(col, justify="left" if col in ("shape", "contender") else "right")
-    for r in rows:
-        if "error" in r:
-            table.add_row(r["shape"], r["contender"], r["error"], *["-"] * 6)
-            continue
-        table.add_row(
-            r["shape"], r["contender"], _fmt(r.get("rel_err"), ".1e"), _fmt(r["fwd_ms"], ".3f"),
-            _fmt(r["fwd_bwd_ms"], ".3f"), _fmt(r.get("fla_fwd_ratio"), ".2f"), _fmt(r.get("fla_fwd_bwd_ratio"), ".2f"),
-            _fmt(r.get("peak_extra_gib"), ".2f"), _fmt(r["first_call_s"], ".1f"),
-        )
-    return table
-
-
-@app.command()
-def bench(
-    shape: list[str] = typer.Option(None, help="B,T,H,K[,V]; repeatable. Default: DESIGN.md's shapes on CUDA, 1,512,4,64 on CPU."),
-    plan: list[str] = typer.Option(None, help="deltaflex plans to time; repeatable. Default: compiled (and eager on CPU)."),
-    device: str = typer.Option(None, help="cuda, cuda:N or cpu. Default: cuda when available."),
-    dtype: str = typer.Option(None, help="bf16, fp16, fp32 or fp64. Default: bf16 on CUDA, fp32 on CPU."),
-    chunk_size: int = typer.Option(64, help="chunk size for the deltaflex plans"),
-    fla: bool = typer.Option(True, help="include fla-core's kernels when importable"),
-    check: bool = typer.Option(True, help="check outputs against the float64 oracle first"),
-    compile_checks: bool = typer.Option(True, help="for compiled plans: warm start in a new process and recompiles as T/B change"),
-    out: Path = typer.Option(None, help="write bench.json here"),
-):
-    """Time deltaflex plans against fla and causal SDPA (DESIGN.md's benchmark protocol)."""
-    from deltaflex.bench import Shape, paper_shapes, recompile_check, run_benchmark, warm_start_seconds
-
-    dev = _device(device)
-    dt = _dtype(dtype or ("bf16" if dev.type == "cuda" else "fp32"))
-    try:
-        shapes = [Shape.parse(s) for s in shape] if shape else (paper_shapes() if dev.type == "cuda" else [Shape(1, 512, 4, 64, 64)])
-    except ValueError as e:
-        raise typer.BadParameter(str(e), param_hint="--shape") from e
-    plans = plan or (["compiled"] if dev.type == "cuda" else ["eager", "compiled"])
-    if any(p != "eager" for p in plans):
-        # Fresh compile caches, so first calls measure cold compiles (kept for the warm-start probe).
-        cache = tempfile.mkdtemp(prefix="deltaflex-bench-")
-        os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", os.path.join(cache, "inductor"))
-        os.environ.setdefault("TRITON_CACHE_DIR", os.path.join(cache, "triton"))
-    console.print(f"device {dev} ({_device_name(dev)}), dtype {dt}, torch {torch.__version__}, plans {plans}")
-    rows = run_benchmark(shapes, plans, device=dev, dtype=dt, chunk_size=chunk_size, fla=fla, check=check,
-                         log=lambda line: console.print(line, markup=False, highlight=False))
-    extra = {}
-    if compile_checks:
-        for p in (p for p in plans if p != "eager"):
-            extra[p] = {"warm_start_s": warm_start_seconds(shapes[0], p, dt, str(dev), chunk_size)}
-            if dev.type == "cuda":
-                extra[p]["graphs_compiled_as_T_B_change"] = recompile_check(p, device=str(dev), dtype=dt)
-            console.print(f"{p}: {json.dumps(extra[p])}")
-    if out:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "bench.json").write_text(json.dumps({"env": _env(dev), "rows": rows, "compile": extra}, indent=1))
-    console.print(_bench_table(rows))
-    failed = [r for r in rows if "error" in r or r.get("rel_err", 0) > 2e-2]
-    if failed:
-        console.print(f"[red]{len(failed)} contender(s) failed or exceeded the error bound[/red]")
-        raise typer.Exit(1)
-
-
-def _device_name(dev: torch.device) -> str:
-    return torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.processor() or "cpu"
-
-
-def _env(dev: torch.device) -> dict:
-    env = {"device": _device_name(dev), "torch": torch.__version__, "python": platform.python_version()}
-    try:
-        import triton
-
-        env["triton"] = triton.__version__
-    except ImportError:
-        pass
-    try:
-        import fla
-
-        env["fla"] = getattr(fla, "__version__", "?")
-    except ImportError:
-        pass
-    return env
-
-
-@app.command()
-def info():
-    """Device and versions."""
-    import deltaflex
-
-    dev = _device(None)
-    console.print({"deltaflex": deltaflex.__version__, **_env(dev)})
+app.command()(bench)
+app.command()(tune)
+app.command()(compare)
+app.command()(info)
+app.add_typer(plans.app, name="plans")
 
 
 def main() -> None:

@@ -6,7 +6,9 @@ import torch
 
 from .chunk import ChunkDeltaRuleFunction
 from .plan import Plan, resolve_plan
+from .tuning.auto import auto_plan
 from .validation import check_delta_rule_inputs
+
 
 def delta_rule(
     q: torch.Tensor,
@@ -36,8 +38,11 @@ def delta_rule(
         cu_seqlens: packed variable-length sequences; not supported yet.
         use_qk_l2norm: L2-normalise q and k inside the op (gradients flow through it).
         chunk_size: 16, 32, 64 or 128; default: the plan's (64 for the named plans).
-        plan: a `deltaflex.Plan`, or a name: "eager" (blocked ops, no compile) or "compiled"
-            (the same ops through torch.compile); None picks "compiled" on CUDA, "eager" on CPU.
+        plan: a `deltaflex.Plan`, or a name: "eager" (blocked ops, no compile), "compiled" (the
+            same ops through torch.compile), "triton" (hand-written kernels), "mixed-<stage>"
+            (compiled, with the hand-written kernel for one stage), or "auto": the plan
+            `deltaflex tune` cached for this device, dtype and shape, else the default plan.
+            None picks "auto" on CUDA and "eager" on CPU.
 
     Returns:
         (o [B, T, H, V] in q's dtype, final_state or None).
@@ -48,7 +53,9 @@ def delta_rule(
             "run each sequence separately, or use deltaflex.reference.recurrent_delta_rule_ref"
         )
     scale = check_delta_rule_inputs(q, k, v, beta, scale, initial_state, cu_seqlens)
-    plan = resolve_plan(plan, chunk_size, q.device.type)
+    B, T, H, K = q.shape
+    auto = lambda: auto_plan(q.device, q.dtype, B, T, H, K, v.shape[-1])  # noqa: E731 - only called for "auto"
+    plan = resolve_plan(plan, chunk_size, q.device.type, auto=auto)
     return ChunkDeltaRuleFunction.apply(
         q, k, v, beta, initial_state, scale, bool(use_qk_l2norm), bool(output_final_state), plan
     )

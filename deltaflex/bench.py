@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from .api import delta_rule
+from .plan import Plan
 from .reference import recurrent_delta_rule_ref
 from .testing import make_inputs, relative_error
 
@@ -68,14 +69,17 @@ class Contender:
     compiles: bool = False
 
 
-def _deltaflex(plan: str, chunk_size: int) -> Contender:
+def deltaflex_contender(plan: str | Plan, chunk_size: int | None = None, name: str | None = None) -> Contender:
+    """delta_rule with `plan`; chunk_size None keeps the plan's own."""
+
     def forward(q, k, v, beta):
         return delta_rule(q, k, v, beta, chunk_size=chunk_size, plan=plan)[0]
 
-    return Contender(f"deltaflex[{plan}]", forward, compiles=plan != "eager")
+    compiles = plan != "eager" if isinstance(plan, str) else plan.compile
+    return Contender(name or f"deltaflex[{plan}]", forward, compiles=compiles)
 
 
-def _fla_contenders() -> list[Contender]:
+def fla_contenders() -> list[Contender]:
     try:
         from fla.ops.delta_rule import chunk_delta_rule, fused_recurrent_delta_rule
     except Exception:  # fla is an optional peer, absent on most machines
@@ -92,9 +96,9 @@ def _sdpa(q, k, v, beta):
 
 
 def contenders(plans: list[str], device: torch.device, chunk_size: int = 64, fla: bool = True) -> list[Contender]:
-    out = [_deltaflex(plan, chunk_size) for plan in plans]
+    out = [deltaflex_contender(plan, chunk_size) for plan in plans]
     if fla and device.type == "cuda":
-        out += _fla_contenders()
+        out += fla_contenders()
     return out + [Contender("sdpa causal", _sdpa, computes_delta_rule=False)]
 
 
@@ -187,11 +191,11 @@ def run_benchmark(
             row.update(shape=str(shape), dtype=str(dtype).removeprefix("torch."))
             rows.append(row)
             log(json.dumps(row))
-    _add_ratios(rows)
+    add_fla_ratios(rows)
     return rows
 
 
-def _add_ratios(rows: list[dict]) -> None:
+def add_fla_ratios(rows: list[dict]) -> None:
     """fla_fwd_ratio / fla_fwd_bwd_ratio: fla chunk's time over this row's (> 1: faster than fla)."""
     fla = {r["shape"]: r for r in rows if r["contender"] == "fla chunk" and "fwd_ms" in r}
     for r in rows:

@@ -1,21 +1,128 @@
-"""Plans: how `delta_rule` computes, as a small frozen record.
+"""Plans: how `delta_rule` computes, as a small frozen, JSON-serialisable record.
 
 A plan names the chunk size, a backend for each stage (`compiled`: blocked PyTorch ops, through
-torch.compile unless `compile` is off; `triton`: hand-written kernels) and the compile options.
-Plans are hashable, so the autograd.Function can take one as a plain argument.
+torch.compile unless `compile` is off; `triton`: hand-written kernels), the launch configuration of
+each hand-written stage, and the compile options. Plans are hashable, so the autograd.Function can
+take one as a plain argument.
+
+Which backends exist is a registry, not a constant: a hand-written stage kernel announces itself
+with `register_triton_stage(stage, KernelSpace(...))`, and from then on plans may use it and the
+tuner searches its launch configurations. Until then only the compiled backend is available.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
+from collections.abc import Mapping
 
 from .chunk.matmul import POLICIES
-from .validation import check_chunk_size
+from .validation import CHUNK_SIZES, check_chunk_size
 
 STAGES = ("solve", "wy", "state", "output")
 BACKENDS = ("compiled", "triton")
-PRECISIONS = ("auto", *POLICIES)
-COMPILE_MODES = (None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune-no-cudagraphs")  # torch.compile's `mode`
+PRECISIONS = ("auto", *POLICIES)  # matmul policy of the chunk stages (chunk/matmul.py)
+TRITON_DEVICE_TYPES = ("cuda",)
+NUM_WARPS = (1, 2, 4, 8, 16, 32)
+BLOCK_SIZES = (16, 32, 64, 128, 256)  # tl.arange needs powers of two
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelConfig:
+    """The launch configuration of one hand-written stage kernel.
+
+    `blocks` maps the kernel's block-size names (e.g. "BK", "BV") to sizes; it may be given as a
+    dict and is stored as sorted (name, size) pairs, so the config stays hashable.
+    """
+
+    blocks: tuple[tuple[str, int], ...] = ()
+    num_warps: int = 4
+    num_stages: int = 2
+
+    def __post_init__(self):
+        blocks = self.blocks
+        if isinstance(blocks, Mapping):
+            blocks = tuple(blocks.items())
+        if not isinstance(blocks, (tuple, list)) or not all(isinstance(p, (tuple, list)) and len(p) == 2 for p in blocks):
+            raise TypeError(f"KernelConfig.blocks must map block names to sizes, got {self.blocks!r}")
+        blocks = tuple(sorted((name, size) for name, size in blocks))
+        for name, size in blocks:
+            if not isinstance(name, str) or not name.isidentifier():
+                raise ValueError(f"KernelConfig block names must be identifiers, got {name!r}")
+            if not _is_int(size) or size not in BLOCK_SIZES:
+                raise ValueError(f"KernelConfig block {name!r} must be one of {BLOCK_SIZES}, got {size!r}")
+        if len({name for name, _ in blocks}) != len(blocks):
+            raise ValueError(f"KernelConfig block names must be unique, got {[n for n, _ in blocks]}")
+        if not _is_int(self.num_warps) or self.num_warps not in NUM_WARPS:
+            raise ValueError(f"KernelConfig.num_warps must be one of {NUM_WARPS}, got {self.num_warps!r}")
+        if not _is_int(self.num_stages) or not 1 <= self.num_stages <= 8:
+            raise ValueError(f"KernelConfig.num_stages must be an integer in [1, 8], got {self.num_stages!r}")
+        object.__setattr__(self, "blocks", blocks)
+
+    def to_dict(self) -> dict:
+        return {"blocks": dict(self.blocks), "num_warps": self.num_warps, "num_stages": self.num_stages}
+
+    @classmethod
+    def from_dict(cls, data) -> KernelConfig:
+        return cls(**_fields(cls, data, "KernelConfig"))
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelSpace:
+    """What a hand-written stage kernel lets the tuner vary, and its untuned configuration."""
+
+    blocks: tuple[tuple[str, tuple[int, ...]], ...] = ()  # block name -> allowed sizes
+    num_warps: tuple[int, ...] = (2, 4, 8)
+    num_stages: tuple[int, ...] = (1, 2, 3)
+    default: KernelConfig = KernelConfig()
+
+    def __post_init__(self):
+        blocks = tuple(sorted((name, tuple(sizes)) for name, sizes in dict(self.blocks).items()))
+        object.__setattr__(self, "blocks", blocks)
+        for name, sizes in blocks:  # every choice must be a valid config
+            for size in sizes:
+                KernelConfig({name: size})
+        for w in self.num_warps:
+            KernelConfig(num_warps=w)
+        for s in self.num_stages:
+            KernelConfig(num_stages=s)
+        self.check(self.default)
+
+    def check(self, config: KernelConfig) -> None:
+        names = [name for name, _ in self.blocks]
+        if [name for name, _ in config.blocks] != names:
+            raise ValueError(f"this kernel takes blocks {names}, got {dict(config.blocks)}")
+
+
+_TRITON_STAGES: dict[str, KernelSpace] = {}
+
+
+def register_triton_stage(stage: str, space: KernelSpace) -> None:
+    """Called by a hand-written stage kernel's module when it is imported: plans may now use it."""
+    if stage not in STAGES:
+        raise ValueError(f"stage must be one of {STAGES}, got {stage!r}")
+    if not isinstance(space, KernelSpace):
+        raise TypeError(f"space must be a KernelSpace, got {type(space).__name__}")
+    _TRITON_STAGES[stage] = space
+
+
+def kernel_space(stage: str) -> KernelSpace | None:
+    """The registered hand-written kernel's search space for `stage`, or None."""
+    return _TRITON_STAGES.get(stage)
+
+
+def available_backends(stage: str, device_type: str = "cuda") -> tuple[str, ...]:
+    """The backends a plan may use for `stage` on this device type."""
+    if stage not in STAGES:
+        raise ValueError(f"stage must be one of {STAGES}, got {stage!r}")
+    if stage in _TRITON_STAGES and device_type in TRITON_DEVICE_TYPES:
+        return ("compiled", "triton")
+    return ("compiled",)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -26,9 +133,14 @@ class Plan:
     state: str = "compiled"  # the sequential pass across chunks
     output: str = "compiled"  # O from Q, K, V_new and the chunk states
     compile: bool = True  # False runs the compiled-backend stages eagerly (debugging, CPU)
-    compile_mode: str | None = None  # torch.compile's mode, e.g. "reduce-overhead" for CUDA graphs
-    unroll: bool = False  # state pass as an unrolled loop instead of the scan op (one graph per T)
-    precision: str = "auto"  # matmul policy (chunk/matmul.py); auto: fp32 on CPU, bf16x3 on GPU
+    compile_mode: str = "default"  # torch.compile's mode for the compiled-backend stages
+    unroll: bool = False  # compiled state pass as an unrolled loop, not the scan op (one graph per T)
+    precision: str = "auto"  # matmul policy; auto: fp32 (the only one measured fast enough yet)
+    # Launch configurations of the hand-written stages; None: the kernel's own default.
+    solve_kernel: KernelConfig | None = None
+    wy_kernel: KernelConfig | None = None
+    state_kernel: KernelConfig | None = None
+    output_kernel: KernelConfig | None = None
 
     def __post_init__(self):
         check_chunk_size(self.chunk_size)
@@ -36,37 +148,159 @@ class Plan:
             backend = getattr(self, stage)
             if backend not in BACKENDS:
                 raise ValueError(f"plan stage {stage!r} must use one of {BACKENDS}, got {backend!r}")
-        if self.precision not in PRECISIONS:
-            raise ValueError(f"plan precision must be one of {PRECISIONS}, got {self.precision!r}")
+            config = getattr(self, f"{stage}_kernel")
+            if config is not None:
+                if isinstance(config, Mapping):  # as read from JSON
+                    config = KernelConfig.from_dict(config)
+                    object.__setattr__(self, f"{stage}_kernel", config)
+                if not isinstance(config, KernelConfig):
+                    raise TypeError(f"plan {stage}_kernel must be a KernelConfig or None, got {type(config).__name__}")
+                if backend != "triton":
+                    raise ValueError(
+                        f"plan {stage}_kernel configures a hand-written kernel, but stage {stage!r} uses {backend!r}"
+                    )
+        if not isinstance(self.compile, bool):
+            raise TypeError(f"plan compile must be True or False, got {self.compile!r}")
         if self.compile_mode not in COMPILE_MODES:
             raise ValueError(f"plan compile_mode must be one of {COMPILE_MODES}, got {self.compile_mode!r}")
+        if not self.compile and self.compile_mode != "default":
+            raise ValueError(f"plan compile_mode {self.compile_mode!r} needs compile=True")
+        if not isinstance(self.unroll, bool):
+            raise TypeError(f"plan unroll must be True or False, got {self.unroll!r}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"plan precision must be one of {PRECISIONS}, got {self.precision!r}")
 
     def precision_for(self, device_type: str) -> str:
-        if self.precision != "auto":
-            return self.precision
-        return "fp32" if device_type == "cpu" else "bf16x3"
+        """The matmul policy to run with on `device_type`."""
+        return "fp32" if self.precision == "auto" else self.precision
 
     def backends(self) -> dict[str, str]:
         return {stage: getattr(self, stage) for stage in STAGES}
+
+    def kernel(self, stage: str) -> KernelConfig | None:
+        """The launch configuration of a hand-written stage: the plan's, else the kernel's default."""
+        if getattr(self, stage) != "triton":
+            return None
+        config = getattr(self, f"{stage}_kernel")
+        space = kernel_space(stage)
+        return config if config is not None or space is None else space.default
+
+    def to_dict(self) -> dict:
+        out = dataclasses.asdict(self)
+        for stage in STAGES:
+            config = getattr(self, f"{stage}_kernel")
+            out[f"{stage}_kernel"] = None if config is None else config.to_dict()
+        return out
+
+    @classmethod
+    def from_dict(cls, data) -> Plan:
+        return cls(**_fields(cls, data, "Plan"))
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> Plan:
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"a plan must be a JSON object: {e}") from e
+        return cls.from_dict(data)
+
+    def describe(self) -> str:
+        """One line for tables, e.g. 'C64 compiled' or 'C128 eager, state=triton[BK=64 w4 s2]'."""
+        hand = [f"{s}=triton{_launch(getattr(self, f'{s}_kernel'))}" for s in STAGES if getattr(self, s) == "triton"]
+        extras = [f"precision={self.precision}"] if self.precision != "auto" else []
+        extras += ["unrolled"] if self.unroll else []
+        return ", ".join([f"C{self.chunk_size} {self._compiler()}", *extras, *hand])
+
+    def _compiler(self) -> str:
+        if not self.compile:
+            return "eager"
+        return "compiled" if self.compile_mode == "default" else f"compiled({self.compile_mode})"
+
+
+def _launch(config: KernelConfig | None) -> str:
+    if config is None:
+        return ""
+    return "[" + " ".join([f"{n}={s}" for n, s in config.blocks] + [f"w{config.num_warps}", f"s{config.num_stages}"]) + "]"
+
+
+def _fields(cls, data, what: str) -> dict:
+    if not isinstance(data, Mapping):
+        raise TypeError(f"a {what} must be a JSON object / mapping, got {type(data).__name__}")
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ValueError(f"unknown {what} fields {unknown}; expected some of {sorted(names)}")
+    return dict(data)
 
 
 NAMED_PLANS = {
     "eager": Plan(compile=False),
     "compiled": Plan(),
+    "triton": Plan(**{stage: "triton" for stage in STAGES}),
+    # Compiled stages with one hand-written stage, e.g. "mixed-state": the hand-written state pass.
+    **{f"mixed-{stage}": Plan(**{stage: "triton"}) for stage in STAGES},
 }
+PLAN_NAMES = (*NAMED_PLANS, "auto")
 
 
-def resolve_plan(plan, chunk_size: int | None, device_type: str) -> Plan:
-    """A Plan from delta_rule's `plan` and `chunk_size` arguments; an explicit chunk_size wins."""
+def default_plan(device_type: str) -> Plan:
+    """The tested default: compiled on CUDA; eager on CPU, where compile time (tens of seconds a
+    graph) rarely pays off."""
+    return NAMED_PLANS["compiled" if device_type == "cuda" else "eager"]
+
+
+def check_available(plan: Plan, device_type: str) -> None:
+    """Raises NotImplementedError if a stage's backend is not registered, ValueError if it cannot run
+    on this device type or its kernel configuration does not fit the registered kernel."""
+    missing = [stage for stage in STAGES if getattr(plan, stage) == "triton" and kernel_space(stage) is None]
+    if missing:
+        raise NotImplementedError(
+            f"the triton backend is not available for stages {missing}: no hand-written kernel is registered "
+            f"for them in this build; use the compiled backend there (e.g. plan='compiled')"
+        )
+    wrong_device = [s for s, backend in plan.backends().items() if backend not in available_backends(s, device_type)]
+    if wrong_device:
+        raise ValueError(
+            f"plan stages {wrong_device} use the triton backend, which runs on {TRITON_DEVICE_TYPES} devices only, "
+            f"not on {device_type!r}"
+        )
+    for stage in STAGES:
+        config = getattr(plan, f"{stage}_kernel")
+        if config is not None:
+            try:
+                kernel_space(stage).check(config)
+            except ValueError as e:
+                raise ValueError(f"plan {stage}_kernel does not fit the registered kernel: {e}") from None
+
+
+def resolve_plan(plan, chunk_size: int | None, device_type: str, auto=None) -> Plan:
+    """A Plan from delta_rule's `plan` and `chunk_size` arguments; an explicit chunk_size wins.
+
+    `auto` is a callable returning the plan for "auto" (the plan cache's lookup for the caller's
+    device, dtype and shape); None plans resolve to "auto" on CUDA and "eager" elsewhere.
+    """
     if plan is None:
-        # Compiling pays off on GPUs; on CPUs compile time (tens of seconds) rarely does.
-        plan = "compiled" if device_type == "cuda" else "eager"
+        plan = "auto" if device_type == "cuda" else "eager"
     if isinstance(plan, str):
-        if plan not in NAMED_PLANS:
-            raise ValueError(f"plan must be None, a Plan or one of {tuple(NAMED_PLANS)}, got {plan!r}")
-        plan = NAMED_PLANS[plan]
+        if plan == "auto":
+            plan = default_plan(device_type) if auto is None else auto()
+        elif plan in NAMED_PLANS:
+            plan = NAMED_PLANS[plan]
+        else:
+            raise ValueError(f"plan must be None, a Plan or one of {PLAN_NAMES}, got {plan!r}")
     elif not isinstance(plan, Plan):
         raise TypeError(f"plan must be None, a Plan or a plan name, got {type(plan).__name__}")
     if chunk_size is not None and check_chunk_size(chunk_size) != plan.chunk_size:
         plan = dataclasses.replace(plan, chunk_size=chunk_size)
+    check_available(plan, device_type)
     return plan
+
+
+__all__ = [
+    "BACKENDS", "CHUNK_SIZES", "COMPILE_MODES", "NAMED_PLANS", "PLAN_NAMES", "PRECISIONS", "STAGES", "KernelConfig", "KernelSpace",
+    "Plan", "available_backends", "check_available", "default_plan", "kernel_space", "register_triton_stage",
+    "resolve_plan",
+]

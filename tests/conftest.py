@@ -22,3 +22,14 @@ def _fresh_seed(request):
 @pytest.fixture(params=DEVICES)
 def device(request):
     return request.param
+
+
+@pytest.fixture(autouse=True)
+def _private_plan_cache(tmp_path_factory, monkeypatch):
+    # No test reads or writes the user's plan cache; each gets an empty one of its own.
+    from deltaflex.tuning import cache
+
+    monkeypatch.setenv("DELTAFLEX_CACHE_DIR", str(tmp_path_factory.mktemp("deltaflex-cache")))
+    cache.forget_loaded()
+    yield
+    cache.forget_loaded()

@@ -1,18 +1,37 @@
 import dataclasses
+import json
 
 import pytest
 import torch
 
-from deltaflex import Plan, delta_rule
-from deltaflex.plan import NAMED_PLANS, resolve_plan
+from deltaflex import Plan, delta_rule, plan as plan_module
+from deltaflex.plan import (
+    NAMED_PLANS, KernelConfig, KernelSpace, available_backends, check_available, default_plan, register_triton_stage,
+    resolve_plan,
+)
 from deltaflex.testing import make_inputs
 
 
+@pytest.fixture
+def fake_state_kernel(monkeypatch):
+    """A registered hand-written state pass (registry only: nothing here runs it)."""
+    monkeypatch.setattr(plan_module, "_TRITON_STAGES", {})
+    space = KernelSpace({"BK": (32, 64), "BV": (32, 64)}, num_warps=(4, 8), num_stages=(2, 3),
+                        default=KernelConfig({"BK": 64, "BV": 64}))
+    register_triton_stage("state", space)
+    return space
+
+
 def test_named_plans_and_defaults():
-    assert resolve_plan(None, None, "cpu") == NAMED_PLANS["eager"] == Plan(compile=False)
-    assert resolve_plan(None, None, "cuda") == NAMED_PLANS["compiled"] == Plan()
+    assert resolve_plan(None, None, "cpu") == NAMED_PLANS["eager"] == Plan(compile=False) == default_plan("cpu")
+    # None on CUDA is "auto": the tuned plan, else the default (delta_rule passes the cache lookup in)
+    assert resolve_plan(None, None, "cuda") == NAMED_PLANS["compiled"] == Plan() == default_plan("cuda")
+    assert resolve_plan(None, None, "cuda", auto=lambda: Plan(chunk_size=128)) == Plan(chunk_size=128)
+    assert resolve_plan("auto", None, "cpu", auto=lambda: Plan(chunk_size=16)) == Plan(chunk_size=16)
     assert resolve_plan("compiled", 32, "cpu") == Plan(chunk_size=32)
     assert resolve_plan(Plan(chunk_size=16), None, "cpu").chunk_size == 16
+    assert NAMED_PLANS["mixed-state"] == Plan(state="triton")
+    assert NAMED_PLANS["triton"].backends() == dict.fromkeys(("solve", "wy", "state", "output"), "triton")
 
 
 def test_plans_are_frozen_and_hashable():
@@ -20,18 +39,120 @@ def test_plans_are_frozen_and_hashable():
     with pytest.raises(dataclasses.FrozenInstanceError):
         plan.chunk_size = 16
     assert {plan: 1}[Plan(chunk_size=128, compile=False)] == 1
+    config = KernelConfig({"BV": 32, "BK": 64}, num_warps=8)
+    assert config == KernelConfig((("BK", 64), ("BV", 32)), num_warps=8) and hash(config)
+    assert {Plan(state="triton", state_kernel=config): 1}
+
+
+@pytest.mark.parametrize(
+    "plan",
+    [
+        Plan(),
+        Plan(chunk_size=16, compile=False),
+        Plan(chunk_size=128, compile_mode="max-autotune-no-cudagraphs"),
+        Plan(state="triton", state_kernel=KernelConfig({"BK": 64, "BV": 32}, num_warps=8, num_stages=3)),
+        Plan(solve="triton", wy="triton", output="triton", state="triton", output_kernel=KernelConfig(num_warps=2)),
+    ],
+    ids=lambda p: p.describe(),
+)
+def test_json_round_trip(plan):
+    text = plan.to_json()
+    assert json.loads(text)["chunk_size"] == plan.chunk_size
+    back = Plan.from_json(text)
+    assert back == plan and hash(back) == hash(plan) and back.to_json() == text
+    assert Plan.from_dict(json.loads(json.dumps(plan.to_dict()))) == plan
 
 
 @pytest.mark.parametrize(
     "kwargs,error,match",
-    [(dict(chunk_size=48), ValueError, "chunk_size"), (dict(state="cuda"), ValueError, "stage 'state'")],
+    [
+        (dict(chunk_size=48), ValueError, "chunk_size"),
+        (dict(chunk_size="64"), ValueError, "chunk_size"),
+        (dict(state="cuda"), ValueError, "stage 'state'"),
+        (dict(compile="yes"), TypeError, "compile must be True or False"),
+        (dict(compile_mode="turbo"), ValueError, "compile_mode must be one of"),
+        (dict(compile=False, compile_mode="max-autotune-no-cudagraphs"), ValueError, "needs compile=True"),
+        (dict(state_kernel=KernelConfig()), ValueError, "state_kernel configures a hand-written kernel"),
+        (dict(state="triton", state_kernel=(4, 2)), TypeError, "state_kernel must be a KernelConfig"),
+        (dict(state="triton", state_kernel={"num_warps": 3}), ValueError, "num_warps must be one of"),
+    ],
 )
 def test_invalid_plans(kwargs, error, match):
     with pytest.raises(error, match=match):
         Plan(**kwargs)
 
 
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(blocks={"BK": 48}), "block 'BK' must be one of"),
+        (dict(blocks={"B K": 64}), "identifiers"),
+        (dict(blocks=[("BK", 64), ("BK", 32)]), "unique"),
+        (dict(num_warps=0), "num_warps"),
+        (dict(num_stages=9), "num_stages"),
+        (dict(num_stages=True), "num_stages"),
+    ],
+)
+def test_invalid_kernel_configs(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        KernelConfig(**kwargs)
+
+
+@pytest.mark.parametrize(
+    "text,error,match",
+    [
+        ("{not json", ValueError, "JSON object"),
+        ("[64]", TypeError, "JSON object"),
+        ('{"chunk_size": 64, "turbo": true}', ValueError, r"unknown Plan fields \['turbo'\]"),
+        ('{"chunk_size": 64, "state": "triton", "state_kernel": {"warps": 4}}', ValueError, "unknown KernelConfig fields"),
+        ('{"chunk_size": 100}', ValueError, "chunk_size"),
+    ],
+)
+def test_invalid_plan_json(text, error, match):
+    with pytest.raises(error, match=match):
+        Plan.from_json(text)
+
+
+def test_resolve_rejects_bad_plans():
+    with pytest.raises(ValueError, match="plan must be None, a Plan or one of"):
+        resolve_plan("fastest", None, "cpu")
+    with pytest.raises(TypeError, match="plan must be None, a Plan or a plan name"):
+        resolve_plan({"chunk_size": 64}, None, "cpu")
+    with pytest.raises(ValueError, match="chunk_size"):
+        resolve_plan("eager", 100, "cpu")
+
+
 def test_triton_stages_are_refused_until_they_exist():
+    assert available_backends("state", "cuda") == ("compiled",)
     x = make_inputs(1, 8, 1, 4, dtype=torch.float32)
-    with pytest.raises(NotImplementedError, match="triton"):
+    with pytest.raises(NotImplementedError, match="triton backend is not available for stages \\['state'\\]"):
         delta_rule(**x, plan=Plan(state="triton"))
+    for name in ("triton", "mixed-solve"):
+        with pytest.raises(NotImplementedError, match="triton"):
+            delta_rule(**x, plan=name)
+
+
+def test_registered_kernels_become_available_on_cuda_only(fake_state_kernel):
+    assert available_backends("state", "cuda") == ("compiled", "triton")
+    assert available_backends("state", "cpu") == ("compiled",)
+    assert available_backends("solve", "cuda") == ("compiled",)
+    check_available(NAMED_PLANS["mixed-state"], "cuda")
+    assert NAMED_PLANS["mixed-state"].kernel("state") == fake_state_kernel.default  # the kernel's default
+    with pytest.raises(ValueError, match="runs on \\('cuda',\\) devices only"):
+        check_available(NAMED_PLANS["mixed-state"], "cpu")
+    with pytest.raises(NotImplementedError, match="'solve'"):
+        check_available(NAMED_PLANS["mixed-solve"], "cuda")
+    with pytest.raises(ValueError, match="does not fit the registered kernel"):
+        check_available(Plan(state="triton", state_kernel=KernelConfig({"BT": 64})), "cuda")
+    with pytest.raises(ValueError, match="stage must be one of"):
+        register_triton_stage("attention", fake_state_kernel)
+    with pytest.raises(TypeError, match="KernelSpace"):
+        register_triton_stage("state", {"BK": (64,)})
+
+
+def test_describe():
+    assert Plan().describe() == "C64 compiled"
+    assert Plan(chunk_size=32, compile=False).describe() == "C32 eager"
+    assert Plan(compile_mode="max-autotune-no-cudagraphs").describe() == "C64 compiled(max-autotune-no-cudagraphs)"
+    plan = Plan(chunk_size=128, state="triton", state_kernel=KernelConfig({"BK": 64}, num_warps=8, num_stages=3))
+    assert plan.describe() == "C128 compiled, state=triton[BK=64 w8 s3]"

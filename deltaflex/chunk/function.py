@@ -116,7 +116,7 @@ def chunk_delta_rule_bwd(q, k, v, beta, initial_state, do, dfinal, *, scale, use
 
 @functools.cache
 def _compiled(fn, mode):
-    compiled = torch.compile(fn, fullgraph=True, mode=mode)
+    compiled = torch.compile(fn, fullgraph=True, mode=None if mode == "default" else mode)
 
     def run(*args, **kwargs):
         # The bf16x3 policy splits x into x.to(bf16) and its rounding error; by default Inductor

@@ -1,0 +1,74 @@
+"""`deltaflex bench`: DESIGN.md's benchmark protocol (deltaflex plans, fla, causal SDPA)."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+import typer
+from rich.table import Table
+
+from .common import add_row, console, say, env, fmt, parse_device, parse_dtype, parse_shapes, device_name
+
+
+def _bench_table(rows: list[dict]) -> Table:
+    table = Table(title="delta rule benchmark (median ms; ratio = fla chunk time / this time)")
+    for col in ("shape", "contender", "rel err", "fwd ms", "fwd+bwd ms", "fwd ratio", "fwd+bwd ratio", "peak extra GiB", "first call s"):
+        table.add_column(col, justify="left" if col in ("shape", "contender") else "right")
+    for r in rows:
+        if "error" in r:
+            add_row(table, r["shape"], r["contender"], r["error"], *["-"] * 6)
+            continue
+        add_row(
+            table,
+            r["shape"], r["contender"], fmt(r.get("rel_err"), ".1e"), fmt(r["fwd_ms"], ".3f"),
+            fmt(r["fwd_bwd_ms"], ".3f"), fmt(r.get("fla_fwd_ratio"), ".2f"), fmt(r.get("fla_fwd_bwd_ratio"), ".2f"),
+            fmt(r.get("peak_extra_gib"), ".2f"), fmt(r["first_call_s"], ".1f"),
+        )
+    return table
+
+
+def bench(
+    shape: list[str] = typer.Option(None, help="B,T,H,K[,V]; repeatable. Default: DESIGN.md's shapes on CUDA, 1,512,4,64 on CPU."),
+    plan: list[str] = typer.Option(None, help="deltaflex plans to time; repeatable. Default: compiled (and eager on CPU)."),
+    device: str = typer.Option(None, help="cuda, cuda:N or cpu. Default: cuda when available."),
+    dtype: str = typer.Option(None, help="bf16, fp16, fp32 or fp64. Default: bf16 on CUDA, fp32 on CPU."),
+    chunk_size: int = typer.Option(64, help="chunk size for the deltaflex plans"),
+    fla: bool = typer.Option(True, help="include fla-core's kernels when importable"),
+    check: bool = typer.Option(True, help="check outputs against the float64 oracle first"),
+    compile_checks: bool = typer.Option(True, help="for compiled plans: warm start in a new process and recompiles as T/B change"),
+    out: Path = typer.Option(None, help="write bench.json here"),
+):
+    """Time deltaflex plans against fla and causal SDPA (DESIGN.md's benchmark protocol)."""
+    from deltaflex.bench import Shape, paper_shapes, recompile_check, run_benchmark, warm_start_seconds
+
+    dev = parse_device(device)
+    dt = parse_dtype(dtype or ("bf16" if dev.type == "cuda" else "fp32"))
+    shapes = parse_shapes(shape, lambda: paper_shapes() if dev.type == "cuda" else [Shape(1, 512, 4, 64, 64)])
+    plans = plan or (["compiled"] if dev.type == "cuda" else ["eager", "compiled"])
+    if any(p != "eager" for p in plans):
+        # Fresh compile caches, so first calls measure cold compiles (kept for the warm-start probe).
+        cache = tempfile.mkdtemp(prefix="deltaflex-bench-")
+        os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", os.path.join(cache, "inductor"))
+        os.environ.setdefault("TRITON_CACHE_DIR", os.path.join(cache, "triton"))
+    say(f"device {dev} ({device_name(dev)}), dtype {dt}, torch {torch.__version__}, plans {plans}")
+    rows = run_benchmark(shapes, plans, device=dev, dtype=dt, chunk_size=chunk_size, fla=fla, check=check,
+                         log=say)
+    extra = {}
+    if compile_checks:
+        for p in (p for p in plans if p != "eager"):
+            extra[p] = {"warm_start_s": warm_start_seconds(shapes[0], p, dt, str(dev), chunk_size)}
+            if dev.type == "cuda":
+                extra[p]["graphs_compiled_as_T_B_change"] = recompile_check(p, device=str(dev), dtype=dt)
+            say(f"{p}: {json.dumps(extra[p])}")
+    if out:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "bench.json").write_text(json.dumps({"env": env(dev), "rows": rows, "compile": extra}, indent=1))
+    console.print(_bench_table(rows))
+    failed = [r for r in rows if "error" in r or r.get("rel_err", 0) > 2e-2]
+    if failed:
+        console.print(f"[red]{len(failed)} contender(s) failed or exceeded the error bound[/red]")
+        raise typer.Exit(1)

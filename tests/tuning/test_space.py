@@ -1,0 +1,64 @@
+import itertools
+
+import optuna
+import pytest
+
+from deltaflex import plan as plan_module
+from deltaflex.plan import CHUNK_SIZES, KernelConfig, KernelSpace, Plan, default_plan, register_triton_stage
+from deltaflex.tuning.space import SearchSpace
+
+
+def all_plans(space: SearchSpace) -> set[Plan]:
+    """Every plan the space holds, by sampling it exhaustively with optuna's grid of fixed trials."""
+    names, choices = ["chunk_size", "compile", "compile_mode"], [space.chunk_sizes, space.compile, space.compile_modes]
+    for stage, backends in space.backends:
+        names.append(stage), choices.append(backends)
+    for stage, kernel in space.kernels:
+        for block, sizes in kernel.blocks:
+            names.append(f"{stage}.{block}"), choices.append(sizes)
+        names += [f"{stage}.num_warps", f"{stage}.num_stages"]
+        choices += [kernel.num_warps, kernel.num_stages]
+    return {space.suggest(optuna.trial.FixedTrial(dict(zip(names, values)))) for values in itertools.product(*choices)}
+
+
+def test_cpu_space_is_eager_chunk_sizes_by_default():
+    space = SearchSpace.for_device("cpu")
+    assert all_plans(space) == {Plan(chunk_size=c, compile=False) for c in CHUNK_SIZES}
+    assert space.size() == 4
+    assert all_plans(SearchSpace.for_device("cpu", compile=True)) == all_plans(space) | {Plan(chunk_size=c) for c in CHUNK_SIZES}
+
+
+def test_cuda_space_searches_compiled_and_eager_plans_with_available_backends():
+    space = SearchSpace.for_device("cuda")
+    plans = all_plans(space)
+    assert len(plans) == space.size() == 4 * 2  # eager and compiled per chunk size
+    assert all(set(p.backends().values()) == {"compiled"} for p in plans)
+    assert default_plan("cuda") in plans
+    assert SearchSpace.for_device("cuda", compile=False).size() == 4
+    with_max_autotune = all_plans(SearchSpace.for_device("cuda", max_autotune=True))
+    assert with_max_autotune - plans == {Plan(chunk_size=c, compile_mode="max-autotune-no-cudagraphs") for c in CHUNK_SIZES}
+
+
+@pytest.fixture
+def registered_state_kernel(monkeypatch):
+    monkeypatch.setattr(plan_module, "_TRITON_STAGES", {})
+    register_triton_stage("state", KernelSpace({"BV": (32, 64)}, num_warps=(4, 8), num_stages=(2,), default=KernelConfig({"BV": 64})))
+
+
+def test_space_grows_with_registered_kernels(registered_state_kernel):
+    space = SearchSpace.for_device("cuda", compile=False)
+    plans = all_plans(space)
+    assert len(plans) == space.size() == 4 * (1 + 2 * 2)  # compiled state, or triton x BV x num_warps
+    assert Plan(chunk_size=16, compile=False, state="triton", state_kernel=KernelConfig({"BV": 32}, num_warps=8)) in plans
+    assert SearchSpace.for_device("cpu").size() == 4  # hand-written kernels run on CUDA only
+
+
+def test_params_reproduce_a_plan(registered_state_kernel):
+    space = SearchSpace.for_device("cuda", max_autotune=True)
+    for plan in all_plans(space):
+        assert space.suggest(optuna.trial.FixedTrial(space.params(plan))) == plan
+    # a hand-written stage left at the kernel's default configuration is inside the space too
+    assert space.params(Plan(state="triton")) == {
+        "chunk_size": 64, "state": "triton", "state.BV": 64, "state.num_warps": 4, "compile": True, "compile_mode": "default"}
+    assert space.params(Plan(state="triton", state_kernel=KernelConfig({"BV": 128}))) is None  # outside
+    assert SearchSpace.for_device("cpu").params(Plan()) is None  # compiled plans are outside the default CPU space

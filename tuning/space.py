@@ -1,0 +1,114 @@
+"""The tuner's search space, derived from what the Plan record and the backend registry offer.
+
+Dimensions: chunk size; per stage, its available backends (only "compiled" until a hand-written
+kernel registers); per hand-written stage, its block sizes, num_warps and num_stages; whether to
+compile and torch.compile's mode. A dimension with one choice is fixed, not searched, so the space
+grows as stages land without anything here changing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from deltaflex.plan import CHUNK_SIZES, STAGES, KernelConfig, KernelSpace, Plan, available_backends, kernel_space
+
+
+@dataclasses.dataclass(frozen=True)
+class SearchSpace:
+    chunk_sizes: tuple[int, ...]
+    backends: tuple[tuple[str, tuple[str, ...]], ...]  # stage -> backends
+    kernels: tuple[tuple[str, KernelSpace], ...]  # stage -> its hand-written kernel's space
+    compile: tuple[bool, ...]
+    compile_modes: tuple[str, ...]
+
+    @classmethod
+    def for_device(cls, device_type: str, compile: bool | None = None, max_autotune: bool = False) -> SearchSpace:
+        """compile=None: on CUDA search eager and compiled plans; on CPU eager ones only, since a
+        compile costs tens of seconds a graph there. True: both, anywhere. False: eager only.
+        max_autotune: also torch.compile's max-autotune mode, whose compiles take minutes."""
+        if compile is None:
+            compile = device_type == "cuda"
+        backends = tuple((stage, available_backends(stage, device_type)) for stage in STAGES)
+        kernels = tuple((stage, kernel_space(stage)) for stage, choices in backends if "triton" in choices)
+        modes = ("default", "max-autotune-no-cudagraphs") if max_autotune else ("default",)
+        return cls(CHUNK_SIZES, backends, kernels, (False, True) if compile else (False,), modes)
+
+    def suggest(self, trial) -> Plan:
+        """The plan an optuna trial samples (define-by-run: kernel and compile-mode dimensions only
+        exist where they apply)."""
+        fields = {"chunk_size": _pick(trial, "chunk_size", self.chunk_sizes)}
+        kernels = dict(self.kernels)
+        for stage, choices in self.backends:
+            fields[stage] = _pick(trial, stage, choices)
+            if fields[stage] == "triton":
+                space = kernels[stage]
+                fields[f"{stage}_kernel"] = KernelConfig(
+                    {name: _pick(trial, f"{stage}.{name}", sizes) for name, sizes in space.blocks},
+                    _pick(trial, f"{stage}.num_warps", space.num_warps),
+                    _pick(trial, f"{stage}.num_stages", space.num_stages),
+                )
+        fields["compile"] = _pick(trial, "compile", self.compile)
+        if fields["compile"]:
+            fields["compile_mode"] = _pick(trial, "compile_mode", self.compile_modes)
+        return Plan(**fields)
+
+    def params(self, plan: Plan) -> dict | None:
+        """The trial parameters that make `suggest` return `plan`, or None if it is outside the space."""
+        recorder = _Recorder(plan)
+        try:
+            suggested = self.suggest(recorder)
+        except _Outside:
+            return None
+        return recorder.params if suggested == _explicit(plan) else None
+
+    def size(self) -> int:
+        """How many distinct plans the space holds."""
+        per_stage, kernels = 1, dict(self.kernels)
+        for stage, choices in self.backends:
+            configs = 0
+            for backend in choices:
+                if backend == "triton":
+                    space = kernels[stage]
+                    n = len(space.num_warps) * len(space.num_stages)
+                    for _, sizes in space.blocks:
+                        n *= len(sizes)
+                    configs += n
+                else:
+                    configs += 1
+            per_stage *= configs
+        compiles = sum(len(self.compile_modes) if c else 1 for c in self.compile)
+        return len(self.chunk_sizes) * per_stage * compiles
+
+
+def _explicit(plan: Plan) -> Plan:
+    """The plan with its hand-written stages' default launch configurations spelled out."""
+    return dataclasses.replace(plan, **{f"{s}_kernel": plan.kernel(s) for s in STAGES if getattr(plan, s) == "triton"})
+
+
+def _pick(trial, name: str, choices: tuple):
+    return choices[0] if len(choices) == 1 else trial.suggest_categorical(name, choices)
+
+
+class _Outside(Exception):
+    pass
+
+
+class _Recorder:
+    """Stands in for an optuna trial: answers each question with the given plan's value."""
+
+    def __init__(self, plan: Plan):
+        self.params: dict = {}
+        values = dataclasses.asdict(plan)
+        for stage in STAGES:
+            config = plan.kernel(stage)
+            if config is not None:
+                values.update({f"{stage}.{n}": s for n, s in config.blocks})
+                values.update({f"{stage}.num_warps": config.num_warps, f"{stage}.num_stages": config.num_stages})
+        self._values = values
+
+    def suggest_categorical(self, name: str, choices):
+        value = self._values.get(name)
+        if value not in choices:
+            raise _Outside(name)
+        self.params[name] = value
+        return value
