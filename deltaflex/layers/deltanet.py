@@ -125,7 +125,7 @@ class DeltaNet(nn.Module):
         q, k, v, conv_state = self._qkv(x, cache)
         beta = self._beta(x)
         if mask is not None:
-            beta = beta * mask
+            beta = beta * mask[..., None]
         return_cache = use_cache or cache is not None
         state = None if cache is None else cache.recurrent_state
         l2 = self.qk_norm == "l2"
