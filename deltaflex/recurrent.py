@@ -82,4 +82,5 @@ def token_update(s, q, k, v, beta):
 
 @functools.cache
 def _compiled_steps():
-    return torch.compile(recurrent_steps, fullgraph=True)
+    # dynamic=False: decoding runs a few fixed shapes, each best served by its own specialised kernels
+    return torch.compile(recurrent_steps, fullgraph=True, dynamic=False)

@@ -1,0 +1,373 @@
+"""Issue 6's GPU measurements in one call: the decode step and the DeltaNet layer against fla.
+
+    python benchmarks/bench_layer.py --out results/             # H200: the issue's sizes
+    python benchmarks/bench_layer.py --quick --out /tmp/smoke   # CPU smoke run at a tiny size
+
+1. Checks, before any timing, against float64 (the oracle / the reference layer):
+   - decode step, one token at each batch size: deltaflex `delta_rule_step` (called, and replayed as
+     a CUDA graph) and fla `fused_recurrent_delta_rule`, outputs and new states;
+   - the layer, bf16 weights, at a short length: output and the gradients of the input and of every
+     parameter, for deltaflex's layer (eager and torch.compile'd) and fla's `DeltaNet` with the same
+     weights; then prefill + compiled decode steps against the whole-sequence forward;
+   - at the timing shape, every layer contender's output against the float64 reference layer.
+2. Timing (same process, same inputs):
+   - decode step at B in --decode-batches, hidden 2048 / head dim 128: median GPU time per call
+     (`triton.testing.do_bench`, L2 flushed between calls: a decode step in a real model finds its
+     state out of cache) and host-timed back-to-back loop time per call (what a decode loop sees,
+     launch overheads included); CUDA kernels per call;
+   - the layer forward and forward+backward at --layer-shape: tokens/s, peak extra memory, first-call
+     time; `plan` is deltaflex's delta-rule plan (default None: "compiled" on CUDA).
+Writes <out>/bench_layer.json; prints a short table last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+import traceback
+from pathlib import Path
+
+import torch
+
+from deltaflex import DeltaNet, Plan, delta_rule_step
+from deltaflex.bench import time_ms
+from deltaflex.layers.reference import deltanet_ref
+from deltaflex.reference import recurrent_delta_rule_ref
+from deltaflex.testing import make_inputs, relative_error
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", type=Path, default=Path("results"))
+    p.add_argument("--quick", action="store_true", help="tiny sizes (CPU smoke run)")
+    p.add_argument("--plan", default=None, help='a plan name ("compiled", "eager") or a JSON Plan, e.g. \'{"chunk_size": 128}\'')
+    p.add_argument("--hidden", type=int, default=2048)
+    p.add_argument("--heads", type=int, default=16)
+    p.add_argument("--decode-batches", default="1,8,64")
+    p.add_argument("--layer-shape", default="4,4096", help="B,T of the layer benchmark")
+    p.add_argument("--check-length", type=int, default=256, help="T of the layer gradient check")
+    p.add_argument("--no-compile", action="store_true", help="skip the torch.compile'd layer")
+    p.add_argument("--no-fla", action="store_true")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.hidden, args.heads, args.decode_batches, args.layer_shape, args.check_length = 64, 2, "1,2", "2,80", 24
+    args.decode_batches = [int(b) for b in args.decode_batches.split(",")]
+    args.layer_shape = tuple(int(n) for n in args.layer_shape.split(","))
+    if args.plan is not None and args.plan.startswith("{"):
+        args.plan = Plan(**json.loads(args.plan))
+    return args
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _fla():
+    """fla's ops and layer, or None: fla is a peer to measure against, never a dependency."""
+    try:
+        from fla.ops.delta_rule import fused_recurrent_delta_rule
+
+        try:
+            from fla.layers.delta_net import DeltaNet as FlaDeltaNet  # the flash-linear-attention wheel
+        except Exception:
+            FlaDeltaNet = None
+        return fused_recurrent_delta_rule, FlaDeltaNet
+    except Exception:
+        return None
+
+
+def cuda_graph(fn):
+    """Captures fn() (its inputs are fixed tensors) as a CUDA graph; returns (replay, captured outputs)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm up (compile, autotune) outside the capture
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fn()
+    return graph.replay, out
+
+
+def loop_us(fn, device, n=300) -> float:
+    """Host-timed microseconds per call over n back-to-back calls (launch overheads included)."""
+    fn()
+    _sync(device)
+    start = time.perf_counter()
+    for _ in range(n):
+        fn()
+    _sync(device)
+    return 1e6 * (time.perf_counter() - start) / n
+
+
+def kernels_per_call(fn, device) -> int | None:
+    if device.type != "cuda":
+        return None
+    fn()
+    _sync(device)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        fn()
+        _sync(device)
+    return sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
+
+
+# ---------------------------------------------------------------- decode step
+
+
+def decode_contenders(x, device, fla):
+    """name -> zero-argument callable returning (o, new_state), all on the same inputs."""
+    q, k, v, beta, h0 = (x[n] for n in ("q", "k", "v", "beta", "initial_state"))
+    out = {"deltaflex step": lambda: delta_rule_step(q, k, v, beta, h0)}
+    if fla is not None:
+        fused_recurrent = fla[0]
+        out["fla fused_recurrent"] = lambda: fused_recurrent(q, k, v, beta, initial_state=h0, output_final_state=True)
+    if device.type == "cuda":
+        for name in list(out):
+            try:
+                replay, captured = cuda_graph(out[name])
+                out[f"{name} (cuda graph)"] = (lambda r, c: lambda: (r(), c)[1])(replay, captured)
+            except Exception as e:  # record and carry on: one GPU call must bring back everything it can
+                out[f"{name} (cuda graph)"] = e
+    return out
+
+
+def run_decode(args, device, fla, log):
+    rows = []
+    H, D = args.heads, args.hidden // args.heads
+    for B in args.decode_batches:
+        x = make_inputs(B, 1, H, D, dtype=torch.bfloat16, device=device, initial_state=True)
+        o_ref, s_ref = recurrent_delta_rule_ref(**x, output_final_state=True)
+        for name, fn in decode_contenders(x, device, fla).items():
+            row = {"part": "decode", "B": B, "H": H, "D": D, "contender": name}
+            try:
+                if isinstance(fn, Exception):
+                    raise fn
+                o, s = fn()
+                _sync(device)
+                row.update(rel_err_o=relative_error(o, o_ref), rel_err_state=relative_error(s, s_ref))
+                if device.type == "cuda":
+                    row["gpu_us"] = 1e3 * time_ms(fn, device)
+                row["loop_us"] = loop_us(fn, device)
+                row["kernels"] = kernels_per_call(fn, device)
+            except Exception as e:
+                row["error"] = f"{type(e).__name__}: {e}"
+                traceback.print_exc()
+            rows.append(row)
+            log(row)
+    return rows
+
+
+# ---------------------------------------------------------------- layer
+
+
+def make_layers(args, device, fla):
+    """Our layer (bf16, every parameter a fresh random draw) and fla's with the same weights."""
+    ours = DeltaNet(args.hidden, args.heads, plan=args.plan).to(device)
+    with torch.no_grad():
+        for p in ours.parameters():
+            p.mul_(1 + 0.2 * torch.randn_like(p))
+    ours = ours.to(torch.bfloat16)
+    layers = {"deltaflex layer": ours}
+    if not args.no_compile:
+        # dynamic=False: a graph specialised to each shape, as a training run would use
+        layers["deltaflex layer (torch.compile)"] = torch.compile(ours, fullgraph=True, dynamic=False)
+    if fla is not None and fla[1] is not None:
+        try:
+            theirs = fla[1](hidden_size=args.hidden, num_heads=args.heads, mode="chunk").to(device, torch.bfloat16)
+            theirs.load_state_dict(ours.state_dict())
+            layers["fla DeltaNet"] = theirs
+        except Exception as e:
+            layers["fla DeltaNet"] = e
+    return ours, layers
+
+
+def check_layer_gradients(args, ours, layers, device, log):
+    """Output and all gradients at a short length against the float64 reference layer."""
+    rows = []
+    x = torch.randn(1, args.check_length, args.hidden, device=device, dtype=torch.bfloat16, requires_grad=True)
+    o_ref = deltanet_ref(ours, x)[0]
+    do = torch.randn_like(o_ref)
+    leaves = [x, *ours.parameters()]
+    grads_ref = torch.autograd.grad((o_ref * do).sum(), leaves)
+    names = ["x", *(n for n, _ in ours.named_parameters())]
+    for name, layer in layers.items():
+        row = {"part": "layer check", "T": args.check_length, "contender": name}
+        try:
+            if isinstance(layer, Exception):
+                raise layer
+            params = dict(layer.named_parameters())
+            own = [x, *(params.get(n, params.get(f"_orig_mod.{n}")) for n in names[1:])]
+            o = layer(x)[0]
+            grads = torch.autograd.grad((o.double() * do).sum(), own)
+            row["rel_err_o"] = relative_error(o, o_ref)
+            row["rel_err_grads_max"] = max(relative_error(g, r) for g, r in zip(grads, grads_ref))
+            row["rel_err_grads"] = {n: relative_error(g, r) for n, g, r in zip(names, grads, grads_ref)}
+        except Exception as e:
+            row["error"] = f"{type(e).__name__}: {e}"
+            traceback.print_exc()
+        rows.append(row)
+        log(row)
+    return rows
+
+
+def check_decode_continuation(args, ours, device, log):
+    """Prefill (chunk) then one-token steps (compiled unless --no-compile) against the whole forward."""
+    prefill, steps = max(1, args.check_length - 8), 8
+    x = torch.randn(2, prefill + steps, args.hidden, device=device, dtype=torch.bfloat16)
+    row = {"part": "decode check", "prefill": prefill, "steps": steps}
+    try:
+        with torch.no_grad():
+            o_whole = ours(x)[0]
+            _, cache = ours(x[:, :prefill], use_cache=True)
+            step = lambda x_t, cache: ours(x_t, cache=cache)  # noqa: E731
+            if not args.no_compile:
+                step = torch.compile(step, fullgraph=True)
+            pieces = []
+            for t in range(prefill, prefill + steps):
+                o_t, cache = step(x[:, t : t + 1], cache)
+                pieces.append(o_t)
+        row["rel_err_vs_whole"] = relative_error(torch.cat(pieces, dim=1), o_whole[:, prefill:])
+    except Exception as e:
+        row["error"] = f"{type(e).__name__}: {e}"
+        traceback.print_exc()
+    log(row)
+    return [row]
+
+
+def run_layer(args, ours, layers, device, log):
+    B, T = args.layer_shape
+    x = torch.randn(B, T, args.hidden, device=device, dtype=torch.bfloat16)
+    with torch.no_grad():
+        o_ref = deltanet_ref(ours, x)[0]
+    do = torch.randn_like(x)
+    rows = []
+    for name, layer in layers.items():
+        row = {"part": "layer", "B": B, "T": T, "hidden": args.hidden, "heads": args.heads, "contender": name}
+        if name.startswith("deltaflex"):
+            row["plan"] = str(args.plan)
+        try:
+            if isinstance(layer, Exception):
+                raise layer
+            leaf = x.detach().requires_grad_()
+            grad_to_none = [leaf, *layer.parameters()]
+
+            def fwd_bwd():
+                layer(leaf)[0].backward(do)
+
+            start = time.perf_counter()
+            fwd_bwd()
+            _sync(device)
+            row["first_call_s"] = time.perf_counter() - start
+            with torch.no_grad():
+                row["rel_err_o"] = relative_error(layer(x)[0], o_ref)
+                row["fwd_ms"] = time_ms(lambda: layer(x), device)
+            row["fwd_bwd_ms"] = time_ms(fwd_bwd, device, grad_to_none=grad_to_none)
+            row["tokens_per_s"] = B * T / (row["fwd_bwd_ms"] / 1e3)
+            if device.type == "cuda":
+                for t in grad_to_none:
+                    t.grad = None
+                _sync(device)
+                torch.cuda.reset_peak_memory_stats(device)
+                base = torch.cuda.memory_allocated(device)
+                fwd_bwd()
+                _sync(device)
+                row["peak_extra_gib"] = (torch.cuda.max_memory_allocated(device) - base) / 2**30
+        except Exception as e:
+            row["error"] = f"{type(e).__name__}: {e}"
+            traceback.print_exc()
+        rows.append(row)
+        log(row)
+    fla_row = next((r for r in rows if r["contender"] == "fla DeltaNet" and "fwd_bwd_ms" in r), None)
+    for r in rows:
+        if fla_row and "fwd_bwd_ms" in r:
+            r["speedup_vs_fla_fwd_bwd"] = fla_row["fwd_bwd_ms"] / r["fwd_bwd_ms"]
+            r["speedup_vs_fla_fwd"] = fla_row["fwd_ms"] / r["fwd_ms"]
+    return rows
+
+
+# ---------------------------------------------------------------- report
+
+
+def _fmt(x, spec):
+    return format("-", ">" + spec.split(".")[0].rstrip("d")) if x is None else format(x, spec)
+
+
+def table(rows) -> str:
+    lines = ["decode step, one token (bf16 q/k/v, fp32 state)",
+             f"{'B':>3} {'contender':34} {'gpu_us':>8} {'loop_us':>8} {'kernels':>7} {'err_o':>8} {'err_S':>8}"]
+    for r in rows:
+        if r["part"] == "decode":
+            if "error" in r:
+                lines.append(f"{r['B']:>3} {r['contender']:34} ERROR {r['error'][:60]}")
+                continue
+            lines.append(
+                f"{r['B']:>3} {r['contender']:34} {_fmt(r.get('gpu_us'), '8.1f')} {r['loop_us']:8.1f} "
+                f"{_fmt(r.get('kernels'), '7d')} {r['rel_err_o']:8.1e} {r['rel_err_state']:8.1e}"
+            )
+    lines += ["", "layer checks against the float64 reference layer"]
+    for r in rows:
+        if r["part"] in ("layer check", "decode check"):
+            if "error" in r:
+                lines.append(f"  {r['part']:12} {r.get('contender', ''):34} ERROR {r['error'][:60]}")
+            elif r["part"] == "layer check":
+                lines.append(f"  T={r['T']:<6} {r['contender']:34} err_o {r['rel_err_o']:.1e}  max err_grad {r['rel_err_grads_max']:.1e}")
+            else:
+                lines.append(f"  prefill {r['prefill']} + {r['steps']} decode steps vs whole forward: {r['rel_err_vs_whole']:.1e}")
+    lines += ["", "layer forward+backward (bf16)",
+              f"{'contender':34} {'fwd_ms':>8} {'fb_ms':>8} {'Mtok/s':>8} {'vs fla':>6} {'GiB':>6} {'err_o':>8} {'1st s':>6}"]
+    for r in rows:
+        if r["part"] == "layer":
+            if "error" in r:
+                lines.append(f"{r['contender']:34} ERROR {r['error'][:60]}")
+                continue
+            lines.append(
+                f"{r['contender']:34} {r['fwd_ms']:8.2f} {r['fwd_bwd_ms']:8.2f} {r['tokens_per_s'] / 1e6:8.2f} "
+                f"{_fmt(r.get('speedup_vs_fla_fwd_bwd'), '6.2f')} {_fmt(r.get('peak_extra_gib'), '6.2f')} "
+                f"{r['rel_err_o']:8.1e} {r['first_call_s']:6.1f}"
+            )
+    return "\n".join(lines)
+
+
+def environment(device) -> dict:
+    env = {"torch": torch.__version__, "device": str(device)}
+    if device.type == "cuda":
+        env["gpu"] = torch.cuda.get_device_name(device)
+        import triton
+
+        env["triton"] = triton.__version__
+    try:
+        import fla
+
+        env["fla"] = fla.__version__
+    except Exception:
+        env["fla"] = None
+    return env
+
+
+def main(argv=None) -> list[dict]:
+    args = parse_args(argv)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    torch.manual_seed(0)
+    fla = None if args.no_fla else _fla()
+    args.out.mkdir(parents=True, exist_ok=True)
+    rows = []
+
+    def log(row):
+        print(json.dumps(row), flush=True)
+
+    ours, layers = make_layers(args, device, fla)
+    rows += check_layer_gradients(args, ours, layers, device, log)
+    rows += check_decode_continuation(args, ours, device, log)
+    rows += run_decode(args, device, fla, log)
+    rows += run_layer(args, ours, layers, device, log)
+    result = {"environment": environment(device), "args": {k: str(v) for k, v in vars(args).items()}, "rows": rows}
+    (args.out / "bench_layer.json").write_text(json.dumps(result, indent=1))
+    print(table(rows))
+    return rows
+
+
+if __name__ == "__main__":
+    main()
