@@ -3,21 +3,26 @@
     python benchmarks/bench_layer.py --out results/             # H200: the issue's sizes
     python benchmarks/bench_layer.py --quick --out /tmp/smoke   # CPU smoke run at a tiny size
 
-1. Checks, before any timing, against float64 (the oracle / the reference layer):
-   - decode step, one token at each batch size: deltaflex `delta_rule_step` (called, and replayed as
-     a CUDA graph) and fla `fused_recurrent_delta_rule`, outputs and new states;
-   - the layer, bf16 weights, at a short length: output and the gradients of the input and of every
-     parameter, for deltaflex's layer (eager and torch.compile'd) and fla's `DeltaNet` with the same
-     weights; then prefill + compiled decode steps against the whole-sequence forward;
-   - at the timing shape, every layer contender's output against the float64 reference layer.
-2. Timing (same process, same inputs):
-   - decode step at B in --decode-batches, hidden 2048 / head dim 128: median GPU time per call
-     (`triton.testing.do_bench`, L2 flushed between calls: a decode step in a real model finds its
-     state out of cache) and host-timed back-to-back loop time per call (what a decode loop sees,
-     launch overheads included); CUDA kernels per call;
-   - the layer forward and forward+backward at --layer-shape: tokens/s, peak extra memory, first-call
-     time; `plan` is deltaflex's delta-rule plan (default None: "compiled" on CUDA).
-Writes <out>/bench_layer.json; prints a short table last.
+Parts (--parts, default all, in this order):
+  checks        before any timing, against float64: the layer's output and the gradients of its input
+                and every parameter at a short length (deltaflex's layer with bf16 weights, and fla's
+                `DeltaNet` with the same weights); prefill + compiled one-token steps against the
+                whole-sequence forward.
+  decode        one decode step at B in --decode-batches, hidden 2048 / head dim 128: deltaflex
+                `delta_rule_step` (called; replayed as a CUDA graph) against fla's
+                `fused_recurrent_delta_rule` (the same two ways), outputs and states checked against
+                the float64 oracle; GPU us per call by `triton.testing.do_bench` (L2 flushed between
+                calls: a decode step in a real model finds its state out of cache) and host-timed us
+                per call in a back-to-back loop (what a decode loop sees, launch overheads included).
+  layer_decode  one token through the whole layer, compiled and replayed as a CUDA graph that updates
+                the cache in place, checked against the eager layer.
+  layer         forward and forward+backward at --layer-shape: deltaflex's layer (its delta rule on
+                --plan, default None = "compiled" on CUDA), the same under torch.compile, fla's
+                `DeltaNet` with the same weights; output checked against the float64 reference layer
+                (and the compiled layer's input gradient against the eager layer's); tokens/s, peak
+                extra memory, first-call time.
+Writes <out>/bench_layer.json after every measurement (a run cut short keeps what it had); prints a
+short table last.
 """
 
 from __future__ import annotations
@@ -30,11 +35,14 @@ from pathlib import Path
 
 import torch
 
-from deltaflex import DeltaNet, Plan, delta_rule_step
+from deltaflex import DeltaNet, DeltaNetCache, Plan, delta_rule_step
 from deltaflex.bench import time_ms
 from deltaflex.layers.reference import deltanet_ref
 from deltaflex.reference import recurrent_delta_rule_ref
 from deltaflex.testing import make_inputs, relative_error
+
+
+PARTS = ("checks", "decode", "layer_decode", "layer")
 
 
 def parse_args(argv=None):
@@ -47,13 +55,17 @@ def parse_args(argv=None):
     p.add_argument("--decode-batches", default="1,8,64")
     p.add_argument("--layer-shape", default="4,4096", help="B,T of the layer benchmark")
     p.add_argument("--check-length", type=int, default=256, help="T of the layer gradient check")
-    p.add_argument("--no-compile", action="store_true", help="skip the torch.compile'd layer")
+    p.add_argument("--no-compile", action="store_true", help="no torch.compile of the layer (its plan still applies)")
     p.add_argument("--no-fla", action="store_true")
+    p.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated subset of {PARTS}")
     args = p.parse_args(argv)
     if args.quick:
-        args.hidden, args.heads, args.decode_batches, args.layer_shape, args.check_length = 64, 2, "1,2", "2,80", 24
+        args.hidden, args.heads, args.decode_batches, args.layer_shape, args.check_length = 64, 2, "1,2", "1,40", 24
     args.decode_batches = [int(b) for b in args.decode_batches.split(",")]
     args.layer_shape = tuple(int(n) for n in args.layer_shape.split(","))
+    args.parts = args.parts.split(",")
+    if set(args.parts) - set(PARTS):
+        p.error(f"--parts must be a subset of {PARTS}, got {args.parts}")
     if args.plan is not None and args.plan.startswith("{"):
         args.plan = Plan(**json.loads(args.plan))
     return args
@@ -92,8 +104,9 @@ def cuda_graph(fn):
     return graph.replay, out
 
 
-def loop_us(fn, device, n=300) -> float:
-    """Host-timed microseconds per call over n back-to-back calls (launch overheads included)."""
+def loop_us(fn, device) -> float:
+    """Host-timed microseconds per call over back-to-back calls (launch overheads included)."""
+    n = 300 if device.type == "cuda" else 10
     fn()
     _sync(device)
     start = time.perf_counter()
@@ -194,12 +207,14 @@ def check_layer_gradients(args, ours, layers, device, log):
     grads_ref = torch.autograd.grad((o_ref * do).sum(), leaves)
     names = ["x", *(n for n, _ in ours.named_parameters())]
     for name, layer in layers.items():
+        if "torch.compile" in name:
+            continue  # checked at the timing shape, against the eager layer: one compile less
         row = {"part": "layer check", "T": args.check_length, "contender": name}
         try:
             if isinstance(layer, Exception):
                 raise layer
             params = dict(layer.named_parameters())
-            own = [x, *(params.get(n, params.get(f"_orig_mod.{n}")) for n in names[1:])]
+            own = [x, *(params[n] for n in names[1:])]
             o = layer(x)[0]
             grads = torch.autograd.grad((o.double() * do).sum(), own)
             row["rel_err_o"] = relative_error(o, o_ref)
@@ -237,13 +252,71 @@ def check_decode_continuation(args, ours, device, log):
     return [row]
 
 
+def random_cache(ours, B, device) -> DeltaNetCache:
+    """A cache as a prefill would leave it (values do not matter to the timing)."""
+    state = 0.1 * torch.randn(B, ours.num_heads, ours.head_k_dim, ours.head_v_dim, device=device)
+    dims = (ours.key_dim, ours.key_dim, ours.value_dim)
+    conv = tuple(torch.randn(B, ours.conv_size - 1, d, device=device, dtype=torch.bfloat16) for d in dims)
+    return DeltaNetCache(state, conv)
+
+
+def run_layer_decode(args, ours, device, log):
+    """One token through the layer: compiled step captured as a CUDA graph, cache updated in place."""
+    rows = []
+    for B in args.decode_batches:
+        row = {"part": "layer_decode", "B": B, "hidden": args.hidden, "heads": args.heads,
+               "contender": "deltaflex layer step (compiled, cuda graph)"}
+        try:
+            x_t = torch.randn(B, 1, args.hidden, device=device, dtype=torch.bfloat16)
+            cache = random_cache(ours, B, device)
+            with torch.no_grad():
+                o_eager, next_eager = ours(x_t, cache=cache)
+                step = lambda x_t, cache: ours(x_t, cache=cache)  # noqa: E731
+                if not args.no_compile:
+                    step = torch.compile(step, fullgraph=True, dynamic=False)
+                static = DeltaNetCache(cache.recurrent_state.clone(), tuple(c.clone() for c in cache.conv_state))
+
+                def decode_step():
+                    o, new = step(x_t, static)
+                    static.recurrent_state.copy_(new.recurrent_state)  # the next step reads the same buffers
+                    for c, c_new in zip(static.conv_state, new.conv_state):
+                        c.copy_(c_new)
+                    return o
+
+                if device.type == "cuda":
+                    # cuda_graph warms up 3 times, advancing the cache: restore it before the checked replay
+                    replay, o_static = cuda_graph(decode_step)
+                    static.recurrent_state.copy_(cache.recurrent_state)
+                    for c, c0 in zip(static.conv_state, cache.conv_state):
+                        c.copy_(c0)
+                    fn = replay
+                    replay()
+                    o = o_static
+                else:
+                    fn = decode_step
+                    o = decode_step()
+                _sync(device)
+                row["rel_err_o_vs_eager"] = relative_error(o, o_eager)
+                row["rel_err_state_vs_eager"] = relative_error(static.recurrent_state, next_eager.recurrent_state)
+                if device.type == "cuda":
+                    row["gpu_us"] = 1e3 * time_ms(fn, device)
+                row["loop_us"] = loop_us(fn, device)
+                row["kernels"] = kernels_per_call(fn, device)
+        except Exception as e:
+            row["error"] = f"{type(e).__name__}: {e}"
+            traceback.print_exc()
+        rows.append(row)
+        log(row)
+    return rows
+
+
 def run_layer(args, ours, layers, device, log):
     B, T = args.layer_shape
     x = torch.randn(B, T, args.hidden, device=device, dtype=torch.bfloat16)
     with torch.no_grad():
         o_ref = deltanet_ref(ours, x)[0]
     do = torch.randn_like(x)
-    rows = []
+    rows, dx_eager = [], None
     for name, layer in layers.items():
         row = {"part": "layer", "B": B, "T": T, "hidden": args.hidden, "heads": args.heads, "contender": name}
         if name.startswith("deltaflex"):
@@ -261,9 +334,13 @@ def run_layer(args, ours, layers, device, log):
             fwd_bwd()
             _sync(device)
             row["first_call_s"] = time.perf_counter() - start
-            with torch.no_grad():
-                row["rel_err_o"] = relative_error(layer(x)[0], o_ref)
-                row["fwd_ms"] = time_ms(lambda: layer(x), device)
+            if name == "deltaflex layer":
+                dx_eager = leaf.grad.clone()
+            elif dx_eager is not None:
+                row["rel_err_dx_vs_deltaflex_eager"] = relative_error(leaf.grad, dx_eager)
+            # forward with grad enabled, as in training (and no second, inference-mode compile)
+            row["rel_err_o"] = relative_error(layer(leaf)[0], o_ref)
+            row["fwd_ms"] = time_ms(lambda: layer(leaf), device)
             row["fwd_bwd_ms"] = time_ms(fwd_bwd, device, grad_to_none=grad_to_none)
             row["tokens_per_s"] = B * T / (row["fwd_bwd_ms"] / 1e3)
             if device.type == "cuda":
@@ -306,6 +383,17 @@ def table(rows) -> str:
             lines.append(
                 f"{r['B']:>3} {r['contender']:34} {_fmt(r.get('gpu_us'), '8.1f')} {r['loop_us']:8.1f} "
                 f"{_fmt(r.get('kernels'), '7d')} {r['rel_err_o']:8.1e} {r['rel_err_state']:8.1e}"
+            )
+    lines += ["", "layer decode step, one token (compiled, CUDA graph, cache updated in place)",
+              f"{'B':>3} {'gpu_us':>8} {'loop_us':>8} {'kernels':>7} {'err vs eager':>12}"]
+    for r in rows:
+        if r["part"] == "layer_decode":
+            if "error" in r:
+                lines.append(f"{r['B']:>3} ERROR {r['error'][:80]}")
+                continue
+            lines.append(
+                f"{r['B']:>3} {_fmt(r.get('gpu_us'), '8.1f')} {r['loop_us']:8.1f} {_fmt(r.get('kernels'), '7d')} "
+                f"{r['rel_err_o_vs_eager']:12.1e}"
             )
     lines += ["", "layer checks against the float64 reference layer"]
     for r in rows:
@@ -353,18 +441,28 @@ def main(argv=None) -> list[dict]:
     torch.manual_seed(0)
     fla = None if args.no_fla else _fla()
     args.out.mkdir(parents=True, exist_ok=True)
-    rows = []
+    header = {"environment": environment(device), "args": {k: str(v) for k, v in vars(args).items()}}
+    rows: list[dict] = []
+
+    def save():
+        (args.out / "bench_layer.json").write_text(json.dumps({**header, "rows": rows}, indent=1))
 
     def log(row):
         print(json.dumps(row), flush=True)
+        rows.append(row)
+        save()
 
     ours, layers = make_layers(args, device, fla)
-    rows += check_layer_gradients(args, ours, layers, device, log)
-    rows += check_decode_continuation(args, ours, device, log)
-    rows += run_decode(args, device, fla, log)
-    rows += run_layer(args, ours, layers, device, log)
-    result = {"environment": environment(device), "args": {k: str(v) for k, v in vars(args).items()}, "rows": rows}
-    (args.out / "bench_layer.json").write_text(json.dumps(result, indent=1))
+    if "checks" in args.parts:
+        check_layer_gradients(args, ours, layers, device, log)
+        check_decode_continuation(args, ours, device, log)
+    if "decode" in args.parts:
+        run_decode(args, device, fla, log)
+    if "layer_decode" in args.parts:
+        run_layer_decode(args, ours, device, log)
+    if "layer" in args.parts:
+        run_layer(args, ours, layers, device, log)
+    save()  # run_layer adds the ratios to fla once every row is in
     print(table(rows))
     return rows
 
