@@ -133,7 +133,9 @@ def kernels_per_call(fn, device) -> int | None:
 def decode_contenders(x, device, fla):
     """name -> zero-argument callable returning (o, new_state), all on the same inputs."""
     q, k, v, beta, h0 = (x[n] for n in ("q", "k", "v", "beta", "initial_state"))
-    out = {"deltaflex step": lambda: delta_rule_step(q, k, v, beta, h0)}
+    out = {"deltaflex step": lambda: delta_rule_step(q, k, v, beta, h0)}  # backend None: compiled on CUDA
+    if device.type == "cuda":
+        out["deltaflex step [triton]"] = lambda: delta_rule_step(q, k, v, beta, h0, backend="triton")
     if fla is not None:
         fused_recurrent = fla[0]
         out["fla fused_recurrent"] = lambda: fused_recurrent(q, k, v, beta, initial_state=h0, output_final_state=True)
@@ -263,14 +265,18 @@ def random_cache(ours, B, device) -> DeltaNetCache:
 def run_layer_decode(args, ours, device, log):
     """One token through the layer: compiled step captured as a CUDA graph, cache updated in place."""
     rows = []
-    for B in args.decode_batches:
+    backends = [None, "triton"] if device.type == "cuda" else [None]
+    for B, backend in ((B, backend) for B in args.decode_batches for backend in backends):
         row = {"part": "layer_decode", "B": B, "hidden": args.hidden, "heads": args.heads,
-               "contender": "deltaflex layer step (compiled, cuda graph)"}
+               "contender": f"deltaflex layer step{' [triton]' if backend else ''}"}
         try:
             x_t = torch.randn(B, 1, args.hidden, device=device, dtype=torch.bfloat16)
             cache = random_cache(ours, B, device)
             with torch.no_grad():
+                ours.step_backend = None  # the reference: the default step, uncaptured
                 o_eager, next_eager = ours(x_t, cache=cache)
+                ours.step_backend = backend
+                torch._dynamo.reset()  # the step below must be traced with this backend
                 step = lambda x_t, cache: ours(x_t, cache=cache)  # noqa: E731
                 if not args.no_compile:
                     step = torch.compile(step, fullgraph=True, dynamic=False)
@@ -307,6 +313,7 @@ def run_layer_decode(args, ours, device, log):
             traceback.print_exc()
         rows.append(row)
         log(row)
+    ours.step_backend = None
     return rows
 
 
@@ -385,15 +392,15 @@ def table(rows) -> str:
                 f"{_fmt(r.get('kernels'), '7d')} {r['rel_err_o']:8.1e} {r['rel_err_state']:8.1e}"
             )
     lines += ["", "layer decode step, one token (compiled, CUDA graph, cache updated in place)",
-              f"{'B':>3} {'gpu_us':>8} {'loop_us':>8} {'kernels':>7} {'err vs eager':>12}"]
+              f"{'B':>3} {'contender':34} {'gpu_us':>8} {'loop_us':>8} {'kernels':>7} {'err vs eager':>12}"]
     for r in rows:
         if r["part"] == "layer_decode":
             if "error" in r:
-                lines.append(f"{r['B']:>3} ERROR {r['error'][:80]}")
+                lines.append(f"{r['B']:>3} {r['contender']:34} ERROR {r['error'][:60]}")
                 continue
             lines.append(
-                f"{r['B']:>3} {_fmt(r.get('gpu_us'), '8.1f')} {r['loop_us']:8.1f} {_fmt(r.get('kernels'), '7d')} "
-                f"{r['rel_err_o_vs_eager']:12.1e}"
+                f"{r['B']:>3} {r['contender']:34} {_fmt(r.get('gpu_us'), '8.1f')} {r['loop_us']:8.1f} "
+                f"{_fmt(r.get('kernels'), '7d')} {r['rel_err_o_vs_eager']:12.1e}"
             )
     lines += ["", "layer checks against the float64 reference layer"]
     for r in rows:

@@ -7,18 +7,29 @@ that fuse into one pass) and writes the new state once; under torch.compile the 
 fused kernels with static shapes and no host syncs, so it can be replayed under CUDA graphs.
 
 For training-size inputs use `delta_rule` (chunkwise): this form loops over tokens.
+Backends: "compiled" (the ops above through torch.compile), "eager" (the same ops as they are) and
+"triton" (a hand-written kernel, `deltaflex/kernels/recurrent_step.py`: one launch, the state read
+and written once; forward only).
 """
 
 from __future__ import annotations
 
 import functools
+import os
 
 import torch
 
 from .reference import l2norm
 from .validation import check_delta_rule_inputs, state_dtype
 
+try:
+    from .kernels.recurrent_step import recurrent_step as triton_recurrent_step
+except ImportError:  # no triton on this platform
+    triton_recurrent_step = None
+
 __all__ = ["delta_rule_step"]
+
+BACKENDS = ("compiled", "eager", "triton")
 
 
 def delta_rule_step(
@@ -30,7 +41,7 @@ def delta_rule_step(
     *,
     scale: float | None = None,
     use_qk_l2norm: bool = False,
-    compile: bool | None = None,
+    backend: str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The delta rule for a few tokens from a recurrent state; returns the state after them.
 
@@ -40,18 +51,40 @@ def delta_rule_step(
         state: [B, H, K, V], float32 (float64 with float64 inputs); None means zeros.
         scale: defaults to K ** -0.5.
         use_qk_l2norm: L2-normalise q and k first (as `delta_rule`'s option).
-        compile: run through torch.compile(fullgraph=True); None: on CUDA only. Inside a caller's
-            torch.compile the ops are traced into the caller's graph either way.
+        backend: "compiled" (torch.compile(fullgraph=True) of the plain ops), "eager" (the plain ops)
+            or "triton" (the hand-written kernel: CUDA, bf16/fp16/fp32 inputs, no gradient);
+            None: "compiled" on CUDA, "eager" elsewhere. Inside a caller's torch.compile the plain
+            ops are traced into the caller's graph either way.
 
     Returns:
         (o [B, T, H, V] in q's dtype, the new state [B, H, K, V] in the state dtype).
-        The input state is not modified. Gradients flow by plain autograd.
+        The input state is not modified. Gradients flow by plain autograd (not with "triton").
     """
     scale = check_delta_rule_inputs(q, k, v, beta, scale, state, None)
-    if compile is None:
-        compile = q.device.type == "cuda"
-    step = _compiled_steps() if compile and not torch.compiler.is_compiling() else recurrent_steps
+    if backend is None:
+        backend = "compiled" if q.device.type == "cuda" else "eager"
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be None or one of {BACKENDS}, got {backend!r}")
+    if backend == "triton":
+        return _triton_step(q, k, v, beta, state, scale, bool(use_qk_l2norm))
+    step = _compiled_steps() if backend == "compiled" and not torch.compiler.is_compiling() else recurrent_steps
     return step(q, k, v, beta, state, scale, bool(use_qk_l2norm))
+
+
+def _triton_step(q, k, v, beta, state, scale, use_qk_l2norm):
+    if triton_recurrent_step is None:
+        raise ValueError("backend='triton' needs triton, which is not installed here; use backend='compiled'")
+    # The interpreter (TRITON_INTERPRET=1) runs the kernel on CPU tensors: the tests use it.
+    if q.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError(f"backend='triton' needs CUDA tensors, got {q.device}; use backend='eager' or 'compiled'")
+    if q.dtype == torch.float64:
+        raise TypeError("backend='triton' computes in float32 and takes bf16/fp16/fp32 inputs, got float64")
+    if torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in (q, k, v, beta, state)):
+        raise ValueError("backend='triton' has no backward; use backend='compiled' when gradients are needed")
+    B, _, H, K = q.shape
+    state = q.new_zeros(B, H, K, v.shape[-1], dtype=torch.float32) if state is None else state.float()
+    q, k, v, beta, state = (x.contiguous() for x in (q, k, v, beta, state))
+    return triton_recurrent_step(q, k, v, beta, state, scale, use_qk_l2norm)
 
 
 def recurrent_steps(q, k, v, beta, state, scale: float, use_qk_l2norm: bool):

@@ -92,3 +92,9 @@ def test_bad_inputs_raise_before_compute(change, message):
     change(args)
     with pytest.raises((ValueError, TypeError), match=message):
         delta_rule_step(args["q"], args["k"], args["v"], args["beta"], args["state"])
+
+
+def test_unknown_backend_raises():
+    x = make_inputs(1, 1, 2, 8, dtype=torch.float32)
+    with pytest.raises(ValueError, match="backend must be None or one of"):
+        delta_rule_step(x["q"], x["k"], x["v"], x["beta"], backend="cuda")

@@ -7,9 +7,10 @@ names this follows, so an fla state dict loads):
     beta = sigmoid(b_proj(x)) (x2 with allow_neg_eigval; 1 without use_beta)
     o = delta rule(q, k, v, beta) -> per-head RMSNorm (gated by SiLU(g_proj(x)) with use_gate) -> o_proj
 
-Modes: "chunk" runs `delta_rule` (the chunkwise plans), except for one-token inputs (decoding),
-which take the recurrent step; "recurrent" always runs `delta_rule_step`, a token loop meant for
-decoding and small inputs.
+Modes: "chunk" runs `delta_rule` on `plan` (the chunkwise plans), except for one-token inputs
+(decoding), which take the recurrent step; "recurrent" always runs `delta_rule_step`, a token loop
+meant for decoding and small inputs. `step_backend` is delta_rule_step's backend (None: "compiled"
+on CUDA, "eager" elsewhere; "triton": the hand-written kernel, inference only).
 
 Caches: `layer(x, use_cache=True)` also returns a `DeltaNetCache` (the recurrent state and the
 short-convolution states); `layer(x_next, cache=cache)` continues from it and returns the next one.
@@ -31,6 +32,7 @@ import torch.nn.functional as F
 
 from ..api import delta_rule
 from ..plan import Plan
+from ..recurrent import BACKENDS as STEP_BACKENDS
 from ..recurrent import delta_rule_step
 from ..validation import MAX_HEAD_DIM
 from .conv import ShortConvolution
@@ -67,11 +69,13 @@ class DeltaNet(nn.Module):
         norm_eps: float = 1e-5,
         mode: str = "chunk",
         plan: str | Plan | None = None,
+        step_backend: str | None = None,
     ):
         super().__init__()
         self.key_dim = _expanded(hidden_size, expand_k, "expand_k")
         self.value_dim = _expanded(hidden_size, expand_v, "expand_v")
         _check_choice("mode", mode, MODES)
+        _check_choice("step_backend", step_backend, (None, *STEP_BACKENDS))
         _check_choice("qk_activation", qk_activation, QK_ACTIVATIONS)
         _check_choice("qk_norm", qk_norm, QK_NORMS)
         for name, dim in (("hidden_size * expand_k", self.key_dim), ("hidden_size * expand_v", self.value_dim)):
@@ -85,7 +89,7 @@ class DeltaNet(nn.Module):
         self.head_k_dim, self.head_v_dim = self.key_dim // num_heads, self.value_dim // num_heads
         self.use_beta, self.use_short_conv, self.conv_size, self.use_gate = use_beta, use_short_conv, conv_size, use_gate
         self.qk_activation, self.qk_norm, self.allow_neg_eigval = qk_activation, qk_norm, allow_neg_eigval
-        self.mode, self.plan = mode, plan
+        self.mode, self.plan, self.step_backend = mode, plan, step_backend
 
         self.q_proj = nn.Linear(hidden_size, self.key_dim, bias=False)
         self.k_proj = nn.Linear(hidden_size, self.key_dim, bias=False)
@@ -130,7 +134,7 @@ class DeltaNet(nn.Module):
         state = None if cache is None else cache.recurrent_state
         l2 = self.qk_norm == "l2"
         if self.mode == "recurrent" or T == 1:
-            o, state = delta_rule_step(q, k, v, beta, state, use_qk_l2norm=l2)
+            o, state = delta_rule_step(q, k, v, beta, state, use_qk_l2norm=l2, backend=self.step_backend)
         else:
             o, state = delta_rule(
                 q, k, v, beta, initial_state=state, output_final_state=return_cache, use_qk_l2norm=l2, plan=self.plan

@@ -158,6 +158,7 @@ def test_parameter_names_and_shapes_follow_fla():
         ({"num_heads": 3}, "must split into num_heads = 3 heads"),
         ({"num_heads": 1, "expand_v": 9.0}, "heads of 1 to 256 dims"),
         ({"conv_size": 0}, "conv_size must be at least 1"),
+        ({"step_backend": "cuda"}, "step_backend must be one of"),
     ],
 )
 def test_bad_constructor_arguments(kwargs, message):
