@@ -2,9 +2,10 @@
 
 Per token, with S the state [B, H, K, V]:
     u_t = beta_t (v_t - S^T k_t),   S <- S + k_t u_t^T,   o_t = scale * S^T q_t.
-The output is taken as `S_old^T q + (k . q) u`, so a token reads the old state once (two K-reductions
-that fuse into one pass) and writes the new state once; under torch.compile the step becomes a few
-fused kernels with static shapes and no host syncs, so it can be replayed under CUDA graphs.
+The output is taken as `S_old^T q + (k . q) u`, so a token needs the old state only for two
+K-reductions (which can share one pass) besides writing the new state; under torch.compile the step
+becomes a few fused kernels with static shapes and no host syncs, so it can be replayed under CUDA
+graphs.
 
 For training-size inputs use `delta_rule` (chunkwise): this form loops over tokens.
 Backends: "compiled" (the ops above through torch.compile), "eager" (the same ops as they are) and
