@@ -130,48 +130,47 @@ def kernels_per_call(fn, device) -> int | None:
 # ---------------------------------------------------------------- decode step
 
 
-def decode_contenders(x, device, fla):
-    """name -> zero-argument callable returning (o, new_state), all on the same inputs."""
-    q, k, v, beta, h0 = (x[n] for n in ("q", "k", "v", "beta", "initial_state"))
-    out = {"deltaflex step": lambda: delta_rule_step(q, k, v, beta, h0)}  # backend None: compiled on CUDA
+def decode_calls(device, fla) -> dict:
+    """name -> (inputs -> (o, new_state)); fla last: a failed capture of a foreign kernel cannot spoil ours."""
+    calls = {"deltaflex step": lambda q, k, v, beta, h0: delta_rule_step(q, k, v, beta, h0)}  # compiled on CUDA
     if device.type == "cuda":
-        out["deltaflex step [triton]"] = lambda: delta_rule_step(q, k, v, beta, h0, backend="triton")
+        calls["deltaflex step [triton]"] = lambda q, k, v, beta, h0: delta_rule_step(q, k, v, beta, h0, backend="triton")
     if fla is not None:
-        fused_recurrent = fla[0]
-        out["fla fused_recurrent"] = lambda: fused_recurrent(q, k, v, beta, initial_state=h0, output_final_state=True)
-    if device.type == "cuda":
-        for name in list(out):
-            try:
-                replay, captured = cuda_graph(out[name])
-                out[f"{name} (cuda graph)"] = (lambda r, c: lambda: (r(), c)[1])(replay, captured)
-            except Exception as e:  # record and carry on: one GPU call must bring back everything it can
-                out[f"{name} (cuda graph)"] = e
-    return out
+        calls["fla fused_recurrent"] = lambda q, k, v, beta, h0: fla[0](
+            q, k, v, beta, initial_state=h0, output_final_state=True
+        )
+    return calls
 
 
 def run_decode(args, device, fla, log):
     rows = []
     H, D = args.heads, args.hidden // args.heads
+    inputs = {}
     for B in args.decode_batches:
         x = make_inputs(B, 1, H, D, dtype=torch.bfloat16, device=device, initial_state=True)
-        o_ref, s_ref = recurrent_delta_rule_ref(**x, output_final_state=True)
-        for name, fn in decode_contenders(x, device, fla).items():
-            row = {"part": "decode", "B": B, "H": H, "D": D, "contender": name}
-            try:
-                if isinstance(fn, Exception):
-                    raise fn
-                o, s = fn()
-                _sync(device)
-                row.update(rel_err_o=relative_error(o, o_ref), rel_err_state=relative_error(s, s_ref))
-                if device.type == "cuda":
-                    row["gpu_us"] = 1e3 * time_ms(fn, device)
-                row["loop_us"] = loop_us(fn, device)
-                row["kernels"] = kernels_per_call(fn, device)
-            except Exception as e:
-                row["error"] = f"{type(e).__name__}: {e}"
-                traceback.print_exc()
-            rows.append(row)
-            log(row)
+        inputs[B] = (x, *recurrent_delta_rule_ref(**x, output_final_state=True))
+    for name, call in decode_calls(device, fla).items():
+        for graphed in (False, True) if device.type == "cuda" else (False,):
+            for B, (x, o_ref, s_ref) in inputs.items():
+                row = {"part": "decode", "B": B, "H": H, "D": D, "contender": name + (" (cuda graph)" if graphed else "")}
+                try:
+                    args_ = tuple(x[n] for n in ("q", "k", "v", "beta", "initial_state"))
+                    fn = lambda: call(*args_)  # noqa: E731
+                    if graphed:
+                        replay, captured = cuda_graph(fn)
+                        fn = lambda: (replay(), captured)[1]  # noqa: E731
+                    o, s = fn()
+                    _sync(device)
+                    row.update(rel_err_o=relative_error(o, o_ref), rel_err_state=relative_error(s, s_ref))
+                    if device.type == "cuda":
+                        row["gpu_us"] = 1e3 * time_ms(fn, device)
+                    row["loop_us"] = loop_us(fn, device)
+                    row["kernels"] = kernels_per_call(fn, device)
+                except Exception as e:  # record and carry on: one GPU call must bring back all it can
+                    row["error"] = f"{type(e).__name__}: {e}"
+                    traceback.print_exc()
+                rows.append(row)
+                log(row)
     return rows
 
 
@@ -192,7 +191,9 @@ def make_layers(args, device, fla):
     if fla is not None and fla[1] is not None:
         try:
             theirs = fla[1](hidden_size=args.hidden, num_heads=args.heads, mode="chunk").to(device, torch.bfloat16)
-            theirs.load_state_dict(ours.state_dict())
+            missing, unexpected = theirs.load_state_dict(ours.state_dict(), strict=False)
+            if missing or unexpected:  # still timed; its errors then compare other weights
+                print(f"fla DeltaNet: parameters not shared: missing {missing}, unexpected {unexpected}")
             layers["fla DeltaNet"] = theirs
         except Exception as e:
             layers["fla DeltaNet"] = e
@@ -233,7 +234,8 @@ def check_layer_gradients(args, ours, layers, device, log):
 def check_decode_continuation(args, ours, device, log):
     """Prefill (chunk) then one-token steps (compiled unless --no-compile) against the whole forward."""
     prefill, steps = max(1, args.check_length - 8), 8
-    x = torch.randn(2, prefill + steps, args.hidden, device=device, dtype=torch.bfloat16)
+    # B = 1 and T = check_length: the whole forward reuses the gradient check's compiled graphs
+    x = torch.randn(1, prefill + steps, args.hidden, device=device, dtype=torch.bfloat16)
     row = {"part": "decode check", "prefill": prefill, "steps": steps}
     try:
         with torch.no_grad():
@@ -266,7 +268,7 @@ def run_layer_decode(args, ours, device, log):
     """One token through the layer: compiled step captured as a CUDA graph, cache updated in place."""
     rows = []
     backends = [None, "triton"] if device.type == "cuda" else [None]
-    for B, backend in ((B, backend) for B in args.decode_batches for backend in backends):
+    for backend, B in ((backend, B) for backend in backends for B in args.decode_batches):
         row = {"part": "layer_decode", "B": B, "hidden": args.hidden, "heads": args.heads,
                "contender": f"deltaflex layer step{' [triton]' if backend else ''}"}
         try:
@@ -275,8 +277,9 @@ def run_layer_decode(args, ours, device, log):
             with torch.no_grad():
                 ours.step_backend = None  # the reference: the default step, uncaptured
                 o_eager, next_eager = ours(x_t, cache=cache)
+                if B == args.decode_batches[0]:
+                    torch._dynamo.reset()  # a new backend: trace the step below afresh
                 ours.step_backend = backend
-                torch._dynamo.reset()  # the step below must be traced with this backend
                 step = lambda x_t, cache: ours(x_t, cache=cache)  # noqa: E731
                 if not args.no_compile:
                     step = torch.compile(step, fullgraph=True, dynamic=False)
@@ -318,6 +321,9 @@ def run_layer_decode(args, ours, device, log):
 
 
 def run_layer(args, ours, layers, device, log):
+    # Graphs compiled for the checks' shapes would turn on dynamic shapes at this new one: start clean,
+    # as a training run at one shape would.
+    torch._dynamo.reset()
     B, T = args.layer_shape
     x = torch.randn(B, T, args.hidden, device=device, dtype=torch.bfloat16)
     with torch.no_grad():
@@ -382,15 +388,14 @@ def _fmt(x, spec):
 def table(rows) -> str:
     lines = ["decode step, one token (bf16 q/k/v, fp32 state)",
              f"{'B':>3} {'contender':34} {'gpu_us':>8} {'loop_us':>8} {'kernels':>7} {'err_o':>8} {'err_S':>8}"]
-    for r in rows:
-        if r["part"] == "decode":
-            if "error" in r:
-                lines.append(f"{r['B']:>3} {r['contender']:34} ERROR {r['error'][:60]}")
-                continue
-            lines.append(
-                f"{r['B']:>3} {r['contender']:34} {_fmt(r.get('gpu_us'), '8.1f')} {r['loop_us']:8.1f} "
-                f"{_fmt(r.get('kernels'), '7d')} {r['rel_err_o']:8.1e} {r['rel_err_state']:8.1e}"
-            )
+    for r in sorted((r for r in rows if r["part"] == "decode"), key=lambda r: r["B"]):  # stable: by B
+        if "error" in r:
+            lines.append(f"{r['B']:>3} {r['contender']:34} ERROR {r['error'][:60]}")
+            continue
+        lines.append(
+            f"{r['B']:>3} {r['contender']:34} {_fmt(r.get('gpu_us'), '8.1f')} {r['loop_us']:8.1f} "
+            f"{_fmt(r.get('kernels'), '7d')} {r['rel_err_o']:8.1e} {r['rel_err_state']:8.1e}"
+        )
     lines += ["", "layer decode step, one token (compiled, CUDA graph, cache updated in place)",
               f"{'B':>3} {'contender':34} {'gpu_us':>8} {'loop_us':>8} {'kernels':>7} {'err vs eager':>12}"]
     for r in rows:
