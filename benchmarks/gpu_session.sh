@@ -26,7 +26,8 @@ for step in "$@"; do
       tail -5 "$OUT/tests.log" ;;
     profile)
       for shape in ${PROFILE_SHAPES:-4,4096,16,128}; do
-        python3 benchmarks/profile_plan.py --shape "$shape" "${plan_args[@]}" --out "$OUT" 2>&1 | tail -5
+        python3 benchmarks/profile_plan.py --shape "$shape" "${plan_args[@]}" ${PROFILE_FLAGS:-} --out "$OUT" 2>&1 \
+          | grep -v -i warn | tail -${PROFILE_TAIL:-12}
       done ;;
     probe)
       python3 benchmarks/probe_blocks.py 2>&1 | tee "$OUT/probe.log" | tail -12 ;;

@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import dataclasses
 
+from .chunk.matmul import POLICIES
 from .validation import check_chunk_size
 
 STAGES = ("solve", "wy", "state", "output")
 BACKENDS = ("compiled", "triton")
+PRECISIONS = ("auto", *POLICIES)
+COMPILE_MODES = (None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -23,6 +26,9 @@ class Plan:
     state: str = "compiled"  # the sequential pass across chunks
     output: str = "compiled"  # O from Q, K, V_new and the chunk states
     compile: bool = True  # False runs the compiled-backend stages eagerly (debugging, CPU)
+    compile_mode: str | None = None  # torch.compile's mode, e.g. "reduce-overhead" for CUDA graphs
+    unroll: bool = False  # state pass as an unrolled loop instead of the scan op (one graph per T)
+    precision: str = "auto"  # matmul policy (chunk/matmul.py); auto: fp32 on CPU, bf16x3 on GPU
 
     def __post_init__(self):
         check_chunk_size(self.chunk_size)
@@ -30,6 +36,15 @@ class Plan:
             backend = getattr(self, stage)
             if backend not in BACKENDS:
                 raise ValueError(f"plan stage {stage!r} must use one of {BACKENDS}, got {backend!r}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"plan precision must be one of {PRECISIONS}, got {self.precision!r}")
+        if self.compile_mode not in COMPILE_MODES:
+            raise ValueError(f"plan compile_mode must be one of {COMPILE_MODES}, got {self.compile_mode!r}")
+
+    def precision_for(self, device_type: str) -> str:
+        if self.precision != "auto":
+            return self.precision
+        return "fp32" if device_type == "cpu" else "bf16x3"
 
     def backends(self) -> dict[str, str]:
         return {stage: getattr(self, stage) for stage in STAGES}

@@ -5,7 +5,8 @@ Backward recomputes the forward's intermediates (chunk states included) from the
 between the two only the inputs are kept; then a reverse state pass carries dS across chunks and
 every other gradient is again batched over all chunks.
 
-All chunk math runs in float32 (float64 for float64 inputs); outputs return in the inputs' dtypes.
+Products accumulate in float32 (float64 for float64 inputs) under the plan's precision policy
+(`matmul.py`); outputs and gradients return in their inputs' dtypes.
 """
 
 from __future__ import annotations
@@ -18,9 +19,10 @@ from ..plan import Plan
 from ..reference import L2NORM_EPS, l2norm
 from ..validation import state_dtype
 from .layout import from_chunks, to_chunks
+from .matmul import make_dot
 from .output import output, output_backward
 from .solve import kkt, kkt_backward, solve_unit_lower, solve_unit_lower_backward
-from .state import affine_scan, chunk_transitions
+from .state import state_pass, state_pass_backward
 from .wy import wy, wy_backward
 
 
@@ -31,107 +33,140 @@ def l2norm_backward(x: torch.Tensor, dy: torch.Tensor) -> torch.Tensor:
     return r * (dy - y * (y * dy).sum(-1, keepdim=True))
 
 
-def _chunked(q, k, v, beta, chunk_size):
-    acc = state_dtype(q.dtype)
-    return tuple(to_chunks(x, chunk_size, acc) for x in (q, k, v, beta))
+def _low_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype of exact operands: bf16/fp16 inputs stay as they are, others are the state dtype."""
+    return dtype if dtype in (torch.bfloat16, torch.float16) else state_dtype(dtype)
+
+
+def _chunked(x: torch.Tensor, chunk_size: int) -> torch.Tensor:
+    return to_chunks(x, chunk_size, _low_dtype(x.dtype))
 
 
 def _initial_state(initial_state, q, v):
     B, _, H, K = q.shape
-    acc = state_dtype(q.dtype)
     if initial_state is None:
-        return q.new_zeros(B, H, K, v.shape[-1], dtype=acc)
-    return initial_state.to(acc)
+        return q.new_zeros(B, H, K, v.shape[-1], dtype=state_dtype(q.dtype))
+    return initial_state.to(state_dtype(q.dtype))
 
 
-def _forward_intermediates(k, v, beta, s0, scan_impl):
-    """Everything the output needs, from chunked k, v, beta and the initial state."""
-    t = solve_unit_lower(kkt(k, beta))
-    w, u = wy(t, k, v, beta)
-    p, r = chunk_transitions(k, w, u)
-    states, final = affine_scan(p, r, s0, impl=scan_impl)
-    v_new = u - w @ states
-    return t, w, p, states, final, v_new
+def _intra_chunk(k, v, beta, dot):
+    t = solve_unit_lower(kkt(k, beta, dot))
+    w, u = wy(t, k, v, beta, dot)
+    return t, w, u
 
 
-def chunk_delta_rule_fwd(q, k, v, beta, initial_state, *, scale, chunk_size, use_qk_l2norm, scan_impl):
-    """Returns (o [B, T, H, V] in q's dtype, final state [B, H, K, V] in the state dtype)."""
-    qc, kc, vc, bc = _chunked(q, k, v, beta, chunk_size)
+def forward_chunks(q, k, v, beta, s0, *, scale, use_qk_l2norm, policy, scan_impl):
+    """The forward on chunk-layout tensors: q, k [B, H, N, C, K], v [B, H, N, C, V] (in their
+    low dtype), beta [B, H, N, C] and s0 [B, H, K, V] (state dtype); returns (o chunks, final)."""
+    dot = make_dot(policy, q.dtype)
     if use_qk_l2norm:
-        qc, kc = l2norm(qc), l2norm(kc)
+        q, k = l2norm(q.to(beta.dtype)), l2norm(k.to(beta.dtype))
+    _, w, u = _intra_chunk(k, v, beta, dot)
+    v_new, states, final = state_pass(k, w, u, s0, dot=dot, impl=scan_impl)
+    return output(q, k, v_new, states, scale, dot), final
+
+
+def backward_chunks(q, k, v, beta, s0, do, ds_final, *, scale, use_qk_l2norm, policy, scan_impl):
+    """Gradients of `forward_chunks` given do (chunk layout, low dtype) and the final state's
+    gradient; returns (dq, dk, dv, dbeta, ds0) in chunk layout, float32 (float64)."""
+    dot = make_dot(policy, q.dtype)
+    q_raw, k_raw = q, k
+    if use_qk_l2norm:
+        q_raw, k_raw = q.to(beta.dtype), k.to(beta.dtype)
+        q, k = l2norm(q_raw), l2norm(k_raw)
+    t, w, u = _intra_chunk(k, v, beta, dot)
+    v_new, states, _ = state_pass(k, w, u, s0, dot=dot, impl=scan_impl)
+
+    dq, dk, dv_local = output_backward(q, k, v_new, states, do, scale, dot)
+    dv_new, ds_next, ds0 = state_pass_backward(q, k, w, do, dv_local, ds_final, scale, dot=dot, impl=scan_impl)
+    dk = dk + dot(v_new, ds_next.transpose(-1, -2))
+    dw = -dot(dv_new, states.transpose(-1, -2))
+
+    dt, dk_wy, dv, dbeta = wy_backward(t, k, v, beta, dw, dv_new, dot)
+    dk_kkt, dbeta_kkt = kkt_backward(k, beta, solve_unit_lower_backward(t, dt), dot)
+    dk = dk + dk_wy + dk_kkt
+    dbeta = dbeta + dbeta_kkt
+    if use_qk_l2norm:
+        dq, dk = l2norm_backward(q_raw, dq), l2norm_backward(k_raw, dk)
+    return dq, dk, dv, dbeta, ds0
+
+
+def chunk_delta_rule_fwd(q, k, v, beta, initial_state, *, scale, use_qk_l2norm, plan, device_type):
+    """Returns (o [B, T, H, V] in q's dtype, final state [B, H, K, V] in the state dtype)."""
+    C = plan.chunk_size
+    chunks = (*(_chunked(x, C) for x in (q, k, v)), to_chunks(beta, C, state_dtype(q.dtype)))
     s0 = _initial_state(initial_state, q, v)
-    _, _, _, states, final, v_new = _forward_intermediates(kc, vc, bc, s0, scan_impl)
-    o = output(qc * scale, kc, v_new, states)
+    options = dict(scale=scale, use_qk_l2norm=use_qk_l2norm, policy=plan.precision_for(device_type))
+    o, final = _run(forward_chunks, plan, (*chunks, s0), options)
     return from_chunks(o, q.shape[1], q.dtype), final
 
 
-def chunk_delta_rule_bwd(q, k, v, beta, initial_state, do, dfinal, *, scale, chunk_size, use_qk_l2norm, scan_impl):
+def chunk_delta_rule_bwd(q, k, v, beta, initial_state, do, dfinal, *, scale, use_qk_l2norm, plan, device_type):
     """Returns (dq, dk, dv, dbeta, d initial_state or None), each in its input's dtype."""
-    T = q.shape[1]
-    q_raw, k_raw, vc, bc = _chunked(q, k, v, beta, chunk_size)
-    qc, kc = (l2norm(q_raw), l2norm(k_raw)) if use_qk_l2norm else (q_raw, k_raw)
+    C, T = plan.chunk_size, q.shape[1]
+    chunks = (*(_chunked(x, C) for x in (q, k, v)), to_chunks(beta, C, state_dtype(q.dtype)))
     s0 = _initial_state(initial_state, q, v)
-    t, w, p, states, _, v_new = _forward_intermediates(kc, vc, bc, s0, scan_impl)
-
-    doc = to_chunks(do, chunk_size, s0.dtype)
-    dq, dk, dv_new, ds_local = output_backward(qc * scale, kc, v_new, states, doc)
-    # dS_n = G_n + (I - P_n)^T dS_{n+1}, with G_n the part of dS_n that does not go through S_{n+1}
-    g = ds_local - w.transpose(-1, -2) @ dv_new
+    doc = _chunked(do.to(q.dtype), C)
     ds_final = torch.zeros_like(s0) if dfinal is None else dfinal.to(s0.dtype)
-    ds_next, ds0 = affine_scan(p, g, ds_final, reverse=True, transpose=True, impl=scan_impl)
-    dv_new = dv_new + kc @ ds_next
-    dk = dk + v_new @ ds_next.transpose(-1, -2)
-    dw = -dv_new @ states.transpose(-1, -2)
-
-    dt, dk_wy, dv, dbeta = wy_backward(t, kc, vc, bc, dw, dv_new)
-    dk_kkt, dbeta_kkt = kkt_backward(kc, bc, solve_unit_lower_backward(t, dt))
-    dk = dk + dk_wy + dk_kkt
-    dbeta = dbeta + dbeta_kkt
-    dq = dq * scale
-    if use_qk_l2norm:
-        dq, dk = l2norm_backward(q_raw, dq), l2norm_backward(k_raw, dk)
-    grads = (
-        from_chunks(dq, T, q.dtype),
-        from_chunks(dk, T, k.dtype),
-        from_chunks(dv, T, v.dtype),
-        from_chunks(dbeta, T, beta.dtype),
-    )
+    options = dict(scale=scale, use_qk_l2norm=use_qk_l2norm, policy=plan.precision_for(device_type))
+    dq, dk, dv, dbeta, ds0 = _run(backward_chunks, plan, (*chunks, s0, doc, ds_final), options)
+    grads = tuple(from_chunks(g, T, x.dtype) for g, x in zip((dq, dk, dv, dbeta), (q, k, v, beta)))
     return (*grads, None if initial_state is None else ds0.to(initial_state.dtype))
 
 
 @functools.cache
-def _compiled(fn):
-    return torch.compile(fn, fullgraph=True)
+def _compiled(fn, mode):
+    compiled = torch.compile(fn, fullgraph=True, mode=mode)
+
+    def run(*args, **kwargs):
+        # The bf16x3 policy splits x into x.to(bf16) and its rounding error; by default Inductor
+        # folds such cast pairs away inside a fused kernel, which would zero the error term.
+        with torch._inductor.config.patch(emulate_precision_casts=True):
+            return compiled(*args, **kwargs)
+
+    return run
 
 
-def _select(fn, plan: Plan):
-    # Inside a caller's torch.compile the plain ops are traced into the caller's graph instead.
+def _run(fn, plan: Plan, tensors: tuple[torch.Tensor, ...], options: dict):
+    """fn(*tensors, **options) on chunk-layout tensors, compiled as the plan says.
+
+    Our own compiled graph marks B (dim 0) and N (dim 2 of chunk tensors) dynamic and scans over
+    chunks: one graph for every batch size and sequence length. (The chunking happens outside the
+    graph so that N is an input size, not an expression of T, which torch's scan lowering cannot
+    handle yet.) Inside a caller's torch.compile the ops are traced into the caller's graph: the
+    scan where N is static there, else a loop over chunks that specialises on N.
+    """
     if plan.compile and not torch.compiler.is_compiling():
-        return _compiled(fn)
-    return fn
+        if not plan.unroll:
+            for x in tensors:
+                torch._dynamo.maybe_mark_dynamic(x, 0)
+                if x.dim() >= 4:
+                    torch._dynamo.maybe_mark_dynamic(x, 2)
+        return _compiled(fn, plan.compile_mode)(*tensors, **options, scan_impl="loop" if plan.unroll else "scan")
+    if torch.compiler.is_compiling():
+        static_n = isinstance(tensors[0].shape[2], int)
+        return fn(*tensors, **options, scan_impl="scan" if static_n and not plan.unroll else "loop")
+    return fn(*tensors, **options, scan_impl="loop")
 
 
-def _options(plan: Plan, scale: float, use_qk_l2norm: bool) -> dict:
+def _check_backends(plan: Plan) -> None:
     triton_stages = [stage for stage, backend in plan.backends().items() if backend == "triton"]
     if triton_stages:
         raise NotImplementedError(f"the triton backend is not implemented yet (stages {triton_stages})")
-    # A compiled graph traces the scan op once; eager runs the plain loop, which is faster there.
-    scan_impl = "scan" if plan.compile or torch.compiler.is_compiling() else "loop"
-    return dict(scale=scale, chunk_size=plan.chunk_size, use_qk_l2norm=use_qk_l2norm, scan_impl=scan_impl)
 
 
 class ChunkDeltaRuleFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, beta, initial_state, scale, use_qk_l2norm, output_final_state, plan):
-        options = _options(plan, scale, use_qk_l2norm)
-        o, final = _select(chunk_delta_rule_fwd, plan)(q, k, v, beta, initial_state, **options)
+        _check_backends(plan)
+        options = dict(scale=scale, use_qk_l2norm=use_qk_l2norm, plan=plan, device_type=q.device.type)
+        o, final = chunk_delta_rule_fwd(q, k, v, beta, initial_state, **options)
         ctx.save_for_backward(q, k, v, beta, initial_state)
-        ctx.options, ctx.plan = options, plan
+        ctx.options = options
         return o, (final if output_final_state else None)
 
     @staticmethod
     def backward(ctx, do, dfinal):
         q, k, v, beta, initial_state = ctx.saved_tensors
-        bwd = _select(chunk_delta_rule_bwd, ctx.plan)
-        dq, dk, dv, dbeta, ds0 = bwd(q, k, v, beta, initial_state, do, dfinal, **ctx.options)
+        dq, dk, dv, dbeta, ds0 = chunk_delta_rule_bwd(q, k, v, beta, initial_state, do, dfinal, **ctx.options)
         return dq, dk, dv, dbeta, ds0, None, None, None, None

@@ -3,13 +3,12 @@
 Public tensors are token-major, [B, T, H, D] (fla's layout). The chunk stages work on
 [B, H, N, C, D]: N = ceil(T / C) chunks of C rows, batched over (B, H, N). A ragged last chunk is
 zero-padded; zero keys and zero beta make padded rows exact no-ops for the state, and their outputs
-are dropped by `from_chunks`.
+are dropped by `from_chunks`. Each conversion is one copy.
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 
 def num_chunks(T: int, chunk_size: int) -> int:
@@ -20,15 +19,13 @@ def to_chunks(x: torch.Tensor, chunk_size: int, dtype: torch.dtype) -> torch.Ten
     """[B, T, H, *D] -> [B, H, N, C, *D] in `dtype`, zero-padded to N * C rows."""
     B, T, H = x.shape[:3]
     N = num_chunks(T, chunk_size)
-    pad = N * chunk_size - T
-    x = x.to(dtype)
-    if pad:
-        x = F.pad(x, (0, 0) * (x.dim() - 2) + (0, pad))
-    return x.reshape(B, N, chunk_size, H, *x.shape[3:]).movedim(3, 1).contiguous()
+    out = x.new_empty(B, H, N * chunk_size, *x.shape[3:], dtype=dtype)
+    out[:, :, :T] = x.transpose(1, 2)
+    out[:, :, T:] = 0
+    return out.view(B, H, N, chunk_size, *x.shape[3:])
 
 
 def from_chunks(x: torch.Tensor, T: int, dtype: torch.dtype) -> torch.Tensor:
     """[B, H, N, C, *D] -> [B, T, H, *D] in `dtype`, dropping the padded rows."""
     B, H, N, C = x.shape[:4]
-    x = x.movedim(1, 3).reshape(B, N * C, H, *x.shape[4:])
-    return x[:, :T].to(dtype).contiguous()
+    return x.reshape(B, H, N * C, *x.shape[4:])[:, :, :T].transpose(1, 2).to(dtype).contiguous()

@@ -1,19 +1,23 @@
-"""Stage 4, `output`: O = Q S_n + tril(Q K^T) V_new per chunk (Q already scaled), and its gradients."""
+"""Stage 4, `output`: O = scale (Q S_n + tril(Q K^T) V_new) per chunk, and its gradients."""
 
 from __future__ import annotations
 
 import torch
 
-
-def output(q: torch.Tensor, k: torch.Tensor, v_new: torch.Tensor, states: torch.Tensor) -> torch.Tensor:
-    return q @ states + torch.tril(q @ k.transpose(-1, -2)) @ v_new
+from .matmul import Dot
 
 
-def output_backward(q, k, v_new, states, do):
-    """Returns (dq, dk, dv_new, dstates) of `output`, with q the scaled queries."""
-    dov = torch.tril(do @ v_new.transpose(-1, -2))
-    dq = do @ states.transpose(-1, -2) + dov @ k
-    dk = dov.transpose(-1, -2) @ q
-    dv_new = torch.tril(q @ k.transpose(-1, -2)).transpose(-1, -2) @ do
-    dstates = q.transpose(-1, -2) @ do
-    return dq, dk, dv_new, dstates
+def output(q, k, v_new, states, scale: float, dot: Dot) -> torch.Tensor:
+    scores = torch.tril(dot(q, k.transpose(-1, -2)))
+    return scale * (dot(q, states) + dot(scores, v_new))
+
+
+def output_backward(q, k, v_new, states, do, scale: float, dot: Dot):
+    """Returns (dq, dk, dv_new) of `output`; its gradient for the states is taken in the reverse
+    state pass (`state.state_pass_backward`)."""
+    dov = torch.tril(dot(do, v_new.transpose(-1, -2)))
+    scores = torch.tril(dot(q, k.transpose(-1, -2)))
+    dq = scale * (dot(do, states.transpose(-1, -2)) + dot(dov, k))
+    dk = scale * dot(dov.transpose(-1, -2), q)
+    dv_new = scale * dot(scores.transpose(-1, -2), do)
+    return dq, dk, dv_new

@@ -1,21 +1,24 @@
 """Stage 1, `kkt + solve`: A = tril(diag(beta) K K^T, -1) and T = (I + A)^-1 per chunk.
 
+A is built in float32 from the exact input keys (rounding A to bf16 would already cost ~1e-2).
 The inverse is recursive block inversion,
     inv([[L11, 0], [L21, L22]]) = [[X11, 0], [-X22 L21 X11, X22]],
 run bottom-up: all 1x1 diagonal blocks, then 2x2, ... up to C x C, each level one pair of batched
-matmuls over every block of every chunk. It needs no per-row loop and stays accurate when keys are
-strongly correlated, where the loop-free product prod_m (I + (-A)^(2^m)) loses all precision
-(powers of A grow like binomial coefficients; see DESIGN.md).
+float32 matmuls over every block of every chunk. It needs no per-row loop and stays accurate when
+keys are strongly correlated, where the loop-free product prod_m (I + (-A)^(2^m)) loses all
+precision (powers of A grow like binomial coefficients; see DESIGN.md).
 """
 
 from __future__ import annotations
 
 import torch
 
+from .matmul import Dot
 
-def kkt(k: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
+
+def kkt(k: torch.Tensor, beta: torch.Tensor, dot: Dot) -> torch.Tensor:
     """A = tril(diag(beta) K K^T, -1); k [..., C, K], beta [..., C] -> [..., C, C]."""
-    return torch.tril(beta[..., None] * (k @ k.transpose(-1, -2)), -1)
+    return torch.tril(beta[..., None] * dot(k, k.transpose(-1, -2)), -1)
 
 
 def _diagonal_pairs(a: torch.Tensor, b: int) -> torch.Tensor:
@@ -47,9 +50,9 @@ def solve_unit_lower_backward(t: torch.Tensor, dt: torch.Tensor) -> torch.Tensor
     return torch.tril(-(tt @ dt) @ tt, -1)
 
 
-def kkt_backward(k: torch.Tensor, beta: torch.Tensor, da: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def kkt_backward(k: torch.Tensor, beta: torch.Tensor, da: torch.Tensor, dot: Dot) -> tuple[torch.Tensor, torch.Tensor]:
     """(dk, dbeta) of A = tril(diag(beta) K K^T, -1), given a strictly lower da."""
-    dbeta = (da * (k @ k.transpose(-1, -2))).sum(-1)
+    dbeta = (da * dot(k, k.transpose(-1, -2))).sum(-1)
     da_beta = beta[..., None] * da
-    dk = da_beta @ k + da_beta.transpose(-1, -2) @ k
+    dk = dot(da_beta, k) + dot(da_beta.transpose(-1, -2), k)
     return dk, dbeta

@@ -1,41 +1,60 @@
 import pytest
 import torch
 
-from deltaflex.chunk.state import affine_scan
+from deltaflex.chunk.matmul import make_dot
+from deltaflex.chunk.state import state_pass, state_pass_backward
+
+DOT = make_dot("fp32", torch.float64)
 
 
-def _naive(p, r, x0, reverse, transpose):
-    N = p.shape[2]
-    x, entering = x0, [None] * N
-    for n in reversed(range(N)) if reverse else range(N):
-        entering[n] = x
-        pn = p[:, :, n].transpose(-1, -2) if transpose else p[:, :, n]
-        x = (torch.eye(p.shape[-1], dtype=p.dtype) - pn) @ x + r[:, :, n]
-    return torch.stack(entering, 2), x
+def _inputs(B=2, H=3, N=5, C=4, K=6, V=3):
+    def r(*shape):
+        return torch.randn(*shape, dtype=torch.float64)
+
+    return {"q": r(B, H, N, C, K), "k": 0.3 * r(B, H, N, C, K), "w": 0.3 * r(B, H, N, C, K), "u": r(B, H, N, C, V),
+            "do": r(B, H, N, C, V), "dv_local": r(B, H, N, C, V), "s0": r(B, H, K, V), "ds": r(B, H, K, V)}
 
 
 @pytest.mark.parametrize("impl", ["loop", "scan"])
-@pytest.mark.parametrize("reverse", [False, True])
-@pytest.mark.parametrize("transpose", [False, True])
-def test_affine_scan(impl, reverse, transpose):
-    p = 0.3 * torch.randn(2, 3, 5, 4, 4, dtype=torch.float64)
-    r = torch.randn(2, 3, 5, 4, 6, dtype=torch.float64)
-    x0 = torch.randn(2, 3, 4, 6, dtype=torch.float64)
-    entering, final = affine_scan(p, r, x0, reverse=reverse, transpose=transpose, impl=impl)
-    ref_entering, ref_final = _naive(p, r, x0, reverse, transpose)
-    torch.testing.assert_close(entering, ref_entering)
-    torch.testing.assert_close(final, ref_final)
+def test_state_pass(impl):
+    x = _inputs()
+    v_new, states, final = state_pass(x["k"], x["w"], x["u"], x["s0"], dot=DOT, impl=impl)
+    s = x["s0"]
+    for n in range(x["k"].shape[2]):
+        torch.testing.assert_close(states[:, :, n], s)
+        vn = x["u"][:, :, n] - x["w"][:, :, n] @ s
+        torch.testing.assert_close(v_new[:, :, n], vn)
+        s = s + x["k"][:, :, n].transpose(-1, -2) @ vn
+    torch.testing.assert_close(final, s)
 
 
-def test_affine_scan_accepts_an_expanded_initial_carry():
-    # The gradient of `final_state.sum()` arrives expanded (stride 0); scan must not misread it.
-    p, r = torch.randn(1, 1, 3, 2, 2), torch.randn(1, 1, 3, 2, 2)
-    x0 = torch.ones(()).expand(1, 1, 2, 2)
-    torch.testing.assert_close(
-        affine_scan(p, r, x0, impl="scan")[1], affine_scan(p, r, x0.contiguous(), impl="loop")[1]
+@pytest.mark.parametrize("impl", ["loop", "scan"])
+def test_state_pass_backward(impl):
+    x = _inputs()
+    dv_new, ds_next, ds0 = state_pass_backward(
+        x["q"], x["k"], x["w"], x["do"], x["dv_local"], x["ds"], 0.5, dot=DOT, impl=impl
     )
+    ds = x["ds"]
+    for n in reversed(range(x["k"].shape[2])):
+        torch.testing.assert_close(ds_next[:, :, n], ds)
+        dvn = x["dv_local"][:, :, n] + x["k"][:, :, n] @ ds
+        torch.testing.assert_close(dv_new[:, :, n], dvn)
+        ds = ds + 0.5 * x["q"][:, :, n].transpose(-1, -2) @ x["do"][:, :, n] - x["w"][:, :, n].transpose(-1, -2) @ dvn
+    torch.testing.assert_close(ds0, ds)
 
 
-def test_affine_scan_rejects_unknown_impl():
+def test_scan_accepts_an_expanded_carry():
+    # The gradient of `final_state.sum()` arrives expanded (stride 0); the scan must not misread it.
+    x = _inputs()
+    ds = torch.ones((), dtype=torch.float64).expand_as(x["ds"])
+    args = (x["q"], x["k"], x["w"], x["do"], x["dv_local"])
+    scanned = state_pass_backward(*args, ds, 1.0, dot=DOT, impl="scan")
+    looped = state_pass_backward(*args, ds.contiguous(), 1.0, dot=DOT, impl="loop")
+    for a, b in zip(scanned, looped):
+        torch.testing.assert_close(a, b)
+
+
+def test_unknown_impl():
+    x = _inputs()
     with pytest.raises(ValueError, match="impl"):
-        affine_scan(torch.zeros(1, 1, 1, 2, 2), torch.zeros(1, 1, 1, 2, 2), torch.zeros(1, 1, 2, 2), impl="nope")
+        state_pass(x["k"], x["w"], x["u"], x["s0"], dot=DOT, impl="nope")
