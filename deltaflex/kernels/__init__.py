@@ -1,0 +1,1 @@
+"""Hand-written Triton kernels, registered with torch.library so torch.compile traces them."""
