@@ -23,6 +23,7 @@ STAGES = ("solve", "wy", "state", "output")
 BACKENDS = ("compiled", "triton")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune-no-cudagraphs")  # torch.compile's `mode`
 PRECISIONS = ("auto", *POLICIES)  # matmul policy of the chunk stages (chunk/matmul.py)
+STATE_GROUPS = (1, 2, 4, 8, 16)
 TRITON_DEVICE_TYPES = ("cuda",)
 NUM_WARPS = (1, 2, 4, 8, 16, 32)
 BLOCK_SIZES = (16, 32, 64, 128, 256)  # tl.arange needs powers of two
@@ -135,6 +136,7 @@ class Plan:
     compile: bool = True  # False runs the compiled-backend stages eagerly (debugging, CPU)
     compile_mode: str = "default"  # torch.compile's mode for the compiled-backend stages
     unroll: bool = False  # compiled state pass as an unrolled loop, not the scan op (one graph per T)
+    state_group: int = 1  # > 1: two-level state pass over groups of this many chunks (chunk/state.py)
     precision: str = "auto"  # matmul policy; auto: fp32 (the only one measured fast enough yet)
     # Launch configurations of the hand-written stages; None: the kernel's own default.
     solve_kernel: KernelConfig | None = None
@@ -167,6 +169,8 @@ class Plan:
             raise ValueError(f"plan compile_mode {self.compile_mode!r} needs compile=True")
         if not isinstance(self.unroll, bool):
             raise TypeError(f"plan unroll must be True or False, got {self.unroll!r}")
+        if self.state_group not in STATE_GROUPS:
+            raise ValueError(f"plan state_group must be one of {STATE_GROUPS}, got {self.state_group!r}")
         if self.precision not in PRECISIONS:
             raise ValueError(f"plan precision must be one of {PRECISIONS}, got {self.precision!r}")
 
@@ -212,6 +216,7 @@ class Plan:
         hand = [f"{s}=triton{_launch(getattr(self, f'{s}_kernel'))}" for s in STAGES if getattr(self, s) == "triton"]
         extras = [f"precision={self.precision}"] if self.precision != "auto" else []
         extras += ["unrolled"] if self.unroll else []
+        extras += [f"state_group={self.state_group}"] if self.state_group > 1 else []
         return ", ".join([f"C{self.chunk_size} {self._compiler()}", *extras, *hand])
 
     def _compiler(self) -> str:

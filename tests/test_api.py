@@ -127,3 +127,10 @@ def test_bf16_policy_on_random_keys():
     # keys can push its gradients past 1e-2, which is why it is not the default
     x = make_inputs(2, 150, 2, 32, 24, dtype=torch.bfloat16, keys="random", initial_state=True)
     check_against_oracle(x, chunk_size=64, plan=Plan(compile=False, precision="bf16"))
+
+
+@pytest.mark.parametrize("state_group", [2, 4])
+@pytest.mark.parametrize("T", [1, 100, 300])
+def test_two_level_state_pass(state_group, T):
+    x = make_inputs(2, T, 2, 16, 8, dtype=torch.float64, keys="correlated", initial_state=True)
+    check_against_oracle(x, chunk_size=16, plan=Plan(compile=False, state_group=state_group))

@@ -21,6 +21,7 @@ from ..validation import state_dtype
 from .layout import from_chunks, to_chunks
 from .matmul import make_dot
 from .stages import STAGES, implementation
+from .state import Stepping
 
 
 def l2norm_backward(x: torch.Tensor, dy: torch.Tensor) -> torch.Tensor:
@@ -35,8 +36,8 @@ def _low_dtype(dtype: torch.dtype) -> torch.dtype:
     return dtype if dtype in (torch.bfloat16, torch.float16) else state_dtype(dtype)
 
 
-def _chunked(x: torch.Tensor, chunk_size: int) -> torch.Tensor:
-    return to_chunks(x, chunk_size, _low_dtype(x.dtype))
+def _chunked(x: torch.Tensor, plan: Plan, dtype: torch.dtype | None = None) -> torch.Tensor:
+    return to_chunks(x, plan.chunk_size, _low_dtype(x.dtype) if dtype is None else dtype, plan.state_group)
 
 
 def _initial_state(initial_state, q, v):
@@ -46,26 +47,28 @@ def _initial_state(initial_state, q, v):
     return initial_state.to(state_dtype(q.dtype))
 
 
-def forward_chunks(q, k, v, beta, s0, *, scale, use_qk_l2norm, policy, scan_impl, backends):
-    """The forward on chunk-layout tensors: q, k [B, H, N, C, K], v [B, H, N, C, V] (in their
-    low dtype), beta [B, H, N, C] and s0 [B, H, K, V] (state dtype); returns (o chunks, final).
-    `backends` names each stage's implementation, in `stages.STAGES` order."""
+def forward_chunks(q, k, v, beta, s0, *, scale, use_qk_l2norm, policy, stepping, backends):
+    """The forward on grouped chunk-layout tensors: q, k [B, H, N/g, g, C, K], v [..., C, V] (in
+    their low dtype), beta [B, H, N/g, g, C] and s0 [B, H, K, V] (state dtype); returns
+    (o [B, H, N, C, V], final). `backends` names each stage's implementation, in STAGES order."""
     solve, wy, state, output = (implementation(s, b)[0] for s, b in zip(STAGES, backends))
+    q, k, v, beta = (x.flatten(2, 3) for x in (q, k, v, beta))
     dot = make_dot(policy, q.dtype)
     if use_qk_l2norm:
         q, k = l2norm(q.to(beta.dtype)), l2norm(k.to(beta.dtype))
     t = solve(k, beta, dot)
     w, u = wy(t, k, v, beta, dot)
-    v_new, states, final = state(k, w, u, s0, dot, scan_impl)
+    v_new, states, final = state(k, w, u, s0, dot, stepping)
     return output(q, k, v_new, states, scale, dot), final
 
 
-def backward_chunks(q, k, v, beta, s0, do, ds_final, *, scale, use_qk_l2norm, policy, scan_impl, backends):
+def backward_chunks(q, k, v, beta, s0, do, ds_final, *, scale, use_qk_l2norm, policy, stepping, backends):
     """Gradients of `forward_chunks` given do (chunk layout, low dtype) and the final state's
     gradient; returns (dq, dk, dv, dbeta, ds0) in chunk layout, float32 (float64)."""
     (solve, solve_bwd), (wy, wy_bwd), (state, state_bwd), (_, output_bwd) = (
         implementation(s, b) for s, b in zip(STAGES, backends)
     )
+    q, k, v, beta, do = (x.flatten(2, 3) for x in (q, k, v, beta, do))
     dot = make_dot(policy, q.dtype)
     q_raw, k_raw = q, k
     if use_qk_l2norm:
@@ -73,10 +76,10 @@ def backward_chunks(q, k, v, beta, s0, do, ds_final, *, scale, use_qk_l2norm, po
         q, k = l2norm(q_raw), l2norm(k_raw)
     t = solve(k, beta, dot)  # recomputed: nothing but the inputs is kept from the forward
     w, u = wy(t, k, v, beta, dot)
-    v_new, states, _ = state(k, w, u, s0, dot, scan_impl)
+    v_new, states, _ = state(k, w, u, s0, dot, stepping)
 
     dq, dk_output, dv_local = output_bwd(q, k, v_new, states, do, scale, dot)
-    dv_new, dw, dk_state, ds0 = state_bwd(q, k, w, v_new, states, do, dv_local, ds_final, scale, dot, scan_impl)
+    dv_new, dw, dk_state, ds0 = state_bwd(q, k, w, v_new, states, do, dv_local, ds_final, scale, dot, stepping)
     dt, dk_wy, dv, dbeta_wy = wy_bwd(t, k, v, beta, dw, dv_new, dot)
     dk_solve, dbeta_solve = solve_bwd(k, beta, t, dt, dot)
     dk = dk_output + dk_state + dk_wy + dk_solve
@@ -93,8 +96,7 @@ def _chunk_options(plan: Plan, device_type: str, scale: float, use_qk_l2norm: bo
 
 def chunk_delta_rule_fwd(q, k, v, beta, initial_state, *, scale, use_qk_l2norm, plan, device_type):
     """Returns (o [B, T, H, V] in q's dtype, final state [B, H, K, V] in the state dtype)."""
-    C = plan.chunk_size
-    chunks = (*(_chunked(x, C) for x in (q, k, v)), to_chunks(beta, C, state_dtype(q.dtype)))
+    chunks = (*(_chunked(x, plan) for x in (q, k, v)), _chunked(beta, plan, state_dtype(q.dtype)))
     s0 = _initial_state(initial_state, q, v)
     options = _chunk_options(plan, device_type, scale, use_qk_l2norm)
     o, final = _run(forward_chunks, plan, (*chunks, s0), options)
@@ -103,10 +105,10 @@ def chunk_delta_rule_fwd(q, k, v, beta, initial_state, *, scale, use_qk_l2norm, 
 
 def chunk_delta_rule_bwd(q, k, v, beta, initial_state, do, dfinal, *, scale, use_qk_l2norm, plan, device_type):
     """Returns (dq, dk, dv, dbeta, d initial_state or None), each in its input's dtype."""
-    C, T = plan.chunk_size, q.shape[1]
-    chunks = (*(_chunked(x, C) for x in (q, k, v)), to_chunks(beta, C, state_dtype(q.dtype)))
+    T = q.shape[1]
+    chunks = (*(_chunked(x, plan) for x in (q, k, v)), _chunked(beta, plan, state_dtype(q.dtype)))
     s0 = _initial_state(initial_state, q, v)
-    doc = _chunked(do.to(q.dtype), C)
+    doc = _chunked(do.to(q.dtype), plan)
     ds_final = torch.zeros_like(s0) if dfinal is None else dfinal.to(s0.dtype)
     options = _chunk_options(plan, device_type, scale, use_qk_l2norm)
     dq, dk, dv, dbeta, ds0 = _run(backward_chunks, plan, (*chunks, s0, doc, ds_final), options)
@@ -131,25 +133,28 @@ def _compiled(fn, mode):
 
 
 def _run(fn, plan: Plan, tensors: tuple[torch.Tensor, ...], options: dict):
-    """fn(*tensors, **options) on chunk-layout tensors, compiled as the plan says.
+    """fn(*tensors, **options) on grouped chunk-layout tensors, compiled as the plan says.
 
-    Our own compiled graph marks B (dim 0) and N (dim 2 of chunk tensors) dynamic and scans over
+    Our own compiled graph marks B (dim 0) and N/g (dim 2 of chunk tensors) dynamic and scans over
     chunks: one graph for every batch size and sequence length. (The chunking happens outside the
-    graph so that N is an input size, not an expression of T, which torch's scan lowering cannot
-    handle yet.) Inside a caller's torch.compile the ops are traced into the caller's graph: the
-    scan where N is static there, else a loop over chunks that specialises on N.
+    graph so that the scan length is an input size, not an expression of T, which torch's scan
+    lowering cannot handle yet.) Inside a caller's torch.compile the ops are traced into the
+    caller's graph: the scan where N is static there, else a loop over chunks that specialises on N.
     """
-    if plan.compile and not torch.compiler.is_compiling():
+    compiling = torch.compiler.is_compiling()
+    if plan.compile and not compiling:
         if not plan.unroll:
             for x in tensors:
                 torch._dynamo.maybe_mark_dynamic(x, 0)
-                if x.dim() >= 4:
+                if x.dim() >= 5:
                     torch._dynamo.maybe_mark_dynamic(x, 2)
-        return _compiled(fn, plan.compile_mode)(*tensors, **options, scan_impl="loop" if plan.unroll else "scan")
-    if torch.compiler.is_compiling():
-        static_n = isinstance(tensors[0].shape[2], int)
-        return fn(*tensors, **options, scan_impl="scan" if static_n and not plan.unroll else "loop")
-    return fn(*tensors, **options, scan_impl="loop")
+        return _compiled(fn, plan.compile_mode)(*tensors, **options, stepping=_stepping(plan, not plan.unroll))
+    scan = compiling and isinstance(tensors[0].shape[2], int) and not plan.unroll
+    return fn(*tensors, **options, stepping=_stepping(plan, scan))
+
+
+def _stepping(plan: Plan, scan: bool) -> Stepping:
+    return Stepping("scan" if scan else "loop", plan.state_group)
 
 
 class ChunkDeltaRuleFunction(torch.autograd.Function):

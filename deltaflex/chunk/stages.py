@@ -14,7 +14,7 @@ Each stage has one signature whatever its backend, so a plan can take any backen
 
 Tensors are in chunk layout [B, H, N, C, D]; `dot` is the precision policy's product
 (`matmul.make_dot`; its .keywords say the policy and low dtype); `impl` is how a state pass runs
-its steps ("loop" or "scan"), which other backends may ignore. The "compiled" backend is the blocked
+its steps (`state.Stepping`: loop or scan, one or two levels), which other backends may ignore. The "compiled" backend is the blocked
 PyTorch ops of this package; hand-written Triton kernels register as "triton" when
 `deltaflex.kernels` is imported.
 """

@@ -6,44 +6,52 @@ Backward runs in reverse with dS_{n+1} (the gradient of the state leaving chunk 
     dV_new_n = dV_local_n + K_n dS_{n+1},   dS_n = dS_{n+1} + scale Q_n^T dO_n - W_n^T dV_new_n,
 where dV_local_n is the part of dV_new_n that comes from chunk n's own output.
 
-Only what must be sequential runs step by step: each step is two or three fused multiply-adds
-(`dot_add`), and its only output is V_new_n (dV_new_n). The per-chunk states are then rebuilt in
-parallel from those outputs by a cumulative sum over chunks, since step count, not work, is what a
-step costs on a GPU.
+Only what must be sequential runs step by step: each step is two fused multiply-adds (`dot_add`)
+and its only output is V_new_n (dV_new_n); the per-chunk states are rebuilt afterwards, in parallel,
+by a cumulative sum over chunks. On a GPU a step costs its kernel launches, not its work, so
+`Stepping.group` = m > 1 cuts the number of steps from N to m + N/m with a two-level pass: the m
+chunks of every state chunk are first combined (from a zero state, in parallel over state chunks)
+into the state chunk's own WY factors, then one pass runs over the N/m state chunks.
 
-`impl` picks how the steps run: "loop", a Python loop (eager; Dynamo would unroll it N times, one
-graph per N), or "scan", torch's scan higher-order op, which traces one step so a single compiled
-graph serves every sequence length.
+`Stepping.kind` picks how steps run: "loop", a Python loop (eager; Dynamo would unroll it, one
+graph per N), or "scan", torch's scan higher-order op, which traces one step so one compiled graph
+serves every N (N must then be an input size of the graph: see function.py).
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 from torch._higher_order_ops.scan import scan
 
 from .matmul import Dot, dot_add, is_plain
 
-SCAN_IMPLS = ("loop", "scan")
+KINDS = ("loop", "scan")
 
 
-def _run(step, carry, xs: tuple[torch.Tensor, ...], impl: str, reverse: bool):
-    """Runs step(carry, x_n) -> (carry, y_n) over dim 2 of every xs [B, H, N, ...]; returns
-    (final carry, y stacked on dim 2)."""
-    if impl == "scan":
+class Stepping(NamedTuple):
+    kind: str = "loop"  # "loop" or "scan"
+    group: int = 1  # chunks per state chunk of the two-level pass; 1: a single pass over chunks
+
+
+def _run(step, carry, xs: tuple[torch.Tensor, ...], kind: str, dim: int, reverse: bool = False):
+    """Runs step(carry, x_n) -> (carry, y_n) over `dim` of every xs; returns (final carry, y stacked
+    on `dim`)."""
+    if kind == "scan":
         # Scanned over dim 0: torch 2.11's scan stacks its outputs there whatever `dim` says.
         # The carry's layout must match the step's output, so an expanded carry is made contiguous.
-        final, ys = scan(step, carry.contiguous(), tuple(x.movedim(2, 0) for x in xs), dim=0, reverse=reverse)
-        return final, ys.movedim(0, 2)
-    if impl != "loop":
-        raise ValueError(f"impl must be one of {SCAN_IMPLS}, got {impl!r}")
-    N = xs[0].shape[2]
+        final, ys = scan(step, carry.contiguous(), tuple(x.movedim(dim, 0) for x in xs), dim=0, reverse=reverse)
+        return final, ys.movedim(0, dim)
+    if kind != "loop":
+        raise ValueError(f"stepping kind must be one of {KINDS}, got {kind!r}")
     outs = []
-    for n in reversed(range(N)) if reverse else range(N):
-        carry, y = step(carry, tuple(x[:, :, n] for x in xs))
+    for n in reversed(range(xs[0].shape[dim])) if reverse else range(xs[0].shape[dim]):
+        carry, y = step(carry, tuple(x.select(dim, n) for x in xs))
         outs.append(y)
     if reverse:
         outs.reverse()
-    return carry, torch.stack(outs, dim=2)
+    return carry, torch.stack(outs, dim=dim)
 
 
 def _exclusive_cumsum(x: torch.Tensor, dim: int, reverse: bool = False) -> torch.Tensor:
@@ -58,30 +66,91 @@ def _operands(dot: Dot, state_dtype: torch.dtype, *xs: torch.Tensor):
     return tuple(x.to(state_dtype) for x in xs) if is_plain(dot) else xs
 
 
-def state_pass(k, w, u, s0, *, dot: Dot, impl: str):
-    """Returns (V_new [B, H, N, C, V], the state entering every chunk [B, H, N, K, V], final state)."""
-    k, w, u = _operands(dot, s0.dtype, k, w, u)
+def _check_group(N: int, group: int) -> None:
+    if group < 1 or (isinstance(N, int) and N % group):
+        raise ValueError(f"a two-level state pass needs the chunk count ({N}) to be a multiple of group={group}")
 
+
+def _grouped(x: torch.Tensor, group: int) -> torch.Tensor:
+    """[B, H, N, C, D] -> [B, H, N/m, m, C, D]."""
+    B, H, N = x.shape[:3]
+    return x.reshape(B, H, N // group, group, *x.shape[3:])
+
+
+def _state_chunks(x: torch.Tensor) -> torch.Tensor:
+    """[B, H, N/m, m, C, D] -> [B, H, N/m, m C, D]."""
+    return x.reshape(*x.shape[:3], x.shape[3] * x.shape[4], x.shape[5])
+
+
+def _forward_steps(k, w, u, s0, dot: Dot, kind: str, dim: int):
     def step(s, x):
         k_n, w_n, u_n = x
         v_new = dot_add(u_n, w_n, s, dot, alpha=-1.0)
         return dot_add(s, k_n.transpose(-1, -2), v_new, dot), v_new
 
-    final, v_new = _run(step, s0, (k, w, u), impl, reverse=False)
+    final, v_new = _run(step, s0, (k, w, u), kind, dim)
+    return v_new, final
+
+
+def _backward_steps(k, w, g, x, ds_end, dot: Dot, kind: str, dim: int):
+    def step(ds, xs):
+        k_n, w_n, g_n, x_n = xs
+        e = dot_add(x_n, k_n, ds, dot)
+        return ds + dot_add(g_n, w_n.transpose(-1, -2), e, dot, alpha=-1.0), e
+
+    ds_start, e = _run(step, ds_end, (k, w, g, x), kind, dim, reverse=True)
+    return e, ds_start
+
+
+def state_pass(k, w, u, s0, *, dot: Dot, impl: Stepping):
+    """Returns (V_new [B, H, N, C, V], the state entering every chunk [B, H, N, K, V], final state)."""
+    k, w, u = _operands(dot, s0.dtype, k, w, u)
+    m = impl.group
+    if m == 1:
+        v_new, final = _forward_steps(k, w, u, s0, dot, impl.kind, dim=2)
+    else:
+        _check_group(k.shape[2], m)
+        B, H, N, C, K = k.shape
+        # Inside each state chunk, from a zero state, with values [W | U]: its WY factors [W_L | U_L].
+        z0 = s0.new_zeros(B, H, N // m, K, K + u.shape[-1])
+        wu, _ = _forward_steps(*(_grouped(x, m) for x in (k, w, torch.cat([w, u], -1))), z0, dot, impl.kind, dim=3)
+        k_l, w_l, u_l = (_state_chunks(x) for x in (_grouped(k, m), wu[..., :K], wu[..., K:]))
+        v_new, final = _forward_steps(k_l, w_l, u_l, s0, dot, impl.kind, dim=2)
+        v_new = v_new.reshape(u.shape)
     increments = dot(k.transpose(-1, -2), v_new)  # K_n^T V_new_n, every chunk at once
     return v_new, s0.unsqueeze(2) + _exclusive_cumsum(increments, dim=2), final
 
 
-def state_pass_backward(q, k, w, do, dv_local, ds_final, scale: float, *, dot: Dot, impl: str):
+def state_pass_backward(q, k, w, do, dv_local, ds_final, scale: float, *, dot: Dot, impl: Stepping):
     """Returns (dV_new [B, H, N, C, V], dS_{n+1} for every chunk [B, H, N, K, V], dS_0)."""
     q, k, w, do = _operands(dot, ds_final.dtype, q, k, w, do)
     g = scale * dot(q.transpose(-1, -2), do)  # the part of dS_n from chunk n's own output
-
-    def step(ds, x):
-        k_n, w_n, g_n, dvl_n = x
-        dv_new = dot_add(dvl_n, k_n, ds, dot)
-        return ds + dot_add(g_n, w_n.transpose(-1, -2), dv_new, dot, alpha=-1.0), dv_new
-
-    ds0, dv_new = _run(step, ds_final, (k, w, g, dv_local), impl, reverse=True)
+    m = impl.group
+    if m == 1:
+        dv_new, ds0 = _backward_steps(k, w, g, dv_local, ds_final, dot, impl.kind, dim=2)
+    else:
+        _check_group(k.shape[2], m)
+        dv_new, ds0 = _two_level_backward(k, w, g, dv_local, ds_final, dot, impl, m)
     increments = g - dot(w.transpose(-1, -2), dv_new)  # dS_n - dS_{n+1}, every chunk at once
     return dv_new, ds_final.unsqueeze(2) + _exclusive_cumsum(increments, dim=2, reverse=True), ds0
+
+
+def _two_level_backward(k, w, g, dv_local, ds_final, dot: Dot, impl: Stepping, m: int):
+    """Inside each state chunk, run backwards from dS_end = [0 | I]: dV_new_j = E_j + F_j D and
+    dS_start = G_L + M_L D for the state chunk's true end gradient D. Then one reverse pass over
+    state chunks gives every D, and dV_new follows in parallel."""
+    B, H, N, C, K = k.shape
+    V = dv_local.shape[-1]
+    x = torch.cat([dv_local, dv_local.new_zeros(B, H, N, C, K)], -1)
+    g_wide = torch.cat([g, g.new_zeros(B, H, N, K, K)], -1)
+    eye = torch.eye(K, dtype=g.dtype, device=g.device).expand(B, H, N // m, K, K)
+    end = torch.cat([g.new_zeros(B, H, N // m, K, V), eye], -1)
+    e, start = _backward_steps(*(_grouped(t, m) for t in (k, w, g_wide, x)), end, dot, impl.kind, dim=3)
+
+    def step(d, xs):
+        g_l, m_l = xs
+        return dot_add(g_l, m_l, d, dot), d.clone()
+
+    ds0, d_end = _run(step, ds_final, (start[..., :V], start[..., V:]), impl.kind, dim=2, reverse=True)
+    dv_new = e[..., :V] + dot(e[..., V:], d_end.unsqueeze(3))
+    return dv_new.reshape(dv_local.shape), ds0

@@ -2,12 +2,13 @@ import pytest
 import torch
 
 from deltaflex.chunk.matmul import make_dot
-from deltaflex.chunk.state import state_pass, state_pass_backward
+from deltaflex.chunk.state import Stepping, state_pass, state_pass_backward
 
 DOT = make_dot("fp32", torch.float64)
+STEPPINGS = [Stepping(kind, group) for kind in ("loop", "scan") for group in (1, 2, 4)]
 
 
-def _inputs(B=2, H=3, N=5, C=4, K=6, V=3):
+def _inputs(B=2, H=3, N=8, C=4, K=6, V=3):
     def r(*shape):
         return torch.randn(*shape, dtype=torch.float64)
 
@@ -15,7 +16,7 @@ def _inputs(B=2, H=3, N=5, C=4, K=6, V=3):
             "do": r(B, H, N, C, V), "dv_local": r(B, H, N, C, V), "s0": r(B, H, K, V), "ds": r(B, H, K, V)}
 
 
-@pytest.mark.parametrize("impl", ["loop", "scan"])
+@pytest.mark.parametrize("impl", STEPPINGS, ids=str)
 def test_state_pass(impl):
     x = _inputs()
     v_new, states, final = state_pass(x["k"], x["w"], x["u"], x["s0"], dot=DOT, impl=impl)
@@ -28,7 +29,7 @@ def test_state_pass(impl):
     torch.testing.assert_close(final, s)
 
 
-@pytest.mark.parametrize("impl", ["loop", "scan"])
+@pytest.mark.parametrize("impl", STEPPINGS, ids=str)
 def test_state_pass_backward(impl):
     x = _inputs()
     dv_new, ds_next, ds0 = state_pass_backward(
@@ -48,13 +49,15 @@ def test_scan_accepts_an_expanded_carry():
     x = _inputs()
     ds = torch.ones((), dtype=torch.float64).expand_as(x["ds"])
     args = (x["q"], x["k"], x["w"], x["do"], x["dv_local"])
-    scanned = state_pass_backward(*args, ds, 1.0, dot=DOT, impl="scan")
-    looped = state_pass_backward(*args, ds.contiguous(), 1.0, dot=DOT, impl="loop")
+    scanned = state_pass_backward(*args, ds, 1.0, dot=DOT, impl=Stepping("scan"))
+    looped = state_pass_backward(*args, ds.contiguous(), 1.0, dot=DOT, impl=Stepping("loop"))
     for a, b in zip(scanned, looped):
         torch.testing.assert_close(a, b)
 
 
-def test_unknown_impl():
-    x = _inputs()
-    with pytest.raises(ValueError, match="impl"):
-        state_pass(x["k"], x["w"], x["u"], x["s0"], dot=DOT, impl="nope")
+def test_bad_stepping():
+    x = _inputs(N=6)
+    with pytest.raises(ValueError, match="kind"):
+        state_pass(x["k"], x["w"], x["u"], x["s0"], dot=DOT, impl=Stepping("nope"))
+    with pytest.raises(ValueError, match="multiple of group=4"):
+        state_pass(x["k"], x["w"], x["u"], x["s0"], dot=DOT, impl=Stepping("loop", 4))
