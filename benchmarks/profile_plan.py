@@ -33,13 +33,14 @@ NAMES = ("q", "k", "v", "beta")
 def parse_plan(text: str) -> Plan:
     if text in NAMED_PLANS:
         return NAMED_PLANS[text]
-    fields = {f.name: f for f in dataclasses.fields(Plan)}
+    defaults = {f.name: f.default for f in dataclasses.fields(Plan)}
     kwargs = {}
     for item in text.split(","):
         key, _, value = item.partition("=")
-        if key not in fields:
+        if key not in defaults:
             raise SystemExit(f"unknown plan field {key!r} in {text!r}")
-        kwargs[key] = int(value) if key == "chunk_size" else bool(int(value)) if key in ("compile", "unroll") else value
+        kind = type(defaults[key])
+        kwargs[key] = bool(int(value)) if kind is bool else int(value) if kind is int else value
     return Plan(**kwargs)
 
 
