@@ -7,7 +7,8 @@ import torch
 from .chunk import ChunkDeltaRuleFunction
 from .plan import Plan, resolve_plan
 from .tuning.auto import auto_plan
-from .validation import check_delta_rule_inputs
+from .chunk.layout import packed_layout
+from .validation import check_cu_seqlens, check_delta_rule_inputs
 
 
 def delta_rule(
@@ -20,6 +21,7 @@ def delta_rule(
     initial_state: torch.Tensor | None = None,
     output_final_state: bool = False,
     cu_seqlens: torch.Tensor | None = None,
+    cu_seqlens_cpu: torch.Tensor | None = None,
     use_qk_l2norm: bool = False,
     chunk_size: int | None = None,
     plan: str | Plan | None = None,
@@ -35,7 +37,11 @@ def delta_rule(
         initial_state: [N, H, K, V], N = B; float32 (float64 with float64 inputs), or a
             lower-precision float, which is upcast exactly.
         output_final_state: also return the state after the last token, [N, H, K, V].
-        cu_seqlens: packed variable-length sequences; not supported yet.
+        cu_seqlens: [N + 1] int32/int64 boundaries of N sequences packed along T (B = 1; fla's
+            convention): each starts from its own initial state (or zeros) and ends in its own
+            final state, [N, H, K, V]; nothing crosses a boundary. Sequences may be empty.
+        cu_seqlens_cpu: a host copy of cu_seqlens; without it, reading the boundaries costs a
+            device sync.
         use_qk_l2norm: L2-normalise q and k inside the op (gradients flow through it).
         chunk_size: 16, 32, 64 or 128; default: the plan's (64 for the named plans).
         plan: a `deltaflex.Plan`, or a name: "eager" (blocked ops, no compile), "compiled" (the
@@ -47,17 +53,15 @@ def delta_rule(
     Returns:
         (o [B, T, H, V] in q's dtype, final_state or None).
     """
-    if cu_seqlens is not None:
-        raise NotImplementedError(
-            "cu_seqlens (packed variable-length sequences) is not supported by the chunk plans yet; "
-            "run each sequence separately, or use deltaflex.reference.recurrent_delta_rule_ref"
-        )
     scale = check_delta_rule_inputs(q, k, v, beta, scale, initial_state, cu_seqlens)
     B, T, H, K = q.shape
+    packed = cu_seqlens is not None or cu_seqlens_cpu is not None
+    lengths = check_cu_seqlens(cu_seqlens, cu_seqlens_cpu, B, T, q.device) if packed else None
     auto = lambda: auto_plan(q.device, q.dtype, B, T, H, K, v.shape[-1])  # noqa: E731 - only called for "auto"
     plan = resolve_plan(plan, chunk_size, q.device.type, auto=auto)
+    layout = None if lengths is None else packed_layout(lengths, plan.chunk_size, plan.state_group, q.device)
     return ChunkDeltaRuleFunction.apply(
-        q, k, v, beta, initial_state, scale, bool(use_qk_l2norm), bool(output_final_state), plan
+        q, k, v, beta, initial_state, scale, bool(use_qk_l2norm), bool(output_final_state), plan, layout
     )
 
 
@@ -83,8 +87,6 @@ def chunk_delta_rule(
     unknown = set(kwargs) - {"chunk_size", "plan"}
     if unknown:
         raise TypeError(f"chunk_delta_rule got unexpected keyword arguments {sorted(unknown)}")
-    if cu_seqlens_cpu is not None and cu_seqlens is None:
-        raise ValueError("cu_seqlens_cpu is a host copy of cu_seqlens and needs cu_seqlens too")
     return delta_rule(
         q,
         k,
@@ -94,6 +96,7 @@ def chunk_delta_rule(
         initial_state=initial_state,
         output_final_state=output_final_state,
         cu_seqlens=cu_seqlens,
+        cu_seqlens_cpu=cu_seqlens_cpu,
         use_qk_l2norm=use_qk_l2norm_in_kernel,
         **kwargs,
     )

@@ -74,7 +74,7 @@ def check_delta_rule_inputs(q, k, v, beta, scale, initial_state, cu_seqlens) -> 
             raise ValueError(f"{name} is on {x.device} but q is on {q.device}; all inputs must share a device")
 
     if cu_seqlens is not None:
-        _require_tensor("cu_seqlens", cu_seqlens)
+        _check_cu_seqlens_shape(cu_seqlens)
     n_states = B if cu_seqlens is None else cu_seqlens.shape[0] - 1
     if initial_state is not None:
         _require_tensor("initial_state", initial_state)
@@ -92,3 +92,36 @@ def check_delta_rule_inputs(q, k, v, beta, scale, initial_state, cu_seqlens) -> 
         if initial_state.device != q.device:
             raise ValueError(f"initial_state is on {initial_state.device} but q is on {q.device}")
     return check_scale(scale, K)
+
+
+def _check_cu_seqlens_shape(cu_seqlens) -> None:
+    _require_tensor("cu_seqlens", cu_seqlens)
+    if cu_seqlens.dim() != 1 or cu_seqlens.shape[0] < 2:
+        raise ValueError(f"cu_seqlens must be 1-D [N + 1] with N >= 1 sequences, got shape {tuple(cu_seqlens.shape)}")
+
+
+def check_cu_seqlens(cu_seqlens, cu_seqlens_cpu, B: int, T: int, device) -> list[int]:
+    """Checks packed-sequence boundaries [N + 1] (starting at 0, non-decreasing, ending at T, with
+    B = 1) and returns the N lengths. Reading the values needs them on the host: `cu_seqlens_cpu`,
+    a host copy, avoids the device sync that reading `cu_seqlens` would cost."""
+    if cu_seqlens is None:
+        raise ValueError("cu_seqlens_cpu is a host copy of cu_seqlens and needs cu_seqlens too")
+    _check_cu_seqlens_shape(cu_seqlens)
+    if cu_seqlens.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"cu_seqlens must be int32 or int64, got {cu_seqlens.dtype}")
+    if cu_seqlens.device != device:
+        raise ValueError(f"cu_seqlens is on {cu_seqlens.device} but q is on {device}")
+    if B != 1:
+        raise ValueError(f"cu_seqlens packs sequences along T and needs batch size B = 1, got B = {B}")
+    host = cu_seqlens if cu_seqlens_cpu is None else _require_tensor("cu_seqlens_cpu", cu_seqlens_cpu)
+    if host.shape != cu_seqlens.shape or (cu_seqlens_cpu is not None and host.device.type != "cpu"):
+        raise ValueError(f"cu_seqlens_cpu must be a host copy of cu_seqlens {tuple(cu_seqlens.shape)}, "
+                         f"got {tuple(host.shape)} on {host.device}")
+    bounds = [int(b) for b in host.tolist()]
+    if bounds[0] != 0:
+        raise ValueError(f"cu_seqlens must start at 0, got {bounds[0]}")
+    if any(b < a for a, b in zip(bounds, bounds[1:])):
+        raise ValueError(f"cu_seqlens must be non-decreasing, got {bounds}")
+    if bounds[-1] != T:
+        raise ValueError(f"cu_seqlens must end at T = {T}, got {bounds[-1]}")
+    return [b - a for a, b in zip(bounds, bounds[1:])]

@@ -58,7 +58,6 @@ def test_bad_tensors(name, overrides, error, match):
         (dict(chunk_size=64.0), ValueError, "chunk_size must be one of"),
         (dict(plan="fastest"), ValueError, "plan must be"),
         (dict(plan=3), TypeError, "plan must be"),
-        (dict(cu_seqlens=torch.tensor([0, 10])), NotImplementedError, "cu_seqlens"),
     ],
 )
 def test_bad_options(kwargs, error, match):

@@ -18,7 +18,7 @@ import torch
 from ..plan import Plan
 from ..reference import L2NORM_EPS, l2norm
 from ..validation import state_dtype
-from .layout import from_chunks, to_chunks
+from .layout import PackedLayout, from_chunks, from_chunks_packed, to_chunks, to_chunks_packed
 from .matmul import make_dot
 from .stages import STAGES, implementation
 from .state import Stepping
@@ -36,21 +36,30 @@ def _low_dtype(dtype: torch.dtype) -> torch.dtype:
     return dtype if dtype in (torch.bfloat16, torch.float16) else state_dtype(dtype)
 
 
-def _chunked(x: torch.Tensor, plan: Plan, dtype: torch.dtype | None = None) -> torch.Tensor:
-    return to_chunks(x, plan.chunk_size, _low_dtype(x.dtype) if dtype is None else dtype, plan.state_group)
+def _chunked(x: torch.Tensor, plan: Plan, layout: PackedLayout | None, dtype: torch.dtype | None = None):
+    dtype = _low_dtype(x.dtype) if dtype is None else dtype
+    if layout is None:
+        return to_chunks(x, plan.chunk_size, dtype, plan.state_group)
+    return to_chunks_packed(x, layout, plan.chunk_size, dtype, plan.state_group)
 
 
-def _initial_state(initial_state, q, v):
-    B, _, H, K = q.shape
+def _unchunked(x: torch.Tensor, T: int, dtype: torch.dtype, layout: PackedLayout | None) -> torch.Tensor:
+    return from_chunks(x, T, dtype) if layout is None else from_chunks_packed(x, layout, dtype)
+
+
+def _initial_state(initial_state, q, v, layout: PackedLayout | None):
+    H, K = q.shape[2:]
+    N = q.shape[0] if layout is None else layout.segments.empty.shape[0]
     if initial_state is None:
-        return q.new_zeros(B, H, K, v.shape[-1], dtype=state_dtype(q.dtype))
+        return q.new_zeros(N, H, K, v.shape[-1], dtype=state_dtype(q.dtype))
     return initial_state.to(state_dtype(q.dtype))
 
 
-def forward_chunks(q, k, v, beta, s0, *, scale, use_qk_l2norm, policy, stepping, backends):
+def forward_chunks(q, k, v, beta, s0, segments, *, scale, use_qk_l2norm, policy, stepping, backends):
     """The forward on grouped chunk-layout tensors: q, k [B, H, N/g, g, C, K], v [..., C, V] (in
     their low dtype), beta [B, H, N/g, g, C] and s0 [B, H, K, V] (state dtype); returns
-    (o [B, H, N, C, V], final). `backends` names each stage's implementation, in STAGES order."""
+    (o [B, H, N, C, V], final). `backends` names each stage's implementation, in STAGES order;
+    `segments` places packed sequences (None: B independent sequences)."""
     solve, wy, state, output = (implementation(s, b)[0] for s, b in zip(STAGES, backends))
     q, k, v, beta = (x.flatten(2, 3) for x in (q, k, v, beta))
     dot = make_dot(policy, q.dtype)
@@ -58,11 +67,11 @@ def forward_chunks(q, k, v, beta, s0, *, scale, use_qk_l2norm, policy, stepping,
         q, k = l2norm(q.to(beta.dtype)), l2norm(k.to(beta.dtype))
     t = solve(k, beta, dot)
     w, u = wy(t, k, v, beta, dot)
-    v_new, states, final = state(k, w, u, s0, dot, stepping)
+    v_new, states, final = state(k, w, u, s0, dot, stepping, segments)
     return output(q, k, v_new, states, scale, dot), final
 
 
-def backward_chunks(q, k, v, beta, s0, do, ds_final, *, scale, use_qk_l2norm, policy, stepping, backends):
+def backward_chunks(q, k, v, beta, s0, do, ds_final, segments, *, scale, use_qk_l2norm, policy, stepping, backends):
     """Gradients of `forward_chunks` given do (chunk layout, low dtype) and the final state's
     gradient; returns (dq, dk, dv, dbeta, ds0) in chunk layout, float32 (float64)."""
     (solve, solve_bwd), (wy, wy_bwd), (state, state_bwd), (_, output_bwd) = (
@@ -76,10 +85,12 @@ def backward_chunks(q, k, v, beta, s0, do, ds_final, *, scale, use_qk_l2norm, po
         q, k = l2norm(q_raw), l2norm(k_raw)
     t = solve(k, beta, dot)  # recomputed: nothing but the inputs is kept from the forward
     w, u = wy(t, k, v, beta, dot)
-    v_new, states, _ = state(k, w, u, s0, dot, stepping)
+    v_new, states, _ = state(k, w, u, s0, dot, stepping, segments)
 
     dq, dk_output, dv_local = output_bwd(q, k, v_new, states, do, scale, dot)
-    dv_new, dw, dk_state, ds0 = state_bwd(q, k, w, v_new, states, do, dv_local, ds_final, scale, dot, stepping)
+    dv_new, dw, dk_state, ds0 = state_bwd(
+        q, k, w, v_new, states, do, dv_local, ds_final, scale, dot, stepping, segments
+    )
     dt, dk_wy, dv, dbeta_wy = wy_bwd(t, k, v, beta, dw, dv_new, dot)
     dk_solve, dbeta_solve = solve_bwd(k, beta, t, dt, dot)
     dk = dk_output + dk_state + dk_wy + dk_solve
@@ -94,25 +105,29 @@ def _chunk_options(plan: Plan, device_type: str, scale: float, use_qk_l2norm: bo
     return dict(scale=scale, use_qk_l2norm=use_qk_l2norm, policy=plan.precision_for(device_type), backends=backends)
 
 
-def chunk_delta_rule_fwd(q, k, v, beta, initial_state, *, scale, use_qk_l2norm, plan, device_type):
-    """Returns (o [B, T, H, V] in q's dtype, final state [B, H, K, V] in the state dtype)."""
-    chunks = (*(_chunked(x, plan) for x in (q, k, v)), _chunked(beta, plan, state_dtype(q.dtype)))
-    s0 = _initial_state(initial_state, q, v)
+def chunk_delta_rule_fwd(q, k, v, beta, initial_state, *, scale, use_qk_l2norm, plan, device_type, layout=None):
+    """Returns (o [B, T, H, V] in q's dtype, final state [N, H, K, V] in the state dtype)."""
+    chunks = (*(_chunked(x, plan, layout) for x in (q, k, v)), _chunked(beta, plan, layout, state_dtype(q.dtype)))
+    s0 = _initial_state(initial_state, q, v, layout)
+    segments = None if layout is None else layout.segments
     options = _chunk_options(plan, device_type, scale, use_qk_l2norm)
-    o, final = _run(forward_chunks, plan, (*chunks, s0), options)
-    return from_chunks(o, q.shape[1], q.dtype), final
+    o, final = _run(forward_chunks, plan, (*chunks, s0, segments), options)
+    return _unchunked(o, q.shape[1], q.dtype, layout), final
 
 
-def chunk_delta_rule_bwd(q, k, v, beta, initial_state, do, dfinal, *, scale, use_qk_l2norm, plan, device_type):
+def chunk_delta_rule_bwd(
+    q, k, v, beta, initial_state, do, dfinal, *, scale, use_qk_l2norm, plan, device_type, layout=None
+):
     """Returns (dq, dk, dv, dbeta, d initial_state or None), each in its input's dtype."""
-    T = q.shape[1]
-    chunks = (*(_chunked(x, plan) for x in (q, k, v)), _chunked(beta, plan, state_dtype(q.dtype)))
-    s0 = _initial_state(initial_state, q, v)
-    doc = _chunked(do.to(q.dtype), plan)
+    chunks = (*(_chunked(x, plan, layout) for x in (q, k, v)), _chunked(beta, plan, layout, state_dtype(q.dtype)))
+    s0 = _initial_state(initial_state, q, v, layout)
+    doc = _chunked(do.to(q.dtype), plan, layout)
     ds_final = torch.zeros_like(s0) if dfinal is None else dfinal.to(s0.dtype)
+    segments = None if layout is None else layout.segments
     options = _chunk_options(plan, device_type, scale, use_qk_l2norm)
-    dq, dk, dv, dbeta, ds0 = _run(backward_chunks, plan, (*chunks, s0, doc, ds_final), options)
-    grads = tuple(from_chunks(g, T, x.dtype) for g, x in zip((dq, dk, dv, dbeta), (q, k, v, beta)))
+    dq, dk, dv, dbeta, ds0 = _run(backward_chunks, plan, (*chunks, s0, doc, ds_final, segments), options)
+    T = q.shape[1]
+    grads = tuple(_unchunked(g, T, x.dtype, layout) for g, x in zip((dq, dk, dv, dbeta), (q, k, v, beta)))
     return (*grads, None if initial_state is None else ds0.to(initial_state.dtype))
 
 
@@ -144,9 +159,9 @@ def _run(fn, plan: Plan, tensors: tuple[torch.Tensor, ...], options: dict):
     compiling = torch.compiler.is_compiling()
     if plan.compile and not compiling:
         if not plan.unroll:
-            for x in tensors:
+            for x in torch.utils._pytree.tree_leaves(tensors):
                 torch._dynamo.maybe_mark_dynamic(x, 0)
-                if x.dim() >= 5:
+                if x.dim() >= 5:  # chunk layout: N/g, besides B
                     torch._dynamo.maybe_mark_dynamic(x, 2)
         return _compiled(fn, plan.compile_mode)(*tensors, **options, stepping=_stepping(plan, not plan.unroll))
     scan = compiling and isinstance(tensors[0].shape[2], int) and not plan.unroll
@@ -159,10 +174,10 @@ def _stepping(plan: Plan, scan: bool) -> Stepping:
 
 class ChunkDeltaRuleFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, beta, initial_state, scale, use_qk_l2norm, output_final_state, plan):
+    def forward(ctx, q, k, v, beta, initial_state, scale, use_qk_l2norm, output_final_state, plan, layout):
         for stage, backend in plan.backends().items():
             implementation(stage, backend)  # a missing backend fails here, before any compute
-        options = dict(scale=scale, use_qk_l2norm=use_qk_l2norm, plan=plan, device_type=q.device.type)
+        options = dict(scale=scale, use_qk_l2norm=use_qk_l2norm, plan=plan, device_type=q.device.type, layout=layout)
         o, final = chunk_delta_rule_fwd(q, k, v, beta, initial_state, **options)
         ctx.save_for_backward(q, k, v, beta, initial_state)
         ctx.options = options
@@ -172,4 +187,4 @@ class ChunkDeltaRuleFunction(torch.autograd.Function):
     def backward(ctx, do, dfinal):
         q, k, v, beta, initial_state = ctx.saved_tensors
         dq, dk, dv, dbeta, ds0 = chunk_delta_rule_bwd(q, k, v, beta, initial_state, do, dfinal, **ctx.options)
-        return dq, dk, dv, dbeta, ds0, None, None, None, None
+        return dq, dk, dv, dbeta, ds0, None, None, None, None, None

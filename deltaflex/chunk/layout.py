@@ -9,6 +9,8 @@ are dropped by `from_chunks`. Each conversion is one copy.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
 
@@ -31,3 +33,61 @@ def from_chunks(x: torch.Tensor, T: int, dtype: torch.dtype) -> torch.Tensor:
     """[B, H, N, C, *D] -> [B, T, H, *D] in `dtype`, dropping the padded rows."""
     B, H, N, C = x.shape[:4]
     return x.reshape(B, H, N * C, *x.shape[4:])[:, :, :T].transpose(1, 2).to(dtype).contiguous()
+
+
+class Segments(NamedTuple):
+    """Packed sequences (B = 1) in the chunk layout; every sequence starts on a chunk boundary (on a
+    state-chunk boundary for a two-level pass), so chunks never mix sequences and only the state
+    pass needs to know: it starts every sequence from its own initial state and hands back its own
+    final state. Chunk-level tensors are [N/g, g] like the chunk layout; sequence-level ones [S]."""
+
+    seq: torch.Tensor  # [N/g, g] int64: the sequence of every chunk
+    first: torch.Tensor  # [N/g, g] bool: the chunk starts its sequence
+    last: torch.Tensor  # [N/g, g] bool: the chunk ends its sequence
+    first_chunk: torch.Tensor  # [S] int64: every sequence's first chunk (0 if it is empty)
+    last_chunk: torch.Tensor  # [S] int64: every sequence's last chunk (0 if it is empty)
+    empty: torch.Tensor  # [S] bool: the sequence has no tokens
+
+
+class PackedLayout(NamedTuple):
+    """Where the tokens of packed sequences go in the chunk layout: each sequence is padded to
+    whole chunks (whole groups of g chunks) of its own, so no chunk holds two sequences."""
+
+    slots: torch.Tensor  # [T] int64: every token's row among the N * C padded rows
+    segments: Segments
+    num_chunks: int  # N, a multiple of g
+
+
+def packed_layout(lengths: list[int], chunk_size: int, group: int, device) -> PackedLayout:
+    """The layout of sequences of the given lengths (host ints: building it needs no device sync)."""
+    per_group = chunk_size * group
+    chunks = [num_chunks(n, per_group) * group for n in lengths]
+    starts = [0]
+    for n in chunks:
+        starts.append(starts[-1] + n)
+    N = starts[-1]
+    slots = torch.cat([torch.arange(n) + start * chunk_size for n, start in zip(lengths, starts)] or [torch.zeros(0)])
+    seq = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(chunks, dtype=torch.long))
+    first, last = torch.zeros(N, dtype=torch.bool), torch.zeros(N, dtype=torch.bool)
+    empty = torch.tensor([n == 0 for n in chunks])
+    first_chunk = torch.tensor([0 if n == 0 else s for n, s in zip(chunks, starts)])
+    last_chunk = torch.tensor([0 if n == 0 else s + n - 1 for n, s in zip(chunks, starts)])
+    first[first_chunk[~empty]] = True
+    last[last_chunk[~empty]] = True
+    grouped = (seq.view(-1, group), first.view(-1, group), last.view(-1, group))
+    segments = Segments(*(t.to(device) for t in (*grouped, first_chunk, last_chunk, empty)))
+    return PackedLayout(slots.long().to(device), segments, N)
+
+
+def to_chunks_packed(x: torch.Tensor, layout: PackedLayout, chunk_size: int, dtype: torch.dtype, group: int):
+    """[1, T, H, *D] of packed sequences -> [1, H, N/g, g, C, *D] in `dtype`, zero-padded."""
+    H, rest = x.shape[2], x.shape[3:]
+    out = x.new_zeros(1, H, layout.num_chunks * chunk_size, *rest, dtype=dtype)
+    out[:, :, layout.slots] = x.transpose(1, 2).to(dtype)
+    return out.view(1, H, layout.num_chunks // group, group, chunk_size, *rest)
+
+
+def from_chunks_packed(x: torch.Tensor, layout: PackedLayout, dtype: torch.dtype) -> torch.Tensor:
+    """[1, H, N, C, *D] -> [1, T, H, *D] in `dtype`, dropping the padded rows."""
+    rows = x.reshape(1, x.shape[1], -1, *x.shape[4:])
+    return rows[:, :, layout.slots].transpose(1, 2).to(dtype).contiguous()

@@ -6,15 +6,16 @@ Each stage has one signature whatever its backend, so a plan can take any backen
     solve_backward  (k, beta, t, dt, dot)                    -> (dk, dbeta)
     wy              (t, k, v, beta, dot)                     -> (w, u)
     wy_backward     (t, k, v, beta, dw, du, dot)             -> (dt, dk, dv, dbeta)
-    state           (k, w, u, s0, dot, impl)                 -> (v_new, states, final)
-    state_backward  (q, k, w, v_new, states, do, dv_local, ds_final, scale, dot, impl)
+    state           (k, w, u, s0, dot, impl, segments)       -> (v_new, states, final)
+    state_backward  (q, k, w, v_new, states, do, dv_local, ds_final, scale, dot, impl, segments)
                                                              -> (dv_new, dw, dk, ds0)
     output          (q, k, v_new, states, scale, dot)        -> o
     output_backward (q, k, v_new, states, do, scale, dot)    -> (dq, dk, dv_local)
 
 Tensors are in chunk layout [B, H, N, C, D]; `dot` is the precision policy's product
 (`matmul.make_dot`; its .keywords say the policy and low dtype); `impl` is how a state pass runs
-its steps (`state.Stepping`: loop or scan, one or two levels), which other backends may ignore. The "compiled" backend is the blocked
+its steps (`state.Stepping`: loop or scan, one or two levels), which other backends may ignore;
+`segments` (`layout.Segments` or None) places packed sequences: s0 and final are then per sequence. The "compiled" backend is the blocked
 PyTorch ops of this package; hand-written Triton kernels register as "triton" when
 `deltaflex.kernels` is imported.
 """
@@ -72,8 +73,14 @@ def _solve_backward(k, beta, t, dt, dot):
     return _solve.kkt_backward(k, beta, _solve.solve_unit_lower_backward(t, dt), dot)
 
 
-def _state_backward(q, k, w, v_new, states, do, dv_local, ds_final, scale, dot, impl):
-    dv_new, ds_next, ds0 = _state.state_pass_backward(q, k, w, do, dv_local, ds_final, scale, dot=dot, impl=impl)
+def _state_forward(k, w, u, s0, dot, impl, segments):
+    return _state.state_pass(k, w, u, s0, dot=dot, impl=impl, segments=segments)
+
+
+def _state_backward(q, k, w, v_new, states, do, dv_local, ds_final, scale, dot, impl, segments):
+    dv_new, ds_next, ds0 = _state.state_pass_backward(
+        q, k, w, do, dv_local, ds_final, scale, dot=dot, impl=impl, segments=segments
+    )
     dk = dot(v_new, ds_next.transpose(-1, -2))
     dw = -dot(dv_new, states.transpose(-1, -2))
     return dv_new, dw, dk, ds0
@@ -81,6 +88,5 @@ def _state_backward(q, k, w, v_new, states, do, dv_local, ds_final, scale, dot, 
 
 register("solve", "compiled", _solve_forward, _solve_backward)
 register("wy", "compiled", _wy.wy, _wy.wy_backward)
-register("state", "compiled", lambda k, w, u, s0, dot, impl: _state.state_pass(k, w, u, s0, dot=dot, impl=impl),
-         _state_backward)
+register("state", "compiled", _state_forward, _state_backward)
 register("output", "compiled", _output.output, _output.output_backward)

@@ -24,7 +24,9 @@ from typing import NamedTuple
 
 import torch
 from torch._higher_order_ops.scan import scan
+from torch.utils._pytree import tree_map
 
+from .layout import Segments
 from .matmul import Dot, dot_add, is_plain
 
 KINDS = ("loop", "scan")
@@ -42,7 +44,7 @@ def _run(step, carry, xs: tuple[torch.Tensor, ...], kind: str, dim: int, reverse
         # Scanned over dim 0: torch 2.11's scan stacks its outputs there whatever `dim` says.
         # The carry's layout must match the step's output, so an expanded carry is made contiguous.
         final, ys = scan(step, carry.contiguous(), tuple(x.movedim(dim, 0) for x in xs), dim=0, reverse=reverse)
-        return final, ys.movedim(0, dim)
+        return final, tree_map(lambda y: y.movedim(0, dim), ys)
     if kind != "loop":
         raise ValueError(f"stepping kind must be one of {KINDS}, got {kind!r}")
     outs = []
@@ -51,6 +53,8 @@ def _run(step, carry, xs: tuple[torch.Tensor, ...], kind: str, dim: int, reverse
         outs.append(y)
     if reverse:
         outs.reverse()
+    if isinstance(outs[0], tuple):
+        return carry, tuple(torch.stack(ys, dim=dim) for ys in zip(*outs))
     return carry, torch.stack(outs, dim=dim)
 
 
@@ -102,9 +106,13 @@ def _backward_steps(k, w, g, x, ds_end, dot: Dot, kind: str, dim: int):
     return e, ds_start
 
 
-def state_pass(k, w, u, s0, *, dot: Dot, impl: Stepping):
-    """Returns (V_new [B, H, N, C, V], the state entering every chunk [B, H, N, K, V], final state)."""
+def state_pass(k, w, u, s0, *, dot: Dot, impl: Stepping, segments: Segments | None = None):
+    """Returns (V_new [B, H, N, C, V], the state entering every chunk [B, H, N, K, V], final state).
+
+    With `segments` (packed sequences, B = 1), s0 and the final state are [S, H, K, V]."""
     k, w, u = _operands(dot, s0.dtype, k, w, u)
+    if segments is not None:
+        return _segmented_state_pass(k, w, u, s0, dot, impl, segments)
     m = impl.group
     if m == 1:
         v_new, final = _forward_steps(k, w, u, s0, dot, impl.kind, dim=2)
@@ -121,10 +129,16 @@ def state_pass(k, w, u, s0, *, dot: Dot, impl: Stepping):
     return v_new, s0.unsqueeze(2) + _exclusive_cumsum(increments, dim=2), final
 
 
-def state_pass_backward(q, k, w, do, dv_local, ds_final, scale: float, *, dot: Dot, impl: Stepping):
-    """Returns (dV_new [B, H, N, C, V], dS_{n+1} for every chunk [B, H, N, K, V], dS_0)."""
+def state_pass_backward(
+    q, k, w, do, dv_local, ds_final, scale: float, *, dot: Dot, impl: Stepping, segments: Segments | None = None
+):
+    """Returns (dV_new [B, H, N, C, V], dS_{n+1} for every chunk [B, H, N, K, V], dS_0).
+
+    With `segments` (packed sequences, B = 1), ds_final and dS_0 are [S, H, K, V]."""
     q, k, w, do = _operands(dot, ds_final.dtype, q, k, w, do)
     g = scale * dot(q.transpose(-1, -2), do)  # the part of dS_n from chunk n's own output
+    if segments is not None:
+        return _segmented_state_pass_backward(k, w, g, dv_local, ds_final, dot, impl, segments)
     m = impl.group
     if m == 1:
         dv_new, ds0 = _backward_steps(k, w, g, dv_local, ds_final, dot, impl.kind, dim=2)
@@ -154,3 +168,107 @@ def _two_level_backward(k, w, g, dv_local, ds_final, dot: Dot, impl: Stepping, m
     ds0, d_end = _run(step, ds_final, (start[..., :V], start[..., V:]), impl.kind, dim=2, reverse=True)
     dv_new = e[..., :V] + dot(e[..., V:], d_end.unsqueeze(3))
     return dv_new.reshape(dv_local.shape), ds0
+
+
+# Packed sequences. The sequential passes restart at sequence boundaries, so states are carried out
+# of the steps rather than rebuilt by a cumulative sum over all chunks (which would subtract large
+# sums across sequences); with a two-level pass, only across state chunks.
+
+
+def _per_chunk(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """x [S, H, ...] gathered at index [N] -> [1, H, N, ...]."""
+    return x[index].movedim(0, 1).unsqueeze(0)
+
+
+def _flag(flags: torch.Tensor) -> torch.Tensor:
+    """[N] bool -> [1, 1, N, 1, 1], to broadcast against chunk states."""
+    return flags.view(1, 1, -1, 1, 1)
+
+
+def _segmented_forward_steps(k, w, u, s0, first, seq, dot: Dot, kind: str):
+    """The forward steps over dim 2, restarting at every `first` chunk from s0[seq]; returns
+    (V_new, the state entering every step)."""
+
+    def step(s, x):
+        k_n, w_n, u_n, first_n, s0_n = x
+        s_in = torch.where(first_n, s0_n, s)
+        v_new = dot_add(u_n, w_n, s_in, dot, alpha=-1.0)
+        return dot_add(s_in, k_n.transpose(-1, -2), v_new, dot), (v_new, s_in)
+
+    _, (v_new, entering) = _run(step, s0.new_zeros(1, *s0.shape[1:]), (k, w, u, _flag(first), _per_chunk(s0, seq)),
+                                kind, dim=2)
+    return v_new, entering
+
+
+def _by_sequence(chunk_states: torch.Tensor, index: torch.Tensor, empty: torch.Tensor, fallback: torch.Tensor):
+    """chunk_states [1, H, N, K, V] at each sequence's chunk -> [S, H, K, V]; `fallback` where empty."""
+    picked = chunk_states[0, :, index].movedim(1, 0)
+    return torch.where(empty.view(-1, 1, 1, 1), fallback, picked)
+
+
+def _segmented_state_pass(k, w, u, s0, dot: Dot, impl: Stepping, segments: Segments):
+    m = impl.group
+    seq, first = segments.seq.flatten(), segments.first.flatten()
+    if m == 1:
+        v_new, states = _segmented_forward_steps(k, w, u, s0, first, seq, dot, impl.kind)
+        increments = dot(k.transpose(-1, -2), v_new)
+    else:
+        B, H, N, C, K = k.shape
+        z0 = s0.new_zeros(B, H, N // m, K, K + u.shape[-1])
+        wu, _ = _forward_steps(*(_grouped(x, m) for x in (k, w, torch.cat([w, u], -1))), z0, dot, impl.kind, dim=3)
+        k_l, w_l, u_l = (_state_chunks(x) for x in (_grouped(k, m), wu[..., :K], wu[..., K:]))
+        v_new, entering = _segmented_forward_steps(k_l, w_l, u_l, s0, segments.first[:, 0], segments.seq[:, 0], dot,
+                                                   impl.kind)
+        v_new = v_new.reshape(u.shape)
+        increments = dot(k.transpose(-1, -2), v_new)
+        within = _exclusive_cumsum(_grouped(increments, m), dim=3)  # inside each state chunk
+        states = (entering.unsqueeze(3) + within).flatten(2, 3)
+    ends = states + increments
+    final = _by_sequence(ends, segments.last_chunk, segments.empty, s0)
+    return v_new, states, final
+
+
+def _segmented_backward_steps(k, w, g, x, ds_final, last, seq, dot: Dot, kind: str):
+    """The backward steps over dim 2 in reverse, restarting at every `last` chunk from
+    ds_final[seq]; returns (the e of every step, the gradient entering every step)."""
+
+    def step(ds, xs):
+        k_n, w_n, g_n, x_n, last_n, dsf_n = xs
+        ds_in = torch.where(last_n, dsf_n, ds)
+        e = dot_add(x_n, k_n, ds_in, dot)
+        return ds_in + dot_add(g_n, w_n.transpose(-1, -2), e, dot, alpha=-1.0), (e, ds_in)
+
+    xs = (k, w, g, x, _flag(last), _per_chunk(ds_final, seq))
+    _, (e, entering) = _run(step, ds_final.new_zeros(1, *ds_final.shape[1:]), xs, kind, dim=2, reverse=True)
+    return e, entering
+
+
+def _segmented_state_pass_backward(k, w, g, dv_local, ds_final, dot: Dot, impl: Stepping, segments: Segments):
+    m = impl.group
+    seq, last = segments.seq.flatten(), segments.last.flatten()
+    if m == 1:
+        dv_new, ds_next = _segmented_backward_steps(k, w, g, dv_local, ds_final, last, seq, dot, impl.kind)
+        increments = g - dot(w.transpose(-1, -2), dv_new)
+    else:
+        B, H, N, C, K = k.shape
+        V = dv_local.shape[-1]
+        x = torch.cat([dv_local, dv_local.new_zeros(B, H, N, C, K)], -1)
+        g_wide = torch.cat([g, g.new_zeros(B, H, N, K, K)], -1)
+        eye = torch.eye(K, dtype=g.dtype, device=g.device).expand(B, H, N // m, K, K)
+        end = torch.cat([g.new_zeros(B, H, N // m, K, V), eye], -1)
+        e, start = _backward_steps(*(_grouped(t, m) for t in (k, w, g_wide, x)), end, dot, impl.kind, dim=3)
+
+        def step(d, xs):
+            g_l, m_l, last_n, dsf_n = xs
+            d_end = torch.where(last_n, dsf_n, d)
+            return dot_add(g_l, m_l, d_end, dot), d_end
+
+        _, d_end = _run(step, torch.zeros_like(start[:, :, 0, :, :V]),
+                        (start[..., :V], start[..., V:], _flag(segments.last[:, -1]),
+                         _per_chunk(ds_final, segments.seq[:, 0])), impl.kind, dim=2, reverse=True)
+        dv_new = (e[..., :V] + dot(e[..., V:], d_end.unsqueeze(3))).reshape(dv_local.shape)
+        increments = g - dot(w.transpose(-1, -2), dv_new)
+        within = _exclusive_cumsum(_grouped(increments, m), dim=3, reverse=True)
+        ds_next = (d_end.unsqueeze(3) + within).flatten(2, 3)
+    ds0 = _by_sequence(ds_next + increments, segments.first_chunk, segments.empty, ds_final)
+    return dv_new, ds_next, ds0

@@ -5,7 +5,7 @@ import torch
 from typer.testing import CliRunner
 
 import deltaflex.api
-from deltaflex import delta_rule
+from deltaflex import Plan, delta_rule
 from deltaflex.cli import app
 from deltaflex.testing import make_inputs
 from deltaflex.tuning.cache import PlanCache
@@ -22,7 +22,7 @@ def test_tune_cpu_writes_a_plan_that_auto_then_uses(monkeypatch):
     assert json.loads(PlanCache().path.read_text())["entries"][0]["plan"] == entry.plan.to_dict()
 
     seen, apply = [], deltaflex.api.ChunkDeltaRuleFunction.apply
-    monkeypatch.setattr(deltaflex.api.ChunkDeltaRuleFunction, "apply", lambda *a: (seen.append(a[-1]), apply(*a))[1])
+    monkeypatch.setattr(deltaflex.api.ChunkDeltaRuleFunction, "apply", lambda *a: (seen.extend(x for x in a if isinstance(x, Plan)), apply(*a))[1])
     delta_rule(**make_inputs(1, 64, 2, 16, dtype=torch.float32), plan="auto")
     assert seen == [entry.plan]
 

@@ -147,6 +147,6 @@ def test_tune_on_cuda_then_auto_uses_it(monkeypatch):
     assert entry.key.env.device == torch.cuda.get_device_name() and entry.key.env.capability
     assert entry.time_ms > 0 and entry.error < 1e-2
     seen, apply = [], deltaflex.api.ChunkDeltaRuleFunction.apply
-    monkeypatch.setattr(deltaflex.api.ChunkDeltaRuleFunction, "apply", lambda *a: (seen.append(a[-1]), apply(*a))[1])
+    monkeypatch.setattr(deltaflex.api.ChunkDeltaRuleFunction, "apply", lambda *a: (seen.extend(x for x in a if isinstance(x, Plan)), apply(*a))[1])
     delta_rule(**make_inputs(1, 256, 2, 64, dtype=torch.bfloat16, device="cuda"))  # plan=None on CUDA is "auto"
     assert seen == [entry.plan]
