@@ -2,6 +2,7 @@
 
     python benchmarks/profile_plan.py --shape 4,4096,16,128 --plan compiled \
         --plan chunk_size=128,precision=bf16 --fla --out $OUT
+    python benchmarks/profile_plan.py --shape 4,4096,16,128 --packed-mean 512 --fla   # cu_seqlens
 
 A --plan is a plan name or comma-separated Plan fields (chunk_size=128,precision=bf16,unroll=1).
 Forward outputs are compared with the float64 oracle; gradients with the float64 run of the eager
@@ -48,6 +49,15 @@ def _graphs() -> int:
     return counters["stats"]["unique_graphs"]
 
 
+def random_lengths(total: int, mean: int, generator: torch.Generator) -> list[int]:
+    """Document lengths (exponential, at least 1) that add up to `total` tokens."""
+    lengths = []
+    while sum(lengths) < total:
+        lengths.append(max(1, int(torch.empty(1).exponential_(1 / mean, generator=generator))))
+    lengths[-1] -= sum(lengths) - total
+    return [n for n in lengths if n > 0]
+
+
 def measure(name, forward, x, refs, do, profile_file):
     leaves = [x[n].detach().requires_grad_() for n in NAMES]
 
@@ -90,11 +100,11 @@ def measure(name, forward, x, refs, do, profile_file):
     return result
 
 
-def references(x, do):
-    o_ref, s_ref = recurrent_delta_rule_ref(**x, output_final_state=True)
+def references(x, do, cu_seqlens=None):
+    o_ref, s_ref = recurrent_delta_rule_ref(**x, output_final_state=True, cu_seqlens=cu_seqlens)
     refs = {"o": o_ref, "final_state": s_ref}
     leaves = [x[n].detach().double().requires_grad_() for n in NAMES]
-    delta_rule(*leaves, plan="eager", chunk_size=64)[0].backward(do.double())
+    delta_rule(*leaves, plan="eager", chunk_size=64, cu_seqlens=cu_seqlens)[0].backward(do.double())
     refs.update({f"d{n}": leaf.grad for n, leaf in zip(NAMES, leaves)})
     return refs
 
@@ -118,6 +128,8 @@ def main():
     parser.add_argument("--keys", default="random")
     parser.add_argument("--fla", action="store_true", help="also fla-core's chunk_delta_rule")
     parser.add_argument("--recompiles", action="store_true")
+    parser.add_argument("--packed-mean", type=int, default=0,
+                        help="pack the B*T tokens into one row of random documents of this mean length (cu_seqlens)")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     shape = Shape.parse(args.shape)
@@ -125,17 +137,26 @@ def main():
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
         profile_file = args.out / "profiles.txt"
-    x = make_inputs(shape.B, shape.T, shape.H, shape.K, shape.V, dtype=torch.bfloat16, device="cuda", keys=args.keys)
+    B, T, cu, cu_cpu = shape.B, shape.T, None, None
+    if args.packed_mean:
+        lengths = random_lengths(B * T, args.packed_mean, torch.Generator().manual_seed(0))
+        B, T = 1, B * T
+        cu_cpu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()])
+        cu = cu_cpu.to("cuda")
+        print(f"packed: {len(lengths)} documents, mean {T / len(lengths):.0f} tokens", flush=True)
+    x = make_inputs(B, T, shape.H, shape.K, shape.V, dtype=torch.bfloat16, device="cuda", keys=args.keys)
     do = torch.randn_like(x["v"])
-    refs = references(x, do)
+    refs = references(x, do, cu)
     contenders = []
     for spec in args.plan or ["compiled"]:
         plan = parse_plan(spec)
-        contenders.append((spec, lambda q, k, v, b, plan=plan: delta_rule(q, k, v, b, plan=plan, output_final_state=True)))
+        contenders.append((spec, lambda q, k, v, b, plan=plan: delta_rule(
+            q, k, v, b, plan=plan, output_final_state=True, cu_seqlens=cu, cu_seqlens_cpu=cu_cpu)))
     if args.fla:
         from fla.ops.delta_rule import chunk_delta_rule
 
-        contenders.append(("fla chunk", lambda q, k, v, b: chunk_delta_rule(q, k, v, b, output_final_state=True)))
+        contenders.append(("fla chunk", lambda q, k, v, b: chunk_delta_rule(
+            q, k, v, b, output_final_state=True, cu_seqlens=cu, cu_seqlens_cpu=cu_cpu)))
     rows = []
     for name, forward in contenders:
         try:
