@@ -137,6 +137,7 @@ class Plan:
     compile_mode: str = "default"  # torch.compile's mode for the compiled-backend stages
     unroll: bool = False  # compiled state pass as an unrolled loop, not the scan op (one graph per T)
     state_group: int = 1  # > 1: two-level state pass over groups of this many chunks (chunk/state.py)
+    cuda_graph: bool = False  # replay the compiled graphs under CUDA graphs, one capture per shape
     precision: str = "auto"  # matmul policy; auto: fp32 (the only one measured fast enough yet)
     # Launch configurations of the hand-written stages; None: the kernel's own default.
     solve_kernel: KernelConfig | None = None
@@ -167,8 +168,11 @@ class Plan:
             raise ValueError(f"plan compile_mode must be one of {COMPILE_MODES}, got {self.compile_mode!r}")
         if not self.compile and self.compile_mode != "default":
             raise ValueError(f"plan compile_mode {self.compile_mode!r} needs compile=True")
-        if not isinstance(self.unroll, bool):
-            raise TypeError(f"plan unroll must be True or False, got {self.unroll!r}")
+        for flag in ("unroll", "cuda_graph"):
+            if not isinstance(getattr(self, flag), bool):
+                raise TypeError(f"plan {flag} must be True or False, got {getattr(self, flag)!r}")
+        if self.cuda_graph and not self.compile:
+            raise ValueError("plan cuda_graph replays the compiled graphs and needs compile=True")
         if self.state_group not in STATE_GROUPS:
             raise ValueError(f"plan state_group must be one of {STATE_GROUPS}, got {self.state_group!r}")
         if self.precision not in PRECISIONS:
@@ -217,6 +221,7 @@ class Plan:
         extras = [f"precision={self.precision}"] if self.precision != "auto" else []
         extras += ["unrolled"] if self.unroll else []
         extras += [f"state_group={self.state_group}"] if self.state_group > 1 else []
+        extras += ["cuda graphs"] if self.cuda_graph else []
         return ", ".join([f"C{self.chunk_size} {self._compiler()}", *extras, *hand])
 
     def _compiler(self) -> str:

@@ -18,6 +18,7 @@ import torch
 from ..plan import Plan
 from ..reference import L2NORM_EPS, l2norm
 from ..validation import state_dtype
+from . import graphs
 from .layout import PackedLayout, from_chunks, from_chunks_packed, to_chunks, to_chunks_packed
 from .matmul import make_dot
 from .stages import STAGES, implementation
@@ -112,7 +113,8 @@ def chunk_delta_rule_fwd(q, k, v, beta, initial_state, *, scale, use_qk_l2norm, 
     segments = None if layout is None else layout.segments
     options = _chunk_options(plan, device_type, scale, use_qk_l2norm)
     o, final = _run(forward_chunks, plan, (*chunks, s0, segments), options)
-    return _unchunked(o, q.shape[1], q.dtype, layout), final
+    # a CUDA-graph replay's outputs are its own buffers: copy out what outlives the call
+    return _unchunked(o, q.shape[1], q.dtype, layout), final.clone()
 
 
 def chunk_delta_rule_bwd(
@@ -128,7 +130,7 @@ def chunk_delta_rule_bwd(
     dq, dk, dv, dbeta, ds0 = _run(backward_chunks, plan, (*chunks, s0, doc, ds_final, segments), options)
     T = q.shape[1]
     grads = tuple(_unchunked(g, T, x.dtype, layout) for g, x in zip((dq, dk, dv, dbeta), (q, k, v, beta)))
-    return (*grads, None if initial_state is None else ds0.to(initial_state.dtype))
+    return (*grads, None if initial_state is None else ds0.to(initial_state.dtype, copy=True))
 
 
 @functools.cache
@@ -163,7 +165,10 @@ def _run(fn, plan: Plan, tensors: tuple[torch.Tensor, ...], options: dict):
                 torch._dynamo.maybe_mark_dynamic(x, 0)
                 if x.dim() >= 5:  # chunk layout: N/g, besides B
                     torch._dynamo.maybe_mark_dynamic(x, 2)
-        return _compiled(fn, plan.compile_mode)(*tensors, **options, stepping=_stepping(plan, not plan.unroll))
+        options = dict(options, stepping=_stepping(plan, not plan.unroll))
+        if plan.cuda_graph and tensors[0].is_cuda:
+            return graphs.replay(_compiled(fn, plan.compile_mode), tensors, options)
+        return _compiled(fn, plan.compile_mode)(*tensors, **options)
     scan = compiling and isinstance(tensors[0].shape[2], int) and not plan.unroll
     return fn(*tensors, **options, stepping=_stepping(plan, scan))
 

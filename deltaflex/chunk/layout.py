@@ -32,7 +32,9 @@ def to_chunks(x: torch.Tensor, chunk_size: int, dtype: torch.dtype, group: int =
 def from_chunks(x: torch.Tensor, T: int, dtype: torch.dtype) -> torch.Tensor:
     """[B, H, N, C, *D] -> [B, T, H, *D] in `dtype`, dropping the padded rows."""
     B, H, N, C = x.shape[:4]
-    return x.reshape(B, H, N * C, *x.shape[4:])[:, :, :T].transpose(1, 2).to(dtype).contiguous()
+    out = x.new_empty(B, T, H, *x.shape[4:], dtype=dtype)  # always a fresh tensor (see graphs.py)
+    out.copy_(x.reshape(B, H, N * C, *x.shape[4:])[:, :, :T].transpose(1, 2))
+    return out
 
 
 class Segments(NamedTuple):
