@@ -106,6 +106,32 @@ def _backward_steps(k, w, g, x, ds_end, dot: Dot, kind: str, dim: int):
     return e, ds_start
 
 
+def _state_chunk_wy(k, w, u, dot: Dot, impl: Stepping):
+    """(K, W, U) of the state chunks of g = impl.group chunks each, [B, H, N/g, g C, D]: inside each
+    state chunk, the forward steps from a zero state with values [W | U] give its WY factors."""
+    m = impl.group
+    _check_group(k.shape[2], m)
+    B, H, N, C, K = k.shape
+    z0 = w.new_zeros(B, H, N // m, K, K + u.shape[-1])
+    wu, _ = _forward_steps(*(_grouped(x, m) for x in (k, w, torch.cat([w, u], -1))), z0, dot, impl.kind, dim=3)
+    return tuple(_state_chunks(x) for x in (_grouped(k, m), wu[..., :K], wu[..., K:]))
+
+
+def _state_chunk_responses(k, w, g, dv_local, dot: Dot, impl: Stepping):
+    """Inside each state chunk, the backward steps from dS_end = [0 | I]: for the state chunk's true
+    end gradient D, dV_new_j = E_j + F_j D and dS_start = G_L + M_L D. Returns ([E | F] per chunk
+    [B, H, N/g, g, C, V + K], [G_L | M_L] per state chunk [B, H, N/g, K, V + K])."""
+    m = impl.group
+    _check_group(k.shape[2], m)
+    B, H, N, C, K = k.shape
+    V = dv_local.shape[-1]
+    x = torch.cat([dv_local, dv_local.new_zeros(B, H, N, C, K)], -1)
+    g_wide = torch.cat([g, g.new_zeros(B, H, N, K, K)], -1)
+    eye = torch.eye(K, dtype=g.dtype, device=g.device).expand(B, H, N // m, K, K)
+    end = torch.cat([g.new_zeros(B, H, N // m, K, V), eye], -1)
+    return _backward_steps(*(_grouped(t, m) for t in (k, w, g_wide, x)), end, dot, impl.kind, dim=3)
+
+
 def state_pass(k, w, u, s0, *, dot: Dot, impl: Stepping, segments: Segments | None = None):
     """Returns (V_new [B, H, N, C, V], the state entering every chunk [B, H, N, K, V], final state).
 
@@ -117,13 +143,7 @@ def state_pass(k, w, u, s0, *, dot: Dot, impl: Stepping, segments: Segments | No
     if m == 1:
         v_new, final = _forward_steps(k, w, u, s0, dot, impl.kind, dim=2)
     else:
-        _check_group(k.shape[2], m)
-        B, H, N, C, K = k.shape
-        # Inside each state chunk, from a zero state, with values [W | U]: its WY factors [W_L | U_L].
-        z0 = s0.new_zeros(B, H, N // m, K, K + u.shape[-1])
-        wu, _ = _forward_steps(*(_grouped(x, m) for x in (k, w, torch.cat([w, u], -1))), z0, dot, impl.kind, dim=3)
-        k_l, w_l, u_l = (_state_chunks(x) for x in (_grouped(k, m), wu[..., :K], wu[..., K:]))
-        v_new, final = _forward_steps(k_l, w_l, u_l, s0, dot, impl.kind, dim=2)
+        v_new, final = _forward_steps(*_state_chunk_wy(k, w, u, dot, impl), s0, dot, impl.kind, dim=2)
         v_new = v_new.reshape(u.shape)
     increments = dot(k.transpose(-1, -2), v_new)  # K_n^T V_new_n, every chunk at once
     return v_new, s0.unsqueeze(2) + _exclusive_cumsum(increments, dim=2), final
@@ -143,23 +163,16 @@ def state_pass_backward(
     if m == 1:
         dv_new, ds0 = _backward_steps(k, w, g, dv_local, ds_final, dot, impl.kind, dim=2)
     else:
-        _check_group(k.shape[2], m)
-        dv_new, ds0 = _two_level_backward(k, w, g, dv_local, ds_final, dot, impl, m)
+        dv_new, ds0 = _two_level_backward(k, w, g, dv_local, ds_final, dot, impl)
     increments = g - dot(w.transpose(-1, -2), dv_new)  # dS_n - dS_{n+1}, every chunk at once
     return dv_new, ds_final.unsqueeze(2) + _exclusive_cumsum(increments, dim=2, reverse=True), ds0
 
 
-def _two_level_backward(k, w, g, dv_local, ds_final, dot: Dot, impl: Stepping, m: int):
-    """Inside each state chunk, run backwards from dS_end = [0 | I]: dV_new_j = E_j + F_j D and
-    dS_start = G_L + M_L D for the state chunk's true end gradient D. Then one reverse pass over
-    state chunks gives every D, and dV_new follows in parallel."""
-    B, H, N, C, K = k.shape
+def _two_level_backward(k, w, g, dv_local, ds_final, dot: Dot, impl: Stepping):
+    """The state chunks' responses, then one reverse pass over state chunks gives every state
+    chunk's end gradient D, and dV_new follows in parallel."""
     V = dv_local.shape[-1]
-    x = torch.cat([dv_local, dv_local.new_zeros(B, H, N, C, K)], -1)
-    g_wide = torch.cat([g, g.new_zeros(B, H, N, K, K)], -1)
-    eye = torch.eye(K, dtype=g.dtype, device=g.device).expand(B, H, N // m, K, K)
-    end = torch.cat([g.new_zeros(B, H, N // m, K, V), eye], -1)
-    e, start = _backward_steps(*(_grouped(t, m) for t in (k, w, g_wide, x)), end, dot, impl.kind, dim=3)
+    e, start = _state_chunk_responses(k, w, g, dv_local, dot, impl)
 
     def step(d, xs):
         g_l, m_l = xs
@@ -213,10 +226,7 @@ def _segmented_state_pass(k, w, u, s0, dot: Dot, impl: Stepping, segments: Segme
         v_new, states = _segmented_forward_steps(k, w, u, s0, first, seq, dot, impl.kind)
         increments = dot(k.transpose(-1, -2), v_new)
     else:
-        B, H, N, C, K = k.shape
-        z0 = s0.new_zeros(B, H, N // m, K, K + u.shape[-1])
-        wu, _ = _forward_steps(*(_grouped(x, m) for x in (k, w, torch.cat([w, u], -1))), z0, dot, impl.kind, dim=3)
-        k_l, w_l, u_l = (_state_chunks(x) for x in (_grouped(k, m), wu[..., :K], wu[..., K:]))
+        k_l, w_l, u_l = _state_chunk_wy(k, w, u, dot, impl)
         v_new, entering = _segmented_forward_steps(k_l, w_l, u_l, s0, segments.first[:, 0], segments.seq[:, 0], dot,
                                                    impl.kind)
         v_new = v_new.reshape(u.shape)
@@ -250,13 +260,8 @@ def _segmented_state_pass_backward(k, w, g, dv_local, ds_final, dot: Dot, impl: 
         dv_new, ds_next = _segmented_backward_steps(k, w, g, dv_local, ds_final, last, seq, dot, impl.kind)
         increments = g - dot(w.transpose(-1, -2), dv_new)
     else:
-        B, H, N, C, K = k.shape
         V = dv_local.shape[-1]
-        x = torch.cat([dv_local, dv_local.new_zeros(B, H, N, C, K)], -1)
-        g_wide = torch.cat([g, g.new_zeros(B, H, N, K, K)], -1)
-        eye = torch.eye(K, dtype=g.dtype, device=g.device).expand(B, H, N // m, K, K)
-        end = torch.cat([g.new_zeros(B, H, N // m, K, V), eye], -1)
-        e, start = _backward_steps(*(_grouped(t, m) for t in (k, w, g_wide, x)), end, dot, impl.kind, dim=3)
+        e, start = _state_chunk_responses(k, w, g, dv_local, dot, impl)
 
         def step(d, xs):
             g_l, m_l, last_n, dsf_n = xs
