@@ -161,7 +161,7 @@ def _run(fn, plan: Plan, tensors: tuple[torch.Tensor, ...], options: dict):
     compiling = torch.compiler.is_compiling()
     if plan.compile and not compiling:
         if not plan.unroll:
-            for x in torch.utils._pytree.tree_leaves(tensors):
+            for x in (t for t in torch.utils._pytree.tree_leaves(tensors) if isinstance(t, torch.Tensor)):
                 torch._dynamo.maybe_mark_dynamic(x, 0)
                 if x.dim() >= 5:  # chunk layout: N/g, besides B
                     torch._dynamo.maybe_mark_dynamic(x, 2)

@@ -9,7 +9,8 @@ from deltaflex.testing import make_inputs
 
 @pytest.mark.parametrize("use_qk_l2norm", [False, True])
 def test_gradcheck(use_qk_l2norm):
-    x = make_inputs(1, 21, 2, 4, 3, dtype=torch.float64, keys="correlated", initial_state=True)
+    # two chunks, the second ragged; tiny so that the full (not the fast) check runs in seconds
+    x = make_inputs(1, 19, 1, 3, 2, dtype=torch.float64, keys="correlated", initial_state=True)
     inputs = tuple(t.requires_grad_() for t in x.values())
 
     def f(q, k, v, beta, h0):
@@ -18,7 +19,7 @@ def test_gradcheck(use_qk_l2norm):
             use_qk_l2norm=use_qk_l2norm, plan="eager",
         )
 
-    assert torch.autograd.gradcheck(f, inputs)
+    assert torch.autograd.gradcheck(f, inputs, atol=1e-8, rtol=1e-6)
 
 
 def _saved_bytes_beyond_inputs(fn, inputs):
