@@ -2,7 +2,7 @@
 
 Dimensions: chunk size; per stage, its available backends (only "compiled" until a hand-written
 kernel registers); per hand-written stage, its block sizes, num_warps and num_stages; whether to
-compile and torch.compile's mode. A dimension with one choice is fixed, not searched, so the space
+compile, torch.compile's mode and, on CUDA, the compiled plan's state grouping and CUDA graphs. A dimension with one choice is fixed, not searched, so the space
 grows as stages land without anything here changing.
 """
 
@@ -13,6 +13,11 @@ import dataclasses
 from deltaflex.plan import CHUNK_SIZES, STAGES, KernelConfig, KernelSpace, Plan, available_backends, kernel_space
 
 
+# What a compiled plan may vary on a GPU: fewer sequential state-pass steps (state_group) and
+# CUDA-graph replay, the two levers of the compiled plan's speed (docs/notes-compiled-plan.md).
+COMPILED_OPTIONS_CUDA = (("state_group", (1, 4, 8)), ("cuda_graph", (False, True)))
+
+
 @dataclasses.dataclass(frozen=True)
 class SearchSpace:
     chunk_sizes: tuple[int, ...]
@@ -20,6 +25,8 @@ class SearchSpace:
     kernels: tuple[tuple[str, KernelSpace], ...]  # stage -> its hand-written kernel's space
     compile: tuple[bool, ...]
     compile_modes: tuple[str, ...]
+    # Plan fields searched for compiled plans only, e.g. the two-level state pass and CUDA graphs.
+    compiled_options: tuple[tuple[str, tuple], ...] = ()
 
     @classmethod
     def for_device(cls, device_type: str, compile: bool | None = None, max_autotune: bool = False) -> SearchSpace:
@@ -31,7 +38,8 @@ class SearchSpace:
         backends = tuple((stage, available_backends(stage, device_type)) for stage in STAGES)
         kernels = tuple((stage, kernel_space(stage)) for stage, choices in backends if "triton" in choices)
         modes = ("default", "max-autotune-no-cudagraphs") if max_autotune else ("default",)
-        return cls(CHUNK_SIZES, backends, kernels, (False, True) if compile else (False,), modes)
+        options = COMPILED_OPTIONS_CUDA if device_type == "cuda" else ()
+        return cls(CHUNK_SIZES, backends, kernels, (False, True) if compile else (False,), modes, options)
 
     def suggest(self, trial) -> Plan:
         """The plan an optuna trial samples (define-by-run: kernel and compile-mode dimensions only
@@ -50,6 +58,7 @@ class SearchSpace:
         fields["compile"] = _pick(trial, "compile", self.compile)
         if fields["compile"]:
             fields["compile_mode"] = _pick(trial, "compile_mode", self.compile_modes)
+            fields.update({name: _pick(trial, name, choices) for name, choices in self.compiled_options})
         return Plan(**fields)
 
     def params(self, plan: Plan) -> dict | None:
@@ -76,7 +85,10 @@ class SearchSpace:
                 else:
                     configs += 1
             per_stage *= configs
-        compiles = sum(len(self.compile_modes) if c else 1 for c in self.compile)
+        per_compiled = len(self.compile_modes)
+        for _, choices in self.compiled_options:
+            per_compiled *= len(choices)
+        compiles = sum(per_compiled if c else 1 for c in self.compile)
         return len(self.chunk_sizes) * per_stage * compiles
 
 

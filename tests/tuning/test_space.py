@@ -13,6 +13,8 @@ def all_plans(space: SearchSpace) -> set[Plan]:
     names, choices = ["chunk_size", "compile", "compile_mode"], [space.chunk_sizes, space.compile, space.compile_modes]
     for stage, backends in space.backends:
         names.append(stage), choices.append(backends)
+    for name, options in space.compiled_options:
+        names.append(name), choices.append(options)
     for stage, kernel in space.kernels:
         for block, sizes in kernel.blocks:
             names.append(f"{stage}.{block}"), choices.append(sizes)
@@ -31,12 +33,15 @@ def test_cpu_space_is_eager_chunk_sizes_by_default():
 def test_cuda_space_searches_compiled_and_eager_plans_with_available_backends():
     space = SearchSpace.for_device("cuda")
     plans = all_plans(space)
-    assert len(plans) == space.size() == 4 * 2  # eager and compiled per chunk size
+    # per chunk size: eager, or compiled with state_group 1/4/8 and with or without CUDA graphs
+    assert len(plans) == space.size() == 4 * (1 + 3 * 2)
     assert all(set(p.backends().values()) == {"compiled"} for p in plans)
     assert default_plan("cuda") in plans
+    assert {Plan(chunk_size=c, state_group=8, cuda_graph=True) for c in CHUNK_SIZES} <= plans
     assert SearchSpace.for_device("cuda", compile=False).size() == 4
     with_max_autotune = all_plans(SearchSpace.for_device("cuda", max_autotune=True))
-    assert with_max_autotune - plans == {Plan(chunk_size=c, compile_mode="max-autotune-no-cudagraphs") for c in CHUNK_SIZES}
+    assert {p.compile_mode for p in with_max_autotune - plans} == {"max-autotune-no-cudagraphs"}
+    assert len(with_max_autotune - plans) == 4 * 3 * 2
 
 
 @pytest.fixture
@@ -59,6 +64,7 @@ def test_params_reproduce_a_plan(registered_state_kernel):
         assert space.suggest(optuna.trial.FixedTrial(space.params(plan))) == plan
     # a hand-written stage left at the kernel's default configuration is inside the space too
     assert space.params(Plan(state="triton")) == {
-        "chunk_size": 64, "state": "triton", "state.BV": 64, "state.num_warps": 4, "compile": True, "compile_mode": "default"}
+        "chunk_size": 64, "state": "triton", "state.BV": 64, "state.num_warps": 4, "compile": True, "compile_mode": "default",
+        "state_group": 1, "cuda_graph": False}
     assert space.params(Plan(state="triton", state_kernel=KernelConfig({"BV": 128}))) is None  # outside
     assert SearchSpace.for_device("cpu").params(Plan()) is None  # compiled plans are outside the default CPU space
