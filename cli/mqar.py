@@ -10,10 +10,18 @@ from rich.table import Table
 
 from .common import add_row, console, env, fail, parse_device, say
 
-QUICK = {"vocab_size": 64, "seq_len": 64, "num_pairs": 8, "widths": "32", "steps": 60, "batch_size": 16,
+# Sizes left unset take the paper's hard setting (MQARTask's and MQARTraining's defaults), or with
+# --quick a tiny CPU one
+QUICK = {"widths": "32", "steps": 60, "batch_size": 16, "seq_len": 64, "num_pairs": 8, "vocab_size": 64,
          "eval_every": 20, "curve_examples": 32, "test_examples": 64}
 
 
+def _full_sizes() -> dict:
+    import dataclasses
+
+    from deltaflex.models.mqar import MQARTask, MQARTraining
+
+    return {"widths": "64,128,256", **dataclasses.asdict(MQARTask()), **dataclasses.asdict(MQARTraining())}
 def _ints(text: str, option: str) -> list[int]:
     try:
         values = [int(v) for v in text.split(",") if v.strip()]
@@ -66,20 +74,20 @@ def _table(results: dict) -> Table:
 
 def mqar(
     mixers: str = typer.Option("deltanet,linear,attention", help="comma-separated: deltanet, linear, attention"),
-    widths: str = typer.Option("64,128,256", help="comma-separated model widths (runs go width by width)"),
+    widths: str = typer.Option(None, help="comma-separated model widths, run width by width [64,128,256]"),
     lr: list[str] = typer.Option(None, help="LR for every mixer or MIXER=LR; repeat for a sweep. Default: one known-good LR per mixer."),
-    steps: int = typer.Option(2000, help="training steps, the same for every run"),
-    batch_size: int = typer.Option(128, help="sequences per step (fresh ones every step)"),
-    seq_len: int = typer.Option(512, help="tokens per sequence"),
-    num_pairs: int = typer.Option(64, help="key-value pairs per sequence"),
-    vocab_size: int = typer.Option(8192, help="vocabulary (keys from the lower half, values from the upper)"),
+    steps: int = typer.Option(None, help="training steps, the same for every run [2000]"),
+    batch_size: int = typer.Option(None, help="sequences per step, fresh ones every step [256]"),
+    seq_len: int = typer.Option(None, help="tokens per sequence [512]"),
+    num_pairs: int = typer.Option(None, help="key-value pairs per sequence [64]"),
+    vocab_size: int = typer.Option(None, help="vocabulary: keys from the lower half, values from the upper [8192]"),
     power_a: float = typer.Option(0.01, help="Zoology's power law of the query gaps"),
     random_fill: bool = typer.Option(False, help="random tokens between queries instead of 0 (Zoology's Figure 2: 0)"),
     layers: int = typer.Option(2, help="layers of the model"),
     heads: int = typer.Option(2, help="heads of every mixer"),
-    eval_every: int = typer.Option(200, help="steps between learning-curve points"),
-    curve_examples: int = typer.Option(256, help="test sequences behind each learning-curve point"),
-    test_examples: int = typer.Option(1000, help="test sequences behind the final accuracy"),
+    eval_every: int = typer.Option(None, help="steps between learning-curve points [200]"),
+    curve_examples: int = typer.Option(None, help="test sequences behind each learning-curve point [256]"),
+    test_examples: int = typer.Option(None, help="test sequences behind the final accuracy [1000]"),
     seed: int = typer.Option(0, help="seed of the weights, the training data and (offset) the test set"),
     plan: str = typer.Option("eager", help='DeltaNet layers\' delta-rule plan ("eager": no compile; "compiled", "auto", ...)'),
     compile: bool = typer.Option(False, help="torch.compile the model (one graph per width and mixer)"),
@@ -88,17 +96,21 @@ def mqar(
     out: Path = typer.Option(Path("results/mqar"), help="folder of mqar.json (accumulated across calls) and mqar.png"),
     fresh: bool = typer.Option(False, help="start a new mqar.json instead of adding to the one in --out"),
     plot: bool = typer.Option(True, help="draw mqar.png (needs matplotlib)"),
-    quick: bool = typer.Option(False, help="a tiny task and model (CPU smoke run); overrides the sizes"),
+    quick: bool = typer.Option(False, help="a tiny task and model (CPU smoke run) for the sizes not given"),
 ):
     """Train small models on multi-query associative recall (Zoology's MQAR) and compare mixers."""
     from deltaflex.models.mqar import MQARTask, MQARTraining
     from deltaflex.models.mqar_sweep import PLOT_FILE, RESULTS_FILE, check_plotting, plot_curves, run_key, run_sweep
     from deltaflex.plan import PLAN_NAMES
 
-    if quick:
-        vocab_size, seq_len, num_pairs, widths = QUICK["vocab_size"], QUICK["seq_len"], QUICK["num_pairs"], QUICK["widths"]
-        steps, batch_size, eval_every = QUICK["steps"], QUICK["batch_size"], QUICK["eval_every"]
-        curve_examples, test_examples = QUICK["curve_examples"], QUICK["test_examples"]
+    sizes = QUICK if quick else _full_sizes()
+    widths = sizes["widths"] if widths is None else widths
+    steps, batch_size, seq_len, num_pairs, vocab_size, eval_every, curve_examples, test_examples = (
+        sizes[name] if value is None else value
+        for name, value in (("steps", steps), ("batch_size", batch_size), ("seq_len", seq_len), ("num_pairs", num_pairs),
+                            ("vocab_size", vocab_size), ("eval_every", eval_every), ("curve_examples", curve_examples),
+                            ("test_examples", test_examples))
+    )
     dev = parse_device(device)
     mixer_list, width_list = _mixers(mixers), _ints(widths, "--widths")
     lrs = _lrs(lr, mixer_list)
