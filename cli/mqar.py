@@ -77,7 +77,7 @@ def mqar(
     widths: str = typer.Option(None, help="comma-separated model widths, run width by width [64,128,256]"),
     lr: list[str] = typer.Option(None, help="LR for every mixer or MIXER=LR; repeat for a sweep. Default: one known-good LR per mixer."),
     steps: int = typer.Option(None, help="training steps, the same for every run [2000]"),
-    batch_size: int = typer.Option(None, help="sequences per step, fresh ones every step [256]"),
+    batch_size: int = typer.Option(None, help="sequences per step, fresh ones every step [128]"),
     seq_len: int = typer.Option(None, help="tokens per sequence [512]"),
     num_pairs: int = typer.Option(None, help="key-value pairs per sequence [64]"),
     vocab_size: int = typer.Option(None, help="vocabulary: keys from the lower half, values from the upper [8192]"),

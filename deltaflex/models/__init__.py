@@ -4,6 +4,7 @@ from .attention import Attention, KVCache
 from .config import MIXERS, PRESETS, LMConfig, preset
 from .linear_attention import LinearAttention, LinearAttentionCache, causal_linear_attention
 from .lm import CausalLM
+from .mqar import MQARTask, MQARTraining, mqar_batch, mqar_model, train_mqar
 
 __all__ = [
     "MIXERS",
@@ -14,6 +15,11 @@ __all__ = [
     "LMConfig",
     "LinearAttention",
     "LinearAttentionCache",
+    "MQARTask",
+    "MQARTraining",
     "causal_linear_attention",
+    "mqar_batch",
+    "mqar_model",
     "preset",
+    "train_mqar",
 ]

@@ -37,9 +37,15 @@ def causal_linear_attention(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """o_t = scale * (S_0 + sum_{s <= t} k_s v_s^T)^T q_t for q, k [B, T, H, K], v [B, T, H, V].
 
-    Computed in float32 (float64 for float64 inputs); returns (o [B, T, H, V] in q's dtype, the
-    state after the last token [B, H, K, V] in the compute dtype).
+    Computed in float32 (float64 for float64 inputs), under autocast too (which would round the
+    products to bf16); returns (o [B, T, H, V] in q's dtype, the state after the last token
+    [B, H, K, V] in the compute dtype).
     """
+    with torch.autocast(q.device.type, enabled=False):
+        return _chunked(q, k, v, scale, initial_state, chunk_size)
+
+
+def _chunked(q, k, v, scale, initial_state, chunk_size):
     B, T, H, K = q.shape
     V = v.shape[-1]
     scale = K**-0.5 if scale is None else scale

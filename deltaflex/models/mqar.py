@@ -145,7 +145,7 @@ def evaluate(model: CausalLM, batches: list[MQARBatch], autocast: bool = False) 
 @dataclasses.dataclass(frozen=True)
 class MQARTraining:
     steps: int = 2000
-    batch_size: int = 256
+    batch_size: int = 128  # Zoology's at sequence 512
     lr: float = 3e-3
     weight_decay: float = 0.1
     warmup_fraction: float = 0.1

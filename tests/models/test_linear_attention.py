@@ -49,6 +49,14 @@ def test_float32_inputs_compute_in_float32():
     assert relative_error(o, o_ref) < 1e-5
 
 
+def test_autocast_does_not_round_the_rule():
+    q, k, v = (torch.randn(1, 40, 2, 8) for _ in range(3))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        o, state = causal_linear_attention(q, k, v, chunk_size=16)
+    o_ref, state_ref = linear_attention_ref(q, k, v, 8**-0.5)
+    assert o.dtype == torch.float32 and relative_error(o, o_ref) < 1e-5 and relative_error(state, state_ref) < 1e-5
+
+
 def test_layer_is_deltanets_flow_without_the_delta_rule():
     """Recomputed by hand: projections, causal depthwise conv + SiLU, L2 norm, the rule, RMSNorm, o_proj."""
     layer = LinearAttention(HIDDEN, HEADS).double()
