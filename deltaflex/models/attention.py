@@ -119,6 +119,7 @@ class Attention(nn.Module):
         positions = torch.arange(T, device=q.device)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=self._position_mask(positions, positions))
 
+    @torch.compiler.disable  # built eagerly once per length and kept, not traced into a graph
     def _block_mask(self, T: int, device):
         key = (T, str(device))
         if key not in self._block_masks:

@@ -246,7 +246,8 @@ def _optimizer(model, training: MQARTraining) -> torch.optim.Optimizer:
     decay = [p for p in params if p.dim() >= 2]
     rest = [p for p in params if p.dim() < 2]
     groups = [{"params": decay, "weight_decay": training.weight_decay}, {"params": rest, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=training.lr, betas=(0.9, 0.98))
+    fused = all(p.is_cuda for p in params)
+    return torch.optim.AdamW(groups, lr=training.lr, betas=(0.9, 0.98), fused=fused)
 
 
 def _warmup_cosine(training: MQARTraining):
