@@ -87,14 +87,17 @@ class Attention(nn.Module):
         q, k = self.rotary(q, positions), self.rotary(k, positions)
         if cache is None:
             o = self._attend(q, k, v)
+            seen = KVCache(k, v, positions)
         else:  # the cached slots and the new tokens, under a position mask
-            keys, values = torch.cat([cache.key, k], dim=2), torch.cat([cache.value, v], dim=2)
-            key_positions = torch.cat([cache.positions, positions])
-            o = F.scaled_dot_product_attention(q, keys, values, attn_mask=self._position_mask(positions, key_positions))
+            seen = KVCache(
+                torch.cat([cache.key, k], dim=2), torch.cat([cache.value, v], dim=2), torch.cat([cache.positions, positions])
+            )
+            mask = self._position_mask(positions, seen.positions)
+            o = F.scaled_dot_product_attention(q, seen.key, seen.value, attn_mask=mask)
         o = self.o_proj(o.transpose(1, 2).reshape(B, T, self.hidden_size))
         if not (use_cache or cache is not None):
             return o, None
-        return o, self._next_cache(cache, k, v, positions)
+        return o, (seen if self.window_size is None else self._ring(cache, k, v, positions))
 
     def _heads(self, x: torch.Tensor) -> torch.Tensor:
         return x.unflatten(-1, (self.num_heads, self.head_dim)).transpose(1, 2)  # [B, H, T, D]
@@ -134,13 +137,8 @@ class Attention(nn.Module):
             self._block_masks[key] = create_block_mask(visible, B=None, H=None, Q_LEN=T, KV_LEN=T, device=device)
         return self._block_masks[key]
 
-    def _next_cache(self, cache, k, v, positions) -> KVCache:
-        if self.window_size is None:  # global: keep everything
-            if cache is None:
-                return KVCache(k, v, positions)
-            return KVCache(
-                torch.cat([cache.key, k], dim=2), torch.cat([cache.value, v], dim=2), torch.cat([cache.positions, positions])
-            )
+    def _ring(self, cache, k, v, positions) -> KVCache:
+        """The sliding window's cache: the new tokens written at slot = position mod window_size."""
         W = self.window_size
         if cache is None:  # an empty ring
             B, H, _, D = k.shape
