@@ -219,7 +219,9 @@ def train_mqar(
             loss_sum.zero_()
         if on_step is not None:
             on_step(step, point)
-    seconds = time.monotonic() - started
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    seconds = time.monotonic() - started  # learning-curve evaluations included
     return {
         "mixer": mixer,
         "width": width,
