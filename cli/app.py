@@ -8,6 +8,7 @@ from . import plans
 from .bench import bench
 from .compare import compare
 from .info import info
+from .mqar import mqar
 from .tune import tune
 
 app = typer.Typer(help="deltaflex: the DeltaNet delta rule as compiled blocked PyTorch ops.", no_args_is_help=True)
@@ -15,6 +16,7 @@ app.command()(bench)
 app.command()(tune)
 app.command()(compare)
 app.command()(info)
+app.command()(mqar)
 app.add_typer(plans.app, name="plans")
 
 

@@ -1,0 +1,161 @@
+"""`deltaflex mqar`: multi-query associative recall, DeltaNet vs linear vs softmax attention."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from .common import add_row, console, env, fail, parse_device, say
+
+# Sizes left unset take the paper's hard setting (MQARTask's and MQARTraining's defaults), or with
+# --quick a tiny CPU one
+QUICK = {"widths": "32", "steps": 60, "batch_size": 16, "seq_len": 64, "num_pairs": 8, "vocab_size": 64,
+         "eval_every": 20, "curve_examples": 32, "test_examples": 64}
+
+
+def _full_sizes() -> dict:
+    import dataclasses
+
+    from deltaflex.models.mqar import MQARTask, MQARTraining
+
+    return {"widths": "64,128,256", **dataclasses.asdict(MQARTask()), **dataclasses.asdict(MQARTraining())}
+def _ints(text: str, option: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        values = []
+    if not values or any(v < 1 for v in values):
+        raise typer.BadParameter(f"expected comma-separated positive integers, got {text!r}", param_hint=option)
+    return values
+
+
+def _mixers(text: str) -> list[str]:
+    from deltaflex.models.mqar import MQAR_MIXERS
+
+    mixers = [m.strip() for m in text.split(",") if m.strip()]
+    if not mixers or any(m not in MQAR_MIXERS for m in mixers):
+        raise typer.BadParameter(f"expected a comma-separated subset of {MQAR_MIXERS}, got {text!r}", param_hint="--mixers")
+    return mixers
+
+
+def _lrs(texts: list[str] | None, mixers: list[str]) -> dict[str, list[float]]:
+    """--lr 3e-3 (every mixer) or --lr deltanet=3e-3; repeated values for one mixer make a sweep."""
+    from deltaflex.models.mqar import DEFAULT_LRS
+
+    chosen: dict[str, list[float]] = {}
+    for text in texts or []:
+        name, _, value = text.rpartition("=")
+        try:
+            lr = float(value)
+        except ValueError:
+            lr = -1.0
+        if lr <= 0 or (name and name not in mixers):
+            raise typer.BadParameter(f"expected LR or MIXER=LR with MIXER in {mixers}, got {text!r}", param_hint="--lr")
+        for m in [name] if name else mixers:
+            chosen.setdefault(m, []).append(lr)
+    return {m: chosen.get(m) or [DEFAULT_LRS[m]] for m in mixers}
+
+
+def _table(results: dict) -> Table:
+    from deltaflex.models.mqar_sweep import best_runs
+
+    task = results["settings"]["task"]
+    table = Table(title=f"MQAR accuracy (test), sequence {task['seq_len']}, {task['num_pairs']} pairs: best lr per cell")
+    for col in ("mixer", "width", "accuracy", "lr", "steps", "train s", "tokens/s"):
+        table.add_column(col, justify="left" if col == "mixer" else "right")
+    for (mixer, width), r in sorted(best_runs(results).items(), key=lambda kv: (kv[0][1], kv[0][0])):
+        add_row(table, mixer, width, f"{r['accuracy']:.4f}", f"{r['lr']:g}", r["steps_done"],
+                f"{r['train_seconds']:.0f}", f"{r['tokens_per_second']:.3g}")
+    return table
+
+
+def mqar(
+    mixers: str = typer.Option("deltanet,linear,attention", help="comma-separated: deltanet, linear, attention"),
+    widths: str = typer.Option(None, help="comma-separated model widths, run width by width [64,128,256]"),
+    lr: list[str] = typer.Option(None, help="LR for every mixer or MIXER=LR; repeat for a sweep. Default: one known-good LR per mixer."),
+    steps: int = typer.Option(None, help="training steps, the same for every run [2000]"),
+    batch_size: int = typer.Option(None, help="sequences per step, fresh ones every step [128]"),
+    seq_len: int = typer.Option(None, help="tokens per sequence [512]"),
+    num_pairs: int = typer.Option(None, help="key-value pairs per sequence [64]"),
+    vocab_size: int = typer.Option(None, help="vocabulary: keys from the lower half, values from the upper [8192]"),
+    power_a: float = typer.Option(0.01, help="Zoology's power law of the query gaps"),
+    random_fill: bool = typer.Option(False, help="random tokens between queries instead of 0 (Zoology's Figure 2: 0)"),
+    layers: int = typer.Option(2, help="layers of the model"),
+    heads: int = typer.Option(2, help="heads of every mixer"),
+    eval_every: int = typer.Option(None, help="steps between learning-curve points [200]"),
+    curve_examples: int = typer.Option(None, help="test sequences behind each learning-curve point [256]"),
+    test_examples: int = typer.Option(None, help="test sequences behind the final accuracy [1000]"),
+    seed: int = typer.Option(0, help="seed of the weights, the training data and (offset) the test set"),
+    plan: str = typer.Option("eager", help='DeltaNet layers\' delta-rule plan ("eager": no compile; "compiled", "auto", ...)'),
+    compile: bool = typer.Option(False, help="torch.compile the model (one graph per width and mixer)"),
+    device: str = typer.Option(None, help="cuda, cuda:N or cpu. Default: cuda when available."),
+    max_minutes: float = typer.Option(None, help="wall-clock budget; runs that do not fit are left for a later call"),
+    out: Path = typer.Option(Path("results/mqar"), help="folder of mqar.json (accumulated across calls) and mqar.png"),
+    fresh: bool = typer.Option(False, help="start a new mqar.json instead of adding to the one in --out"),
+    plot: bool = typer.Option(True, help="draw mqar.png (needs matplotlib)"),
+    quick: bool = typer.Option(False, help="a tiny task and model (CPU smoke run) for the sizes not given"),
+):
+    """Train small models on multi-query associative recall (Zoology's MQAR) and compare mixers."""
+    from deltaflex.models.mqar import MQARTask, MQARTraining
+    from deltaflex.models.mqar_sweep import PLOT_FILE, RESULTS_FILE, check_plotting, plot_curves, run_key, run_sweep
+    from deltaflex.plan import PLAN_NAMES
+
+    sizes = QUICK if quick else _full_sizes()
+    widths = sizes["widths"] if widths is None else widths
+    steps, batch_size, seq_len, num_pairs, vocab_size, eval_every, curve_examples, test_examples = (
+        sizes[name] if value is None else value
+        for name, value in (("steps", steps), ("batch_size", batch_size), ("seq_len", seq_len), ("num_pairs", num_pairs),
+                            ("vocab_size", vocab_size), ("eval_every", eval_every), ("curve_examples", curve_examples),
+                            ("test_examples", test_examples))
+    )
+    dev = parse_device(device)
+    mixer_list, width_list = _mixers(mixers), _ints(widths, "--widths")
+    lrs = _lrs(lr, mixer_list)
+    if plan not in PLAN_NAMES:
+        raise typer.BadParameter(f"expected one of {PLAN_NAMES}, got {plan!r}", param_hint="--plan")
+    if max_minutes is not None and max_minutes <= 0:
+        raise typer.BadParameter(f"expected a positive number of minutes, got {max_minutes}", param_hint="--max-minutes")
+    try:
+        task = MQARTask(vocab_size, seq_len, num_pairs, power_a, random_fill)
+        training = MQARTraining(steps=steps, batch_size=batch_size, eval_every=eval_every,
+                                curve_examples=curve_examples, test_examples=test_examples, seed=seed)
+        for w in width_list:
+            if w % heads:
+                raise ValueError(f"--heads {heads} must divide every width, got {w}")
+        if plot:
+            check_plotting()
+    except (ValueError, ImportError) as e:
+        fail(str(e))
+    say(f"MQAR on {dev}: sequence {seq_len}, {num_pairs} pairs, vocabulary {vocab_size}, {steps} steps of "
+        f"{batch_size}, mixers {mixer_list}, widths {width_list}, lrs {lrs}, plan {plan}, compile {compile}")
+
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
+                  TimeElapsedColumn(), console=console, transient=False) as progress:
+
+        def on_run(key: str, total: int):
+            bar = progress.add_task(key, total=total, info="")
+
+            def on_step(step: int, point: dict | None):
+                info = None if point is None else f"loss {point['loss']:.3f} acc {point['accuracy']:.3f}"
+                progress.update(bar, completed=step, **({} if info is None else {"info": info}))
+
+            return on_step
+
+        try:
+            results = run_sweep(task, training, mixer_list, width_list, lrs, out, device=dev, num_layers=layers,
+                                num_heads=heads, plan=plan, compile=compile, max_minutes=max_minutes, fresh=fresh,
+                                on_run=on_run, log=lambda s: progress.console.print(s, markup=False, highlight=False),
+                                env=env(dev))
+        except ValueError as e:
+            fail(str(e))
+    if plot:
+        plot_curves(results, out / PLOT_FILE)
+    say(f"results: {out / RESULTS_FILE}" + (f", learning curves: {out / PLOT_FILE}" if plot else ""))
+    console.print(_table(results))
+    wanted = [run_key(m, w, x) for w in width_list for m in mixer_list for x in lrs[m]]
+    left = [k for k in wanted if not results["runs"].get(k, {}).get("complete")]
+    if left:
+        say(f"not complete yet: {', '.join(left)}; the same command again does them")

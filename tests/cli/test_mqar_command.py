@@ -1,0 +1,64 @@
+"""`deltaflex mqar` on CPU at the tiny --quick size: JSON written, table printed, calls accumulate,
+bad options rejected before any training."""
+
+import json
+import sys
+
+import pytest
+from typer.testing import CliRunner
+
+from deltaflex.cli import app
+
+runner = CliRunner()
+QUICK = ["mqar", "--quick", "--device", "cpu", "--no-plot", "--steps", "4", "--eval-every", "2"]
+
+
+def test_quick_run_writes_results_and_a_second_call_adds_to_them(tmp_path):
+    result = runner.invoke(app, [*QUICK, "--mixers", "linear", "--out", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    assert "MQAR accuracy" in result.output and "linear" in result.output
+    runs = json.loads((tmp_path / "mqar.json").read_text())["runs"]
+    assert list(runs) == ["linear/d32/lr0.003"] and runs["linear/d32/lr0.003"]["steps_done"] == 4
+    result = runner.invoke(app, [*QUICK, "--mixers", "linear,attention", "--lr", "attention=1e-3", "--out", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    assert "linear/d32/lr0.003: complete" in result.output
+    saved = json.loads((tmp_path / "mqar.json").read_text())
+    assert sorted(saved["runs"]) == ["attention/d32/lr0.001", "linear/d32/lr0.003"]
+    assert saved["settings"]["task"] == {"vocab_size": 64, "seq_len": 64, "num_pairs": 8, "power_a": 0.01, "random_fill": False}
+    assert saved["env"]["torch"]
+
+
+def test_budget_left_runs_are_named(tmp_path):
+    result = runner.invoke(app, [*QUICK, "--mixers", "attention", "--max-minutes", "1e-9", "--out", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    assert "not started" in result.output and "not complete yet: attention/d32/lr0.003" in result.output
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--mixers", "mamba"], "expected a comma-separated subset"),
+        (["--widths", "32,x"], "expected comma-separated positive integers"),
+        (["--lr", "gla=1e-3"], "expected LR or MIXER=LR"),
+        (["--lr", "-1"], "expected LR or MIXER=LR"),
+        (["--plan", "fast"], "expected one of"),
+        (["--max-minutes", "0"], "expected a positive number of minutes"),
+        (["--heads", "3"], "--heads 3 must divide every width"),
+    ],
+)
+def test_bad_options(tmp_path, args, message):
+    result = runner.invoke(app, [*QUICK, *args, "--out", str(tmp_path)])
+    assert result.exit_code != 0 and message in result.output, result.output
+    assert not (tmp_path / "mqar.json").exists()
+
+
+def test_bad_task_sizes_fail_clearly(tmp_path):
+    result = runner.invoke(app, ["mqar", "--device", "cpu", "--no-plot", "--seq-len", "100", "--out", str(tmp_path)])
+    assert result.exit_code == 1 and "seq_len = 100 must be at least 4 * num_pairs = 256" in result.output
+
+
+def test_plot_without_matplotlib_fails_before_training(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    result = runner.invoke(app, ["mqar", "--quick", "--device", "cpu", "--out", str(tmp_path)])
+    assert result.exit_code == 1 and "needs matplotlib" in result.output
+    assert not (tmp_path / "mqar.json").exists()
