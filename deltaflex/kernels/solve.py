@@ -1,0 +1,140 @@
+"""Stage 1, `kkt + solve`, fused: T = (I + A)^-1 with A = tril(diag(beta) K K^T, -1), per chunk.
+
+Forward (`solve_fwd_kernel`), one program per chunk, block forward substitution over 16-row blocks:
+for block row i, A's rows [16, C] come from a float32-accumulated K_i K^T (A is never rounded to
+bf16), the 16 x 16 diagonal block is inverted by row-by-row forward substitution, and
+    T_i,<i = -inv(I + A_ii) (A_i,<i T_<i,<i)
+reads the rows of T already written by this program (a barrier orders each block row's stores
+before the next one's loads). Forward substitution stays accurate with strongly correlated keys,
+where power series in A do not (DESIGN.md).
+Backward (`solve_bwd_kernel`): dA = tril(-T^T dT T^T, -1), then dbeta = rowsum(dA * K K^T) and
+dK = (diag(beta) dA) K + (diag(beta) dA)^T K over BK-blocks of keys.
+
+Grid: (B*H*N,). Blocks: 16-row blocks of the chunk (C / 16 of them, unrolled), the whole C x C
+matrix as one tile, BK <= 64 over keys. Products of float32 factors (T, dT, A) run as IEEE float32
+under the "fp32" policy and 3xTF32 otherwise (near float32 accuracy on the tensor cores).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .common import block, check_tensors, define_op, exact, f32, launch, mma, mma_f32, policy_of, precision
+
+
+@triton.jit
+def _invert_unit_lower_16(a):
+    """inv(I + a) of a strictly lower 16 x 16 tile, by forward substitution row by row."""
+    r = tl.arange(0, 16)
+    x = tl.where(r[:, None] == r[None, :], 1.0, 0.0)
+    for j in range(1, 16):
+        a_j = tl.sum(tl.where(r[:, None] == j, a, 0.0), 0)  # row j of a, indexed by column
+        row = -tl.sum(a_j[:, None] * x, 0)  # -sum_m a[j, m] x[m, :], rows m < j final
+        x = tl.where(r[:, None] == j, x + row[None, :], x)
+    return x
+
+
+@triton.jit
+def solve_fwd_kernel(k_ptr, beta_ptr, t_ptr,
+                     K: tl.constexpr, C: tl.constexpr, BK: tl.constexpr,
+                     K_EXACT: tl.constexpr, POLICY: tl.constexpr, LOW: tl.constexpr):
+    chunk = tl.program_id(0).to(tl.int64)
+    rc, r16 = tl.arange(0, C), tl.arange(0, 16)
+    t_chunk = t_ptr + chunk * C * C
+    for i in tl.static_range(C // 16):
+        rows = i * 16 + r16
+        beta = tl.load(beta_ptr + chunk * C + rows)
+        a = tl.zeros([16, C], tl.float32)  # rows of K K^T
+        a_ii = tl.zeros([16, 16], tl.float32)  # its diagonal block
+        for k0 in range(0, K, BK):
+            rk = k0 + tl.arange(0, BK)
+            mk = (rk < K)[None, :]
+            k_i = tl.load(k_ptr + chunk * C * K + rows[:, None] * K + rk[None, :], mask=mk, other=0.0)
+            k_all = tl.load(k_ptr + chunk * C * K + rc[:, None] * K + rk[None, :], mask=mk, other=0.0)
+            a = mma(k_i, tl.trans(k_all), a, K_EXACT, K_EXACT, POLICY, LOW)
+            a_ii = mma(k_i, tl.trans(k_i), a_ii, K_EXACT, K_EXACT, POLICY, LOW)
+        a = tl.where(rc[None, :] < rows[:, None], a * beta[:, None], 0.0)
+        x = _invert_unit_lower_16(tl.where(r16[None, :] < r16[:, None], a_ii * beta[:, None], 0.0))
+        if i > 0:
+            # T's block rows < i, written by earlier iterations; later rows read as zeros
+            t_prev = tl.load(t_chunk + rc[:, None] * C + rc[None, :], mask=(rc < i * 16)[:, None], other=0.0)
+            p = mma_f32(a, t_prev, tl.zeros([16, C], tl.float32), POLICY)
+            off = -mma_f32(x, p, tl.zeros([16, C], tl.float32), POLICY)
+            tl.store(t_chunk + rows[:, None] * C + rc[None, :], off, mask=(rc < i * 16)[None, :])
+        tl.store(t_chunk + rows[:, None] * C + (i * 16 + r16)[None, :], x)
+        if i < C // 16 - 1:
+            tl.store(t_chunk + rows[:, None] * C + rc[None, :], tl.zeros([16, C], tl.float32),
+                     mask=(rc >= (i + 1) * 16)[None, :])
+        tl.debug_barrier()
+
+
+@triton.jit
+def solve_bwd_kernel(k_ptr, beta_ptr, t_ptr, dt_ptr, dk_ptr, dbeta_ptr,
+                     K: tl.constexpr, C: tl.constexpr, BK: tl.constexpr,
+                     K_EXACT: tl.constexpr, POLICY: tl.constexpr, LOW: tl.constexpr):
+    chunk = tl.program_id(0).to(tl.int64)
+    rc = tl.arange(0, C)
+    cc = chunk * C * C + rc[:, None] * C + rc[None, :]
+    t = tl.load(t_ptr + cc)
+    m = mma_f32(tl.trans(t), tl.load(dt_ptr + cc), tl.zeros([C, C], tl.float32), POLICY)
+    da = -mma_f32(m, tl.trans(t), tl.zeros([C, C], tl.float32), POLICY)
+    da = tl.where(rc[:, None] > rc[None, :], da, 0.0)
+    kkt = tl.zeros([C, C], tl.float32)
+    for k0 in range(0, K, BK):
+        rk = k0 + tl.arange(0, BK)
+        k = tl.load(k_ptr + chunk * C * K + rc[:, None] * K + rk[None, :], mask=(rk < K)[None, :], other=0.0)
+        kkt = mma(k, tl.trans(k), kkt, K_EXACT, K_EXACT, POLICY, LOW)
+    tl.store(dbeta_ptr + chunk * C + rc, tl.sum(da * kkt, 1))
+    dab = tl.load(beta_ptr + chunk * C + rc)[:, None] * da
+    for k0 in range(0, K, BK):
+        rk = k0 + tl.arange(0, BK)
+        ck = chunk * C * K + rc[:, None] * K + rk[None, :]
+        k = tl.load(k_ptr + ck, mask=(rk < K)[None, :], other=0.0)
+        dk = mma(dab, k, mma(tl.trans(dab), k, tl.zeros([C, BK], tl.float32), False, K_EXACT, POLICY, LOW),
+                 False, K_EXACT, POLICY, LOW)
+        tl.store(dk_ptr + ck, dk, mask=(rk < K)[None, :])
+
+
+def _solve_fwd_fake(k, beta, policy, low):
+    return f32(*k.shape[:-1], k.shape[-2], like=k)
+
+
+@define_op("solve_fwd", _solve_fwd_fake)
+def solve_fwd(k: torch.Tensor, beta: torch.Tensor, policy: str, low: torch.dtype) -> torch.Tensor:
+    B, H, N, C, K = k.shape
+    t = _solve_fwd_fake(k, beta, policy, low)
+    POLICY, LOW = precision(policy, low)
+    launch(solve_fwd_kernel, (B * H * N,), k, beta, t, K=K, C=C, BK=block(K), K_EXACT=exact(k, low),
+           POLICY=POLICY, LOW=LOW, num_warps=4 if C <= 64 else 8, num_stages=1)
+    return t
+
+
+def _solve_bwd_fake(k, beta, t, dt, policy, low):
+    return f32(*k.shape, like=k), f32(*beta.shape, like=k)
+
+
+@define_op("solve_bwd", _solve_bwd_fake)
+def solve_bwd(k: torch.Tensor, beta: torch.Tensor, t: torch.Tensor, dt: torch.Tensor, policy: str,
+              low: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    B, H, N, C, K = k.shape
+    dk, dbeta = _solve_bwd_fake(k, beta, t, dt, policy, low)
+    POLICY, LOW = precision(policy, low)
+    launch(solve_bwd_kernel, (B * H * N,), k, beta, t, dt, dk, dbeta, K=K, C=C, BK=block(K),
+           K_EXACT=exact(k, low), POLICY=POLICY, LOW=LOW, num_warps=4 if C <= 64 else 8)
+    return dk, dbeta
+
+
+def solve_forward(k, beta, dot):
+    """The registered `solve` stage: T [B, H, N, C, C], float32."""
+    check_tensors(k, beta)
+    policy, low = policy_of(dot)
+    return solve_fwd(k.contiguous(), beta.float().contiguous(), policy, low)
+
+
+def solve_backward(k, beta, t, dt, dot):
+    """The registered `solve_backward` stage: (dk, dbeta), float32."""
+    check_tensors(k, beta, t, dt)
+    policy, low = policy_of(dot)
+    return solve_bwd(k.contiguous(), beta.float().contiguous(), t.contiguous(), dt.contiguous(), policy, low)
