@@ -53,6 +53,10 @@ class Plan:
 NAMED_PLANS = {
     "eager": Plan(compile=False),
     "compiled": Plan(),
+    # hand-written Triton kernels (deltaflex.kernels) for every stage; no torch.compile of their glue
+    "triton": Plan(solve="triton", wy="triton", state="triton", output="triton", compile=False),
+    # compiled intra-chunk stages around the single-launch Triton state pass
+    "compiled+triton-state": Plan(state="triton"),
 }
 
 

@@ -45,11 +45,12 @@ def _load(backend: str) -> None:
 
 def implementation(stage: str, backend: str) -> tuple[Callable, Callable]:
     """(forward, backward) of `stage` in `backend`; NotImplementedError when it does not exist."""
-    if (stage, backend) not in _REGISTRY:
-        try:
-            _load(backend)
-        except ImportError as e:
-            raise NotImplementedError(f"backend {backend!r} is not available: {e}") from e
+    try:
+        # Loaded before the registry is read: inside torch.compile, Dynamo reads the registry once,
+        # and an import that fills it after that read stays unseen.
+        _load(backend)
+    except ImportError as e:
+        raise NotImplementedError(f"backend {backend!r} is not available: {e}") from e
     if (stage, backend) not in _REGISTRY:
         raise NotImplementedError(f"stage {stage!r} has no {backend!r} implementation")
     return _REGISTRY[stage, backend]
