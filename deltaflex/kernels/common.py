@@ -1,12 +1,15 @@
-"""What every kernel module shares: the precision policy inside a kernel (`mma`), block sizes,
-launching (wrap_triton for compiled kernels, a direct call under TRITON_INTERPRET=1) and the
-torch.library registration of each op.
+"""What every kernel module shares: the precision policy inside a kernel (`mma`), tile loads and
+stores, block sizes, launching (wrap_triton for compiled kernels, a direct call under
+TRITON_INTERPRET=1) and the torch.library registration of each op.
 
 Precision (chunk/matmul.py says the same for the compiled stages): products accumulate in float32.
-POLICY is FP32 (float32 operands, IEEE products), SPLIT (bf16x3: an inexact float32 operand x is
-split into hi = low(x), lo = low(x - hi) and the product is a_hi b_hi + a_hi b_lo + a_lo b_hi) or
-ROUND (bf16: inexact operands rounded to the low dtype once). An operand flagged exact is already
-in the low dtype (an input such as k or v) and enters the tensor cores as it is.
+POLICY is FP32 (float32 operands), SPLIT (bf16x3: an inexact float32 operand x is split into
+hi = low(x), lo = low(x - hi) and the product is a_hi b_hi + a_hi b_lo + a_lo b_hi) or ROUND (bf16:
+inexact operands rounded to the low dtype once). An operand flagged exact is already in the low
+dtype (an input such as k or v) and enters the tensor cores as it is. Float32 products run as
+3xTF32 (`input_precision="tf32x3"`: each operand split into two TF32 parts on the tensor cores,
+about 22 significant bits, near float32 accuracy; plain TF32 is not accurate enough, and Triton's
+IEEE float32 dot runs on the CUDA cores with register tiles too large for these kernels).
 """
 
 from __future__ import annotations
@@ -142,7 +145,7 @@ def dot_low(a, b, acc):
 def mma(a, b, acc, A_EXACT: tl.constexpr, B_EXACT: tl.constexpr, POLICY: tl.constexpr, LOW: tl.constexpr):
     """acc + a @ b in float32 under POLICY; an operand flagged exact is taken as it is in LOW."""
     if POLICY == 0:
-        acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+        acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="tf32x3")
     elif POLICY == 2 or (A_EXACT and B_EXACT):
         acc = dot_low(to_low(a, LOW), to_low(b, LOW), acc)
     elif A_EXACT:
@@ -169,11 +172,33 @@ def mma(a, b, acc, A_EXACT: tl.constexpr, B_EXACT: tl.constexpr, POLICY: tl.cons
 
 
 @triton.jit
-def mma_f32(a, b, acc, POLICY: tl.constexpr):
-    """acc + a @ b of two float32 operands at (near) float32 accuracy whatever the policy:
-    IEEE products under FP32, else 3xTF32 on the tensor cores (for the triangular solve)."""
-    if POLICY == 0:
-        acc = tl.dot(a, b, acc, input_precision="ieee")
+def mma_f32(a, b, acc):
+    """acc + a @ b of two float32 operands at near float32 accuracy whatever the policy (3xTF32):
+    for the triangular solve, whose factors must not be rounded to bf16."""
+    return tl.dot(a, b, acc, input_precision="tf32x3")
+
+
+@triton.jit
+def load_tile(ptr, i, j, ROWS: tl.constexpr, COLS: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr):
+    """Block (i, j), [BR, BC], of the row-major [ROWS, COLS] matrix at ptr; zeros outside it.
+    Masks only where ROWS or COLS is not a multiple of its block."""
+    r = i * BR + tl.arange(0, BR)
+    c = j * BC + tl.arange(0, BC)
+    off = r[:, None] * COLS + c[None, :]
+    if ROWS % BR == 0 and COLS % BC == 0:
+        return tl.load(ptr + off)
     else:
-        acc = tl.dot(a, b, acc, input_precision="tf32x3")
-    return acc
+        return tl.load(ptr + off, mask=(r < ROWS)[:, None] & (c < COLS)[None, :], other=0.0)
+
+
+@triton.jit
+def store_tile(ptr, x, i, j, ROWS: tl.constexpr, COLS: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr):
+    """Writes x into block (i, j) of the row-major [ROWS, COLS] matrix at ptr (what falls inside it)."""
+    r = i * BR + tl.arange(0, BR)
+    c = j * BC + tl.arange(0, BC)
+    off = r[:, None] * COLS + c[None, :]
+    if ROWS % BR == 0 and COLS % BC == 0:
+        tl.store(ptr + off, x)
+    else:
+        tl.store(ptr + off, x, mask=(r < ROWS)[:, None] & (c < COLS)[None, :])
+

@@ -2,13 +2,13 @@
 
 Forward (`output_fwd_kernel`): O = scale (Q S_n + tril(Q K^T) V_new) for one chunk and BV value
 columns; the C x C scores are accumulated over BK-blocks of the key dim.
-Backward (`output_bwd_kernel`): per chunk, with dO V_new^T and the scores kept as C x C tiles,
-    dQ = scale (dO S_n^T + tril(dO V_new^T) K),  dK = scale tril(dO V_new^T)^T Q,
-    dV_local = scale tril(Q K^T)^T dO,
-looping over BK-blocks of keys and BV-blocks of values.
+Backward (`output_bwd_kernel`): a program per chunk and per key block forms, with the C x C tile
+tril(dO V_new^T),
+    dQ = scale (dO S_n^T + tril(dO V_new^T) K),  dK = scale tril(dO V_new^T)^T Q;
+a program per chunk and per value block forms dV_local = scale tril(Q K^T)^T dO.
 
-Grid: (cdiv(V, BV), B*H*N) forward, (B*H*N,) backward. Blocks: C (the chunk) is one tile;
-BK, BV <= 64 (powers of two, masked where the head dims are not).
+Grid: (cdiv(V, BV), B*H*N) forward, (cdiv(K, BK) + cdiv(V, BV), B*H*N) backward. Blocks: C (the
+chunk) is one tile; BK, BV <= 64 (powers of two, masked where the head dims are not).
 """
 
 from __future__ import annotations
@@ -17,7 +17,20 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import block, check_tensors, define_op, exact, f32, launch, mma, policy_of, precision
+from .common import (block, check_tensors, define_op, exact, f32, launch, load_tile, mma, policy_of, precision,
+                     store_tile)
+
+
+@triton.jit
+def _scores(q_c, k_c, C: tl.constexpr, K: tl.constexpr, BK: tl.constexpr, Q_EXACT: tl.constexpr,
+            K_EXACT: tl.constexpr, POLICY: tl.constexpr, LOW: tl.constexpr):
+    """tril(Q K^T) of a chunk, [C, C] float32."""
+    scores = tl.zeros([C, C], tl.float32)
+    for j in range(0, tl.cdiv(K, BK)):
+        scores = mma(load_tile(q_c, 0, j, C, K, C, BK), tl.trans(load_tile(k_c, 0, j, C, K, C, BK)), scores,
+                     Q_EXACT, K_EXACT, POLICY, LOW)
+    rc = tl.arange(0, C)
+    return tl.where(rc[:, None] >= rc[None, :], scores, 0.0)
 
 
 @triton.jit
@@ -25,24 +38,14 @@ def output_fwd_kernel(q_ptr, k_ptr, v_new_ptr, states_ptr, o_ptr, scale,
                       K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
                       Q_EXACT: tl.constexpr, K_EXACT: tl.constexpr, POLICY: tl.constexpr, LOW: tl.constexpr):
     iv, chunk = tl.program_id(0), tl.program_id(1).to(tl.int64)
-    rc, rv = tl.arange(0, C), iv * BV + tl.arange(0, BV)
-    mv = rv < V
-    scores = tl.zeros([C, C], tl.float32)
+    q_c, k_c, states_c = q_ptr + chunk * C * K, k_ptr + chunk * C * K, states_ptr + chunk * K * V
     o = tl.zeros([C, BV], tl.float32)
-    for k0 in range(0, K, BK):
-        rk = k0 + tl.arange(0, BK)
-        mk = rk < K
-        ck = chunk * C * K + rc[:, None] * K + rk[None, :]
-        q = tl.load(q_ptr + ck, mask=mk[None, :], other=0.0)
-        k = tl.load(k_ptr + ck, mask=mk[None, :], other=0.0)
-        s = tl.load(states_ptr + chunk * K * V + rk[:, None] * V + rv[None, :], mask=mk[:, None] & mv[None, :],
-                    other=0.0)
-        scores = mma(q, tl.trans(k), scores, Q_EXACT, K_EXACT, POLICY, LOW)
-        o = mma(q, s, o, Q_EXACT, False, POLICY, LOW)
-    scores = tl.where(rc[:, None] >= rc[None, :], scores, 0.0)
-    cv = chunk * C * V + rc[:, None] * V + rv[None, :]
-    o = mma(scores, tl.load(v_new_ptr + cv, mask=mv[None, :], other=0.0), o, False, False, POLICY, LOW)
-    tl.store(o_ptr + cv, scale * o, mask=mv[None, :])
+    for j in range(0, tl.cdiv(K, BK)):
+        o = mma(load_tile(q_c, 0, j, C, K, C, BK), load_tile(states_c, j, iv, K, V, BK, BV), o, Q_EXACT, False,
+                POLICY, LOW)
+    scores = _scores(q_c, k_c, C, K, BK, Q_EXACT, K_EXACT, POLICY, LOW)
+    o = mma(scores, load_tile(v_new_ptr + chunk * C * V, 0, iv, C, V, C, BV), o, False, False, POLICY, LOW)
+    store_tile(o_ptr + chunk * C * V, scale * o, 0, iv, C, V, C, BV)
 
 
 @triton.jit
@@ -50,43 +53,29 @@ def output_bwd_kernel(q_ptr, k_ptr, v_new_ptr, states_ptr, do_ptr, dq_ptr, dk_pt
                       K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
                       Q_EXACT: tl.constexpr, K_EXACT: tl.constexpr, DO_EXACT: tl.constexpr,
                       POLICY: tl.constexpr, LOW: tl.constexpr):
-    chunk = tl.program_id(0).to(tl.int64)
-    rc = tl.arange(0, C)
-    lower = rc[:, None] >= rc[None, :]
-    dov = tl.zeros([C, C], tl.float32)
-    for v0 in range(0, V, BV):
-        rv = v0 + tl.arange(0, BV)
-        cv = chunk * C * V + rc[:, None] * V + rv[None, :]
-        do = tl.load(do_ptr + cv, mask=(rv < V)[None, :], other=0.0)
-        v_new = tl.load(v_new_ptr + cv, mask=(rv < V)[None, :], other=0.0)
-        dov = mma(do, tl.trans(v_new), dov, DO_EXACT, False, POLICY, LOW)
-    dov = tl.where(lower, dov, 0.0)
-    scores = tl.zeros([C, C], tl.float32)
-    for k0 in range(0, K, BK):
-        rk = k0 + tl.arange(0, BK)
-        mk = rk < K
-        ck = chunk * C * K + rc[:, None] * K + rk[None, :]
-        q = tl.load(q_ptr + ck, mask=mk[None, :], other=0.0)
-        k = tl.load(k_ptr + ck, mask=mk[None, :], other=0.0)
-        scores = mma(q, tl.trans(k), scores, Q_EXACT, K_EXACT, POLICY, LOW)
-        dq = mma(dov, k, tl.zeros([C, BK], tl.float32), False, K_EXACT, POLICY, LOW)
-        for v0 in range(0, V, BV):
-            rv = v0 + tl.arange(0, BV)
-            mv = rv < V
-            do = tl.load(do_ptr + chunk * C * V + rc[:, None] * V + rv[None, :], mask=mv[None, :], other=0.0)
-            s_t = tl.load(states_ptr + chunk * K * V + rk[None, :] * V + rv[:, None], mask=mv[:, None] & mk[None, :],
-                          other=0.0)  # [BV, BK]: S_n^T
-            dq = mma(do, s_t, dq, DO_EXACT, False, POLICY, LOW)
-        tl.store(dq_ptr + ck, scale * dq, mask=mk[None, :])
-        dk = mma(tl.trans(dov), q, tl.zeros([C, BK], tl.float32), False, Q_EXACT, POLICY, LOW)
-        tl.store(dk_ptr + ck, scale * dk, mask=mk[None, :])
-    scores = tl.where(lower, scores, 0.0)
-    for v0 in range(0, V, BV):
-        rv = v0 + tl.arange(0, BV)
-        cv = chunk * C * V + rc[:, None] * V + rv[None, :]
-        do = tl.load(do_ptr + cv, mask=(rv < V)[None, :], other=0.0)
-        dv = mma(tl.trans(scores), do, tl.zeros([C, BV], tl.float32), False, DO_EXACT, POLICY, LOW)
-        tl.store(dv_ptr + cv, scale * dv, mask=(rv < V)[None, :])
+    role, chunk = tl.program_id(0), tl.program_id(1).to(tl.int64)
+    q_c, k_c, states_c = q_ptr + chunk * C * K, k_ptr + chunk * C * K, states_ptr + chunk * K * V
+    do_c, v_new_c = do_ptr + chunk * C * V, v_new_ptr + chunk * C * V
+    NK: tl.constexpr = (K + BK - 1) // BK
+    if role < NK:  # dq and dk of key block `role`
+        rc = tl.arange(0, C)
+        dov = tl.zeros([C, C], tl.float32)
+        dq = tl.zeros([C, BK], tl.float32)
+        for j in range(0, tl.cdiv(V, BV)):
+            do = load_tile(do_c, 0, j, C, V, C, BV)
+            dov = mma(do, tl.trans(load_tile(v_new_c, 0, j, C, V, C, BV)), dov, DO_EXACT, False, POLICY, LOW)
+            dq = mma(do, tl.trans(load_tile(states_c, role, j, K, V, BK, BV)), dq, DO_EXACT, False, POLICY, LOW)
+        dov = tl.where(rc[:, None] >= rc[None, :], dov, 0.0)
+        dq = mma(dov, load_tile(k_c, 0, role, C, K, C, BK), dq, False, K_EXACT, POLICY, LOW)
+        store_tile(dq_ptr + chunk * C * K, scale * dq, 0, role, C, K, C, BK)
+        dk = mma(tl.trans(dov), load_tile(q_c, 0, role, C, K, C, BK), tl.zeros([C, BK], tl.float32), False,
+                 Q_EXACT, POLICY, LOW)
+        store_tile(dk_ptr + chunk * C * K, scale * dk, 0, role, C, K, C, BK)
+    else:  # dv_local of value block `role - NK`
+        scores = _scores(q_c, k_c, C, K, BK, Q_EXACT, K_EXACT, POLICY, LOW)
+        dv = mma(tl.trans(scores), load_tile(do_c, 0, role - NK, C, V, C, BV), tl.zeros([C, BV], tl.float32),
+                 False, DO_EXACT, POLICY, LOW)
+        store_tile(dv_ptr + chunk * C * V, scale * dv, 0, role - NK, C, V, C, BV)
 
 
 def _output_fwd_fake(q, k, v_new, states, scale, policy, low):
@@ -118,9 +107,11 @@ def output_bwd(q: torch.Tensor, k: torch.Tensor, v_new: torch.Tensor, states: to
     V = v_new.shape[-1]
     dq, dk, dv = _output_bwd_fake(q, k, v_new, states, do, scale, policy, low)
     POLICY, LOW = precision(policy, low)
-    launch(output_bwd_kernel, (B * H * N,), q, k, v_new, states, do, dq, dk, dv, scale, K=K, V=V, C=C,
-           BK=block(K), BV=block(V), Q_EXACT=exact(q, low), K_EXACT=exact(k, low), DO_EXACT=exact(do, low),
-           POLICY=POLICY, LOW=LOW, num_warps=4 if C <= 64 else 8)
+    BK, BV = block(K), block(V)
+    grid = (triton.cdiv(K, BK) + triton.cdiv(V, BV), B * H * N)
+    launch(output_bwd_kernel, grid, q, k, v_new, states, do, dq, dk, dv, scale, K=K, V=V, C=C, BK=BK, BV=BV,
+           Q_EXACT=exact(q, low), K_EXACT=exact(k, low), DO_EXACT=exact(do, low), POLICY=POLICY, LOW=LOW,
+           num_warps=4 if C <= 64 else 8)
     return dq, dk, dv
 
 

@@ -11,8 +11,8 @@ Backward (`solve_bwd_kernel`): dA = tril(-T^T dT T^T, -1), then dbeta = rowsum(d
 dK = (diag(beta) dA) K + (diag(beta) dA)^T K over BK-blocks of keys.
 
 Grid: (B*H*N,). Blocks: 16-row blocks of the chunk (C / 16 of them, unrolled), the whole C x C
-matrix as one tile, BK <= 64 over keys. Products of float32 factors (T, dT, A) run as IEEE float32
-under the "fp32" policy and 3xTF32 otherwise (near float32 accuracy on the tensor cores).
+matrix as one tile, BK <= 64 over keys. Products of float32 factors (T, dT, A) run as 3xTF32
+whatever the policy (near float32 accuracy on the tensor cores; see common.py).
 """
 
 from __future__ import annotations
@@ -21,7 +21,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import block, check_tensors, define_op, exact, f32, launch, mma, mma_f32, policy_of, precision
+from .common import (block, check_tensors, define_op, exact, f32, launch, load_tile, mma, mma_f32, policy_of,
+                     precision, store_tile)
 
 
 @triton.jit
@@ -41,31 +42,28 @@ def solve_fwd_kernel(k_ptr, beta_ptr, t_ptr,
                      K: tl.constexpr, C: tl.constexpr, BK: tl.constexpr,
                      K_EXACT: tl.constexpr, POLICY: tl.constexpr, LOW: tl.constexpr):
     chunk = tl.program_id(0).to(tl.int64)
+    k_c, t_c = k_ptr + chunk * C * K, t_ptr + chunk * C * C
     rc, r16 = tl.arange(0, C), tl.arange(0, 16)
-    t_chunk = t_ptr + chunk * C * C
     for i in tl.static_range(C // 16):
         rows = i * 16 + r16
-        beta = tl.load(beta_ptr + chunk * C + rows)
         a = tl.zeros([16, C], tl.float32)  # rows of K K^T
         a_ii = tl.zeros([16, 16], tl.float32)  # its diagonal block
-        for k0 in range(0, K, BK):
-            rk = k0 + tl.arange(0, BK)
-            mk = (rk < K)[None, :]
-            k_i = tl.load(k_ptr + chunk * C * K + rows[:, None] * K + rk[None, :], mask=mk, other=0.0)
-            k_all = tl.load(k_ptr + chunk * C * K + rc[:, None] * K + rk[None, :], mask=mk, other=0.0)
-            a = mma(k_i, tl.trans(k_all), a, K_EXACT, K_EXACT, POLICY, LOW)
+        for j in range(0, tl.cdiv(K, BK)):
+            k_i = load_tile(k_c, i, j, C, K, 16, BK)
+            a = mma(k_i, tl.trans(load_tile(k_c, 0, j, C, K, C, BK)), a, K_EXACT, K_EXACT, POLICY, LOW)
             a_ii = mma(k_i, tl.trans(k_i), a_ii, K_EXACT, K_EXACT, POLICY, LOW)
+        beta = tl.load(beta_ptr + chunk * C + rows)
         a = tl.where(rc[None, :] < rows[:, None], a * beta[:, None], 0.0)
         x = _invert_unit_lower_16(tl.where(r16[None, :] < r16[:, None], a_ii * beta[:, None], 0.0))
         if i > 0:
             # T's block rows < i, written by earlier iterations; later rows read as zeros
-            t_prev = tl.load(t_chunk + rc[:, None] * C + rc[None, :], mask=(rc < i * 16)[:, None], other=0.0)
-            p = mma_f32(a, t_prev, tl.zeros([16, C], tl.float32), POLICY)
-            off = -mma_f32(x, p, tl.zeros([16, C], tl.float32), POLICY)
-            tl.store(t_chunk + rows[:, None] * C + rc[None, :], off, mask=(rc < i * 16)[None, :])
-        tl.store(t_chunk + rows[:, None] * C + (i * 16 + r16)[None, :], x)
+            t_prev = tl.load(t_c + rc[:, None] * C + rc[None, :], mask=(rc < i * 16)[:, None], other=0.0)
+            p = mma_f32(a, t_prev, tl.zeros([16, C], tl.float32))
+            off = -mma_f32(x, p, tl.zeros([16, C], tl.float32))
+            tl.store(t_c + rows[:, None] * C + rc[None, :], off, mask=(rc < i * 16)[None, :])
+        store_tile(t_c, x, i, i, C, C, 16, 16)
         if i < C // 16 - 1:
-            tl.store(t_chunk + rows[:, None] * C + rc[None, :], tl.zeros([16, C], tl.float32),
+            tl.store(t_c + rows[:, None] * C + rc[None, :], tl.zeros([16, C], tl.float32),
                      mask=(rc >= (i + 1) * 16)[None, :])
         tl.debug_barrier()
 
@@ -75,26 +73,23 @@ def solve_bwd_kernel(k_ptr, beta_ptr, t_ptr, dt_ptr, dk_ptr, dbeta_ptr,
                      K: tl.constexpr, C: tl.constexpr, BK: tl.constexpr,
                      K_EXACT: tl.constexpr, POLICY: tl.constexpr, LOW: tl.constexpr):
     chunk = tl.program_id(0).to(tl.int64)
+    k_c = k_ptr + chunk * C * K
     rc = tl.arange(0, C)
-    cc = chunk * C * C + rc[:, None] * C + rc[None, :]
-    t = tl.load(t_ptr + cc)
-    m = mma_f32(tl.trans(t), tl.load(dt_ptr + cc), tl.zeros([C, C], tl.float32), POLICY)
-    da = -mma_f32(m, tl.trans(t), tl.zeros([C, C], tl.float32), POLICY)
+    t = load_tile(t_ptr + chunk * C * C, 0, 0, C, C, C, C)
+    m = mma_f32(tl.trans(t), load_tile(dt_ptr + chunk * C * C, 0, 0, C, C, C, C), tl.zeros([C, C], tl.float32))
+    da = -mma_f32(m, tl.trans(t), tl.zeros([C, C], tl.float32))
     da = tl.where(rc[:, None] > rc[None, :], da, 0.0)
     kkt = tl.zeros([C, C], tl.float32)
-    for k0 in range(0, K, BK):
-        rk = k0 + tl.arange(0, BK)
-        k = tl.load(k_ptr + chunk * C * K + rc[:, None] * K + rk[None, :], mask=(rk < K)[None, :], other=0.0)
+    for j in range(0, tl.cdiv(K, BK)):
+        k = load_tile(k_c, 0, j, C, K, C, BK)
         kkt = mma(k, tl.trans(k), kkt, K_EXACT, K_EXACT, POLICY, LOW)
     tl.store(dbeta_ptr + chunk * C + rc, tl.sum(da * kkt, 1))
     dab = tl.load(beta_ptr + chunk * C + rc)[:, None] * da
-    for k0 in range(0, K, BK):
-        rk = k0 + tl.arange(0, BK)
-        ck = chunk * C * K + rc[:, None] * K + rk[None, :]
-        k = tl.load(k_ptr + ck, mask=(rk < K)[None, :], other=0.0)
+    for j in range(0, tl.cdiv(K, BK)):
+        k = load_tile(k_c, 0, j, C, K, C, BK)
         dk = mma(dab, k, mma(tl.trans(dab), k, tl.zeros([C, BK], tl.float32), False, K_EXACT, POLICY, LOW),
                  False, K_EXACT, POLICY, LOW)
-        tl.store(dk_ptr + ck, dk, mask=(rk < K)[None, :])
+        store_tile(dk_ptr + chunk * C * K, dk, 0, j, C, K, C, BK)
 
 
 def _solve_fwd_fake(k, beta, policy, low):
@@ -122,7 +117,7 @@ def solve_bwd(k: torch.Tensor, beta: torch.Tensor, t: torch.Tensor, dt: torch.Te
     dk, dbeta = _solve_bwd_fake(k, beta, t, dt, policy, low)
     POLICY, LOW = precision(policy, low)
     launch(solve_bwd_kernel, (B * H * N,), k, beta, t, dt, dk, dbeta, K=K, C=C, BK=block(K),
-           K_EXACT=exact(k, low), POLICY=POLICY, LOW=LOW, num_warps=4 if C <= 64 else 8)
+           K_EXACT=exact(k, low), POLICY=POLICY, LOW=LOW, num_warps=4 if C <= 32 else 8)
     return dk, dbeta
 
 

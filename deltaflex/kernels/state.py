@@ -8,26 +8,71 @@ Backward (`state_bwd_kernel`): the same grid walks the chunks in reverse with dS
 then `state_grads_kernel`, one program per (chunk, block of BK key columns), forms
 dK_n = V_new_n ds_next[n]^T and dW_n = -dV_new_n states[n]^T over blocks of BV values.
 
-Grid: (cdiv(V, BV), B*H) for the passes, (cdiv(K, BK), B*H*N) for the gradients. Blocks: BK covers
-all of K in the passes (next power of two, >= 16, masked), BV from `pass_config`; C (the chunk size)
-is one tile. ds_next is materialised only inside the backward stage's call (float32, transient).
+Grid: (cdiv(V, BV), B*H) for the passes, (cdiv(K, BK), B*H*N) for the gradients. Blocks: in the
+passes the state is up to four [BK, BV] tiles, BK <= 64 (K <= 256), BV from `pass_config`; C (the
+chunk size) is one tile; masks cover head dims that are not powers of two. ds_next is materialised
+only inside the backward stage's call (float32, transient).
 """
 
 from __future__ import annotations
+
+import contextlib
 
 import torch
 import triton
 import triton.language as tl
 
-from .common import block, check_tensors, define_op, exact, f32, launch, mma, policy_of, precision
+from .common import (FP32, INTERPRETED, block, check_tensors, define_op, exact, f32, launch, load_tile, mma, policy_of, precision,
+                     store_tile)
 
 
-def pass_config(K: int, V: int) -> dict:
-    """BV and warps of a state-pass program: the [K, BV] float32 state and its bf16 halves must stay
-    in registers, so wide keys take narrower value blocks."""
-    BK = block(K, 256)
-    BV = block(V, 64 if BK <= 64 else 32 if BK <= 128 else 16)
-    return dict(BV=BV, num_warps=4 if BK * BV <= 4096 else 8)
+# Blocks, warps and pipeline stages of the state passes by key dim (<= 64, <= 128, <= 256), chosen
+# from register counts of the kernels compiled for sm_90 (a [BK, BV] float32 state tile, W's tiles
+# and their bf16 halves must fit in 255 registers a thread): (BV, num_warps, num_stages), forward
+# then backward. benchmarks/kernel_configs.py times the alternatives on a GPU.
+PASS_CONFIGS = {
+    "bf16": {64: ((32, 4, 2), (32, 4, 2)), 128: ((16, 4, 2), (16, 8, 2)), 256: ((16, 8, 2), (16, 4, 2))},
+    "fp32": {64: ((16, 4, 1), (16, 4, 1)), 128: ((16, 8, 1), (16, 8, 1)), 256: ((16, 8, 1), (16, 8, 1))},
+}
+_override: dict | None = None
+
+
+def pass_config(K: int, V: int, POLICY: int, backward: bool) -> dict:
+    """Launch parameters of a state pass: BK (key rows of a state tile, <= 64: the state is up to
+    four tiles), BV, num_warps, num_stages."""
+    table = PASS_CONFIGS["fp32" if POLICY == FP32 else "bf16"]
+    BV, num_warps, num_stages = table[next(d for d in (64, 128, 256) if K <= d)][backward]
+    if INTERPRETED:  # registers do not matter there, program count does (time)
+        BV = 64
+    cfg = dict(BK=block(K, 64), BV=min(BV, block(V)), num_warps=num_warps, num_stages=num_stages)
+    return {**cfg, **(_override or {})}
+
+
+@contextlib.contextmanager
+def config_override(**cfg):
+    """Launch the state passes with these of BV, num_warps, num_stages (benchmarks/kernel_configs.py)."""
+    global _override
+    _override, previous = cfg, _override
+    try:
+        yield
+    finally:
+        _override = previous
+
+
+@triton.jit
+def _load_state(ptr, i: tl.constexpr, iv, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr):
+    """State tile i: rows [i BK, (i + 1) BK), value block iv; zeros (and never stored) past K."""
+    if i * BK < K:
+        return load_tile(ptr, i, iv, K, V, BK, BV)
+    else:
+        return tl.zeros([BK, BV], tl.float32)
+
+
+@triton.jit
+def _store_state(ptr, s, i: tl.constexpr, iv, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr,
+                 BV: tl.constexpr):
+    if i * BK < K:
+        store_tile(ptr, s, i, iv, K, V, BK, BV)
 
 
 @triton.jit
@@ -35,23 +80,50 @@ def state_fwd_kernel(k_ptr, w_ptr, u_ptr, s0_ptr, v_new_ptr, states_ptr, final_p
                      K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
                      K_EXACT: tl.constexpr, POLICY: tl.constexpr, LOW: tl.constexpr):
     iv, bh = tl.program_id(0), tl.program_id(1).to(tl.int64)
-    rc, rk, rv = tl.arange(0, C), tl.arange(0, BK), iv * BV + tl.arange(0, BV)
-    mk, mv = rk < K, rv < V
-    m_kv = mk[:, None] & mv[None, :]
-    kv = rk[:, None] * V + rv[None, :]
-    s = tl.load(s0_ptr + bh * K * V + kv, mask=m_kv, other=0.0)
+    # the state, as up to four [BK, BV] tiles (those past K stay zero and unused)
+    s0 = _load_state(s0_ptr + bh * K * V, 0, iv, K, V, BK, BV)
+    s1 = _load_state(s0_ptr + bh * K * V, 1, iv, K, V, BK, BV)
+    s2 = _load_state(s0_ptr + bh * K * V, 2, iv, K, V, BK, BV)
+    s3 = _load_state(s0_ptr + bh * K * V, 3, iv, K, V, BK, BV)
     for n in range(N):
         chunk = bh * N + n
-        tl.store(states_ptr + chunk * K * V + kv, s, mask=m_kv)
-        ck = chunk * C * K + rc[:, None] * K + rk[None, :]
-        cv = chunk * C * V + rc[:, None] * V + rv[None, :]
-        w = tl.load(w_ptr + ck, mask=mk[None, :], other=0.0)
-        u = tl.load(u_ptr + cv, mask=mv[None, :], other=0.0)
-        v_new = u - mma(w, s, tl.zeros([C, BV], tl.float32), False, False, POLICY, LOW)
-        tl.store(v_new_ptr + cv, v_new, mask=mv[None, :])
-        k = tl.load(k_ptr + ck, mask=mk[None, :], other=0.0)
-        s = mma(tl.trans(k), v_new, s, K_EXACT, False, POLICY, LOW)
-    tl.store(final_ptr + bh * K * V + kv, s, mask=m_kv)
+        k_c, w_c = k_ptr + chunk * C * K, w_ptr + chunk * C * K
+        states_c = states_ptr + chunk * K * V
+        _store_state(states_c, s0, 0, iv, K, V, BK, BV)
+        _store_state(states_c, s1, 1, iv, K, V, BK, BV)
+        _store_state(states_c, s2, 2, iv, K, V, BK, BV)
+        _store_state(states_c, s3, 3, iv, K, V, BK, BV)
+        # V_new = U - W S
+        ws = mma(load_tile(w_c, 0, 0, C, K, C, BK), s0, tl.zeros([C, BV], tl.float32), False, False, POLICY, LOW)
+        if BK < K:
+            ws = mma(load_tile(w_c, 0, 1, C, K, C, BK), s1, ws, False, False, POLICY, LOW)
+        if 2 * BK < K:
+            ws = mma(load_tile(w_c, 0, 2, C, K, C, BK), s2, ws, False, False, POLICY, LOW)
+        if 3 * BK < K:
+            ws = mma(load_tile(w_c, 0, 3, C, K, C, BK), s3, ws, False, False, POLICY, LOW)
+        v_new = load_tile(u_ptr + chunk * C * V, 0, iv, C, V, C, BV) - ws
+        store_tile(v_new_ptr + chunk * C * V, v_new, 0, iv, C, V, C, BV)
+        # S <- S + K^T V_new
+        s0 = mma(tl.trans(load_tile(k_c, 0, 0, C, K, C, BK)), v_new, s0, K_EXACT, False, POLICY, LOW)
+        if BK < K:
+            s1 = mma(tl.trans(load_tile(k_c, 0, 1, C, K, C, BK)), v_new, s1, K_EXACT, False, POLICY, LOW)
+        if 2 * BK < K:
+            s2 = mma(tl.trans(load_tile(k_c, 0, 2, C, K, C, BK)), v_new, s2, K_EXACT, False, POLICY, LOW)
+        if 3 * BK < K:
+            s3 = mma(tl.trans(load_tile(k_c, 0, 3, C, K, C, BK)), v_new, s3, K_EXACT, False, POLICY, LOW)
+    _store_state(final_ptr + bh * K * V, s0, 0, iv, K, V, BK, BV)
+    _store_state(final_ptr + bh * K * V, s1, 1, iv, K, V, BK, BV)
+    _store_state(final_ptr + bh * K * V, s2, 2, iv, K, V, BK, BV)
+    _store_state(final_ptr + bh * K * V, s3, 3, iv, K, V, BK, BV)
+
+
+@triton.jit
+def _ds_step(ds, i: tl.constexpr, q_c, w_c, do, dv_new, scale, C: tl.constexpr, K: tl.constexpr, BK: tl.constexpr,
+             Q_EXACT: tl.constexpr, DO_EXACT: tl.constexpr, POLICY: tl.constexpr, LOW: tl.constexpr):
+    """Tile i of dS + scale Q^T dO - W^T dV_new."""
+    qdo = mma(tl.trans(load_tile(q_c, 0, i, C, K, C, BK)), do, tl.zeros(ds.shape, tl.float32), Q_EXACT, DO_EXACT,
+              POLICY, LOW)
+    return mma(tl.trans(load_tile(w_c, 0, i, C, K, C, BK)), -dv_new, ds + scale * qdo, False, False, POLICY, LOW)
 
 
 @triton.jit
@@ -61,25 +133,41 @@ def state_bwd_kernel(q_ptr, k_ptr, w_ptr, do_ptr, dv_local_ptr, ds_final_ptr, dv
                      Q_EXACT: tl.constexpr, K_EXACT: tl.constexpr, DO_EXACT: tl.constexpr,
                      POLICY: tl.constexpr, LOW: tl.constexpr):
     iv, bh = tl.program_id(0), tl.program_id(1).to(tl.int64)
-    rc, rk, rv = tl.arange(0, C), tl.arange(0, BK), iv * BV + tl.arange(0, BV)
-    mk, mv = rk < K, rv < V
-    m_kv = mk[:, None] & mv[None, :]
-    kv = rk[:, None] * V + rv[None, :]
-    ds = tl.load(ds_final_ptr + bh * K * V + kv, mask=m_kv, other=0.0)
+    ds0 = _load_state(ds_final_ptr + bh * K * V, 0, iv, K, V, BK, BV)
+    ds1 = _load_state(ds_final_ptr + bh * K * V, 1, iv, K, V, BK, BV)
+    ds2 = _load_state(ds_final_ptr + bh * K * V, 2, iv, K, V, BK, BV)
+    ds3 = _load_state(ds_final_ptr + bh * K * V, 3, iv, K, V, BK, BV)
     for i in range(N):
         chunk = bh * N + (N - 1 - i)
-        tl.store(ds_next_ptr + chunk * K * V + kv, ds, mask=m_kv)
-        ck = chunk * C * K + rc[:, None] * K + rk[None, :]
-        cv = chunk * C * V + rc[:, None] * V + rv[None, :]
-        k = tl.load(k_ptr + ck, mask=mk[None, :], other=0.0)
-        dv_new = mma(k, ds, tl.load(dv_local_ptr + cv, mask=mv[None, :], other=0.0), K_EXACT, False, POLICY, LOW)
-        tl.store(dv_new_ptr + cv, dv_new, mask=mv[None, :])
-        q = tl.load(q_ptr + ck, mask=mk[None, :], other=0.0)
-        do = tl.load(do_ptr + cv, mask=mv[None, :], other=0.0)
-        qdo = mma(tl.trans(q), do, tl.zeros([BK, BV], tl.float32), Q_EXACT, DO_EXACT, POLICY, LOW)
-        w = tl.load(w_ptr + ck, mask=mk[None, :], other=0.0)
-        ds = mma(tl.trans(w), -dv_new, ds + scale * qdo, False, False, POLICY, LOW)
-    tl.store(ds0_ptr + bh * K * V + kv, ds, mask=m_kv)
+        q_c, k_c, w_c = q_ptr + chunk * C * K, k_ptr + chunk * C * K, w_ptr + chunk * C * K
+        ds_next_c = ds_next_ptr + chunk * K * V
+        _store_state(ds_next_c, ds0, 0, iv, K, V, BK, BV)
+        _store_state(ds_next_c, ds1, 1, iv, K, V, BK, BV)
+        _store_state(ds_next_c, ds2, 2, iv, K, V, BK, BV)
+        _store_state(ds_next_c, ds3, 3, iv, K, V, BK, BV)
+        # dV_new = dV_local + K dS
+        dv_new = load_tile(dv_local_ptr + chunk * C * V, 0, iv, C, V, C, BV)
+        dv_new = mma(load_tile(k_c, 0, 0, C, K, C, BK), ds0, dv_new, K_EXACT, False, POLICY, LOW)
+        if BK < K:
+            dv_new = mma(load_tile(k_c, 0, 1, C, K, C, BK), ds1, dv_new, K_EXACT, False, POLICY, LOW)
+        if 2 * BK < K:
+            dv_new = mma(load_tile(k_c, 0, 2, C, K, C, BK), ds2, dv_new, K_EXACT, False, POLICY, LOW)
+        if 3 * BK < K:
+            dv_new = mma(load_tile(k_c, 0, 3, C, K, C, BK), ds3, dv_new, K_EXACT, False, POLICY, LOW)
+        store_tile(dv_new_ptr + chunk * C * V, dv_new, 0, iv, C, V, C, BV)
+        # dS <- dS + scale Q^T dO - W^T dV_new
+        do = load_tile(do_ptr + chunk * C * V, 0, iv, C, V, C, BV)
+        ds0 = _ds_step(ds0, 0, q_c, w_c, do, dv_new, scale, C, K, BK, Q_EXACT, DO_EXACT, POLICY, LOW)
+        if BK < K:
+            ds1 = _ds_step(ds1, 1, q_c, w_c, do, dv_new, scale, C, K, BK, Q_EXACT, DO_EXACT, POLICY, LOW)
+        if 2 * BK < K:
+            ds2 = _ds_step(ds2, 2, q_c, w_c, do, dv_new, scale, C, K, BK, Q_EXACT, DO_EXACT, POLICY, LOW)
+        if 3 * BK < K:
+            ds3 = _ds_step(ds3, 3, q_c, w_c, do, dv_new, scale, C, K, BK, Q_EXACT, DO_EXACT, POLICY, LOW)
+    _store_state(ds0_ptr + bh * K * V, ds0, 0, iv, K, V, BK, BV)
+    _store_state(ds0_ptr + bh * K * V, ds1, 1, iv, K, V, BK, BV)
+    _store_state(ds0_ptr + bh * K * V, ds2, 2, iv, K, V, BK, BV)
+    _store_state(ds0_ptr + bh * K * V, ds3, 3, iv, K, V, BK, BV)
 
 
 @triton.jit
@@ -87,23 +175,17 @@ def state_grads_kernel(v_new_ptr, dv_new_ptr, states_ptr, ds_next_ptr, dk_ptr, d
                        K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
                        POLICY: tl.constexpr, LOW: tl.constexpr):
     ik, chunk = tl.program_id(0), tl.program_id(1).to(tl.int64)
-    rc, rk = tl.arange(0, C), ik * BK + tl.arange(0, BK)
-    mk = rk < K
+    v_new_c, dv_new_c = v_new_ptr + chunk * C * V, dv_new_ptr + chunk * C * V
+    states_c, ds_next_c = states_ptr + chunk * K * V, ds_next_ptr + chunk * K * V
     dk = tl.zeros([C, BK], tl.float32)
     dw = tl.zeros([C, BK], tl.float32)
-    for v0 in range(0, V, BV):
-        rv = v0 + tl.arange(0, BV)
-        mv = rv < V
-        cv = chunk * C * V + rc[:, None] * V + rv[None, :]
-        vk = chunk * K * V + rk[None, :] * V + rv[:, None]  # [BV, BK]: a state block, transposed
-        m_vk = mv[:, None] & mk[None, :]
-        v_new = tl.load(v_new_ptr + cv, mask=mv[None, :], other=0.0)
-        dk = mma(v_new, tl.load(ds_next_ptr + vk, mask=m_vk, other=0.0), dk, False, False, POLICY, LOW)
-        dv_new = tl.load(dv_new_ptr + cv, mask=mv[None, :], other=0.0)
-        dw = mma(-dv_new, tl.load(states_ptr + vk, mask=m_vk, other=0.0), dw, False, False, POLICY, LOW)
-    ck = chunk * C * K + rc[:, None] * K + rk[None, :]
-    tl.store(dk_ptr + ck, dk, mask=mk[None, :])
-    tl.store(dw_ptr + ck, dw, mask=mk[None, :])
+    for j in range(0, tl.cdiv(V, BV)):
+        dk = mma(load_tile(v_new_c, 0, j, C, V, C, BV), tl.trans(load_tile(ds_next_c, ik, j, K, V, BK, BV)), dk,
+                 False, False, POLICY, LOW)
+        dw = mma(-load_tile(dv_new_c, 0, j, C, V, C, BV), tl.trans(load_tile(states_c, ik, j, K, V, BK, BV)), dw,
+                 False, False, POLICY, LOW)
+    store_tile(dk_ptr + chunk * C * K, dk, 0, ik, C, K, C, BK)
+    store_tile(dw_ptr + chunk * C * K, dw, 0, ik, C, K, C, BK)
 
 
 def _state_fwd_fake(k, w, u, s0, policy, low):
@@ -119,10 +201,10 @@ def state_fwd(k: torch.Tensor, w: torch.Tensor, u: torch.Tensor, s0: torch.Tenso
     V = u.shape[-1]
     v_new, states, final = _state_fwd_fake(k, w, u, s0, policy, low)
     POLICY, LOW = precision(policy, low)
-    cfg = pass_config(K, V)
+    cfg = pass_config(K, V, POLICY, backward=False)
     grid = (triton.cdiv(V, cfg["BV"]), B * H)
-    launch(state_fwd_kernel, grid, k, w, u, s0, v_new, states, final, N, K=K, V=V, C=C, BK=block(K, 256),
-           K_EXACT=exact(k, low), POLICY=POLICY, LOW=LOW, **cfg)
+    launch(state_fwd_kernel, grid, k, w, u, s0, v_new, states, final, N, K=K, V=V, C=C, K_EXACT=exact(k, low),
+           POLICY=POLICY, LOW=LOW, **cfg)
     return v_new, states, final
 
 
@@ -141,9 +223,9 @@ def state_bwd(q: torch.Tensor, k: torch.Tensor, w: torch.Tensor, v_new: torch.Te
     dv_new, dw, dk, ds0 = _state_bwd_fake(q, k, w, v_new, states, do, dv_local, ds_final, scale, policy, low)
     ds_next = f32(B, H, N, K, V, like=k)
     POLICY, LOW = precision(policy, low)
-    cfg = pass_config(K, V)
+    cfg = pass_config(K, V, POLICY, backward=True)
     launch(state_bwd_kernel, (triton.cdiv(V, cfg["BV"]), B * H), q, k, w, do, dv_local, ds_final, dv_new, ds_next,
-           ds0, scale, N, K=K, V=V, C=C, BK=block(K, 256), Q_EXACT=exact(q, low), K_EXACT=exact(k, low),
+           ds0, scale, N, K=K, V=V, C=C, Q_EXACT=exact(q, low), K_EXACT=exact(k, low),
            DO_EXACT=exact(do, low), POLICY=POLICY, LOW=LOW, **cfg)
     BK = block(K)
     launch(state_grads_kernel, (triton.cdiv(K, BK), B * H * N), v_new, dv_new, states, ds_next, dk, dw,

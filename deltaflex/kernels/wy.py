@@ -1,77 +1,77 @@
-"""Stage 2, the WY factors, and their gradients, one Triton program per chunk.
+"""Stage 2, the WY factors, and their gradients, Triton programs per chunk and per column block.
 
-Forward (`wy_fwd_kernel`): with Tb = T diag(beta) (float32, C x C),
-    W = Tb K,  U = Tb V,
-over BK-blocks of keys and BV-blocks of values.
-Backward (`wy_bwd_kernel`): dTb = dW K^T + dU V^T accumulated over the same blocks, while
-    dK = Tb^T dW,  dV = Tb^T dU;
-then dT = dTb diag(beta) and dbeta = column sums of dTb * T.
+Forward (`wy_fwd_kernel`): with Tb = T diag(beta) (float32, C x C), a program forms one BK-block
+of W = Tb K or one BV-block of U = Tb V.
+Backward (`wy_bwd_kernel`): a program forms one block of dK = Tb^T dW or of dV = Tb^T dU, and one
+more per chunk accumulates dTb = dW K^T + dU V^T over all blocks, then dT = dTb diag(beta) and
+dbeta = column sums of dTb * T.
 
-Grid: (B*H*N,). Blocks: C is one tile; BK, BV <= 64 (powers of two, masked).
+Grid: (cdiv(K, BK) + cdiv(V, BV) [+ 1 backward], B*H*N). Blocks: C is one tile; BK, BV <= 64
+(powers of two, masked where the head dims are not).
 """
 
 from __future__ import annotations
 
 import torch
-import triton.language as tl
 import triton
+import triton.language as tl
 
-from .common import block, check_tensors, define_op, exact, f32, launch, mma, policy_of, precision
-
-
-@triton.jit
-def _tile(ptr, chunk, rc, r, D: tl.constexpr, C: tl.constexpr):
-    """The [C, len(r)] tile of columns r of a chunk of a [..., C, D] tensor (zeros past D)."""
-    return tl.load(ptr + chunk * C * D + rc[:, None] * D + r[None, :], mask=(r < D)[None, :], other=0.0)
+from .common import (block, check_tensors, define_op, exact, f32, launch, load_tile, mma, policy_of, precision,
+                     store_tile)
 
 
 @triton.jit
-def _store_tile(ptr, x, chunk, rc, r, D: tl.constexpr, C: tl.constexpr):
-    tl.store(ptr + chunk * C * D + rc[:, None] * D + r[None, :], x, mask=(r < D)[None, :])
+def _tb(t_c, beta_c, C: tl.constexpr):
+    """T diag(beta) of a chunk, and T."""
+    t = load_tile(t_c, 0, 0, C, C, C, C)
+    return t * tl.load(beta_c + tl.arange(0, C))[None, :], t
 
 
 @triton.jit
 def wy_fwd_kernel(t_ptr, k_ptr, v_ptr, beta_ptr, w_ptr, u_ptr,
                   K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
                   K_EXACT: tl.constexpr, V_EXACT: tl.constexpr, POLICY: tl.constexpr, LOW: tl.constexpr):
-    chunk = tl.program_id(0).to(tl.int64)
-    rc = tl.arange(0, C)
-    beta = tl.load(beta_ptr + chunk * C + rc)
-    tb = _tile(t_ptr, chunk, rc, rc, C, C) * beta[None, :]
-    for k0 in range(0, K, BK):
-        rk = k0 + tl.arange(0, BK)
-        w = mma(tb, _tile(k_ptr, chunk, rc, rk, K, C), tl.zeros([C, BK], tl.float32), False, K_EXACT, POLICY, LOW)
-        _store_tile(w_ptr, w, chunk, rc, rk, K, C)
-    for v0 in range(0, V, BV):
-        rv = v0 + tl.arange(0, BV)
-        u = mma(tb, _tile(v_ptr, chunk, rc, rv, V, C), tl.zeros([C, BV], tl.float32), False, V_EXACT, POLICY, LOW)
-        _store_tile(u_ptr, u, chunk, rc, rv, V, C)
+    role, chunk = tl.program_id(0), tl.program_id(1).to(tl.int64)
+    tb, _ = _tb(t_ptr + chunk * C * C, beta_ptr + chunk * C, C)
+    NK: tl.constexpr = (K + BK - 1) // BK
+    if role < NK:  # block `role` of W
+        k = load_tile(k_ptr + chunk * C * K, 0, role, C, K, C, BK)
+        w = mma(tb, k, tl.zeros([C, BK], tl.float32), False, K_EXACT, POLICY, LOW)
+        store_tile(w_ptr + chunk * C * K, w, 0, role, C, K, C, BK)
+    else:  # block `role - NK` of U
+        v = load_tile(v_ptr + chunk * C * V, 0, role - NK, C, V, C, BV)
+        u = mma(tb, v, tl.zeros([C, BV], tl.float32), False, V_EXACT, POLICY, LOW)
+        store_tile(u_ptr + chunk * C * V, u, 0, role - NK, C, V, C, BV)
 
 
 @triton.jit
 def wy_bwd_kernel(t_ptr, k_ptr, v_ptr, beta_ptr, dw_ptr, du_ptr, dt_ptr, dk_ptr, dv_ptr, dbeta_ptr,
                   K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
                   K_EXACT: tl.constexpr, V_EXACT: tl.constexpr, POLICY: tl.constexpr, LOW: tl.constexpr):
-    chunk = tl.program_id(0).to(tl.int64)
-    rc = tl.arange(0, C)
-    beta = tl.load(beta_ptr + chunk * C + rc)
-    t = _tile(t_ptr, chunk, rc, rc, C, C)
-    tb_t = tl.trans(t * beta[None, :])
-    dtb = tl.zeros([C, C], tl.float32)
-    for k0 in range(0, K, BK):
-        rk = k0 + tl.arange(0, BK)
-        dw = _tile(dw_ptr, chunk, rc, rk, K, C)
-        dtb = mma(dw, tl.trans(_tile(k_ptr, chunk, rc, rk, K, C)), dtb, False, K_EXACT, POLICY, LOW)
-        dk = mma(tb_t, dw, tl.zeros([C, BK], tl.float32), False, False, POLICY, LOW)
-        _store_tile(dk_ptr, dk, chunk, rc, rk, K, C)
-    for v0 in range(0, V, BV):
-        rv = v0 + tl.arange(0, BV)
-        du = _tile(du_ptr, chunk, rc, rv, V, C)
-        dtb = mma(du, tl.trans(_tile(v_ptr, chunk, rc, rv, V, C)), dtb, False, V_EXACT, POLICY, LOW)
-        dv = mma(tb_t, du, tl.zeros([C, BV], tl.float32), False, False, POLICY, LOW)
-        _store_tile(dv_ptr, dv, chunk, rc, rv, V, C)
-    _store_tile(dt_ptr, dtb * beta[None, :], chunk, rc, rc, C, C)
-    tl.store(dbeta_ptr + chunk * C + rc, tl.sum(dtb * t, 0))
+    role, chunk = tl.program_id(0), tl.program_id(1).to(tl.int64)
+    k_c, v_c, dw_c, du_c = k_ptr + chunk * C * K, v_ptr + chunk * C * V, dw_ptr + chunk * C * K, du_ptr + chunk * C * V
+    tb, t = _tb(t_ptr + chunk * C * C, beta_ptr + chunk * C, C)
+    NK: tl.constexpr = (K + BK - 1) // BK
+    NV: tl.constexpr = (V + BV - 1) // BV
+    if role < NK:  # dK = Tb^T dW, block `role`
+        dk = mma(tl.trans(tb), load_tile(dw_c, 0, role, C, K, C, BK), tl.zeros([C, BK], tl.float32), False, False,
+                 POLICY, LOW)
+        store_tile(dk_ptr + chunk * C * K, dk, 0, role, C, K, C, BK)
+    elif role < NK + NV:  # dV = Tb^T dU, block `role - NK`
+        dv = mma(tl.trans(tb), load_tile(du_c, 0, role - NK, C, V, C, BV), tl.zeros([C, BV], tl.float32), False,
+                 False, POLICY, LOW)
+        store_tile(dv_ptr + chunk * C * V, dv, 0, role - NK, C, V, C, BV)
+    else:  # dTb = dW K^T + dU V^T -> dT, dbeta
+        dtb = tl.zeros([C, C], tl.float32)
+        for j in range(0, NK):
+            dtb = mma(load_tile(dw_c, 0, j, C, K, C, BK), tl.trans(load_tile(k_c, 0, j, C, K, C, BK)), dtb, False,
+                      K_EXACT, POLICY, LOW)
+        for j in range(0, NV):
+            dtb = mma(load_tile(du_c, 0, j, C, V, C, BV), tl.trans(load_tile(v_c, 0, j, C, V, C, BV)), dtb, False,
+                      V_EXACT, POLICY, LOW)
+        beta = tl.load(beta_ptr + chunk * C + tl.arange(0, C))
+        store_tile(dt_ptr + chunk * C * C, dtb * beta[None, :], 0, 0, C, C, C, C)
+        tl.store(dbeta_ptr + chunk * C + tl.arange(0, C), tl.sum(dtb * t, 0))
 
 
 def _wy_fwd_fake(t, k, v, beta, policy, low):
@@ -85,8 +85,10 @@ def wy_fwd(t: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torch.Tensor
     V = v.shape[-1]
     w, u = _wy_fwd_fake(t, k, v, beta, policy, low)
     POLICY, LOW = precision(policy, low)
-    launch(wy_fwd_kernel, (B * H * N,), t, k, v, beta, w, u, K=K, V=V, C=C, BK=block(K), BV=block(V),
-           K_EXACT=exact(k, low), V_EXACT=exact(v, low), POLICY=POLICY, LOW=LOW, num_warps=4 if C <= 64 else 8)
+    BK, BV = block(K), block(V)
+    launch(wy_fwd_kernel, (triton.cdiv(K, BK) + triton.cdiv(V, BV), B * H * N), t, k, v, beta, w, u, K=K, V=V, C=C,
+           BK=BK, BV=BV, K_EXACT=exact(k, low), V_EXACT=exact(v, low), POLICY=POLICY, LOW=LOW,
+           num_warps=4 if C <= 64 else 8)
     return w, u
 
 
@@ -102,9 +104,10 @@ def wy_bwd(t: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torch.Tensor
     V = v.shape[-1]
     dt, dk, dv, dbeta = _wy_bwd_fake(t, k, v, beta, dw, du, policy, low)
     POLICY, LOW = precision(policy, low)
-    launch(wy_bwd_kernel, (B * H * N,), t, k, v, beta, dw, du, dt, dk, dv, dbeta, K=K, V=V, C=C, BK=block(K),
-           BV=block(V), K_EXACT=exact(k, low), V_EXACT=exact(v, low), POLICY=POLICY, LOW=LOW,
-           num_warps=4 if C <= 64 else 8)
+    BK, BV = block(K), block(V)
+    launch(wy_bwd_kernel, (triton.cdiv(K, BK) + triton.cdiv(V, BV) + 1, B * H * N), t, k, v, beta, dw, du, dt, dk,
+           dv, dbeta, K=K, V=V, C=C, BK=BK, BV=BV, K_EXACT=exact(k, low), V_EXACT=exact(v, low), POLICY=POLICY,
+           LOW=LOW, num_warps=4 if C <= 64 else 8)
     return dt, dk, dv, dbeta
 
 
