@@ -7,7 +7,7 @@ TRITON_INTERPRET=1 set before this import they run on the CPU in Triton's interp
 """
 
 from ..chunk.stages import register
-from . import output, solve, state, wy
+from . import fused, output, solve, state, wy  # noqa: F401  (fused: not a stage yet)
 
 register("solve", "triton", solve.solve_forward, solve.solve_backward)
 register("wy", "triton", wy.wy_forward, wy.wy_backward)

@@ -38,11 +38,10 @@ def _invert_unit_lower_16(a):
 
 
 @triton.jit
-def solve_fwd_kernel(k_ptr, beta_ptr, t_ptr,
-                     K: tl.constexpr, C: tl.constexpr, BK: tl.constexpr,
-                     K_EXACT: tl.constexpr, POLICY: tl.constexpr, LOW: tl.constexpr):
-    chunk = tl.program_id(0).to(tl.int64)
-    k_c, t_c = k_ptr + chunk * C * K, t_ptr + chunk * C * C
+def solve_chunk(k_c, beta_c, t_c, K: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, K_EXACT: tl.constexpr,
+                POLICY: tl.constexpr, LOW: tl.constexpr):
+    """Writes T = (I + A)^-1 of the chunk whose keys, betas and T start at k_c, beta_c, t_c; on return
+    every thread of the program sees all of T."""
     rc, r16 = tl.arange(0, C), tl.arange(0, 16)
     for i in tl.static_range(C // 16):
         rows = i * 16 + r16
@@ -52,7 +51,7 @@ def solve_fwd_kernel(k_ptr, beta_ptr, t_ptr,
             k_i = load_tile(k_c, i, j, C, K, 16, BK)
             a = mma(k_i, tl.trans(load_tile(k_c, 0, j, C, K, C, BK)), a, K_EXACT, K_EXACT, POLICY, LOW)
             a_ii = mma(k_i, tl.trans(k_i), a_ii, K_EXACT, K_EXACT, POLICY, LOW)
-        beta = tl.load(beta_ptr + chunk * C + rows)
+        beta = tl.load(beta_c + rows)
         a = tl.where(rc[None, :] < rows[:, None], a * beta[:, None], 0.0)
         x = _invert_unit_lower_16(tl.where(r16[None, :] < r16[:, None], a_ii * beta[:, None], 0.0))
         if i > 0:
@@ -66,6 +65,14 @@ def solve_fwd_kernel(k_ptr, beta_ptr, t_ptr,
             tl.store(t_c + rows[:, None] * C + rc[None, :], tl.zeros([16, C], tl.float32),
                      mask=(rc >= (i + 1) * 16)[None, :])
         tl.debug_barrier()
+
+
+@triton.jit
+def solve_fwd_kernel(k_ptr, beta_ptr, t_ptr,
+                     K: tl.constexpr, C: tl.constexpr, BK: tl.constexpr,
+                     K_EXACT: tl.constexpr, POLICY: tl.constexpr, LOW: tl.constexpr):
+    chunk = tl.program_id(0).to(tl.int64)
+    solve_chunk(k_ptr + chunk * C * K, beta_ptr + chunk * C, t_ptr + chunk * C * C, K, C, BK, K_EXACT, POLICY, LOW)
 
 
 @triton.jit
