@@ -91,6 +91,7 @@ def define_op(name: str, fake):
         else:
             op = torch.library.triton_op(f"deltaflex::{name}", fn, mutates_args=())
         op.fake = fake  # kept for tests
+        op.launcher = fn  # the implementation itself (benchmarks/kernel_resources.py runs it on meta tensors)
         return op
 
     return register

@@ -26,22 +26,32 @@ from .common import (FP32, INTERPRETED, block, check_tensors, define_op, exact, 
                      store_tile)
 
 
-# Blocks, warps and pipeline stages of the state passes by key dim (<= 64, <= 128, <= 256), chosen
-# from register counts of the kernels compiled for sm_90 (a [BK, BV] float32 state tile, W's tiles
-# and their bf16 halves must fit in 255 registers a thread): (BV, num_warps, num_stages), forward
-# then backward. benchmarks/kernel_configs.py times the alternatives on a GPU.
+# Launch parameters (BV, num_warps, num_stages) of the passes over chunks by key dim (<= 64, <= 128,
+# <= 256): the forward pass, the backward pass, and the fused forward pass with the output
+# (fused.py). Chosen from register and shared-memory counts of the kernels compiled for sm_90: the
+# [BK, BV] float32 state tiles, one chunk's tiles of W (and Q) and their bf16 halves must fit 255
+# registers a thread and 227 KiB of shared memory. benchmarks/kernel_configs.py times alternatives.
 PASS_CONFIGS = {
-    "bf16": {64: ((32, 4, 2), (32, 4, 2)), 128: ((16, 4, 2), (16, 8, 2)), 256: ((16, 8, 2), (16, 4, 2))},
-    "fp32": {64: ((16, 4, 1), (16, 4, 1)), 128: ((16, 8, 1), (16, 8, 1)), 256: ((16, 8, 1), (16, 8, 1))},
+    "bf16": {
+        64: {"forward": (32, 4, 2), "backward": (32, 4, 2), "state_output": (32, 4, 2)},
+        128: {"forward": (16, 4, 2), "backward": (16, 8, 2), "state_output": (16, 4, 2)},
+        256: {"forward": (16, 8, 2), "backward": (16, 4, 2), "state_output": (16, 4, 1)},
+    },
+    # float32 inputs (3xTF32 products, larger register tiles: these spill past K = 64)
+    "fp32": {
+        64: {"forward": (16, 4, 1), "backward": (16, 4, 1), "state_output": (16, 4, 1)},
+        128: {"forward": (16, 8, 1), "backward": (16, 8, 1), "state_output": (16, 8, 1)},
+        256: {"forward": (16, 8, 1), "backward": (16, 8, 1), "state_output": (16, 8, 1)},
+    },
 }
 _override: dict | None = None
 
 
-def pass_config(K: int, V: int, POLICY: int, backward: bool) -> dict:
-    """Launch parameters of a state pass: BK (key rows of a state tile, <= 64: the state is up to
-    four tiles), BV, num_warps, num_stages."""
+def pass_config(K: int, V: int, POLICY: int, kind: str) -> dict:
+    """Launch parameters of a pass over chunks (`kind`: "forward", "backward", "state_output"): BK
+    (key rows of a state tile, <= 64: the state is up to four tiles), BV, num_warps, num_stages."""
     table = PASS_CONFIGS["fp32" if POLICY == FP32 else "bf16"]
-    BV, num_warps, num_stages = table[next(d for d in (64, 128, 256) if K <= d)][backward]
+    BV, num_warps, num_stages = table[next(d for d in (64, 128, 256) if K <= d)][kind]
     if INTERPRETED:  # registers do not matter there, program count does (time)
         BV = 64
     cfg = dict(BK=block(K, 64), BV=min(BV, block(V)), num_warps=num_warps, num_stages=num_stages)
@@ -50,7 +60,7 @@ def pass_config(K: int, V: int, POLICY: int, backward: bool) -> dict:
 
 @contextlib.contextmanager
 def config_override(**cfg):
-    """Launch the state passes with these of BV, num_warps, num_stages (benchmarks/kernel_configs.py)."""
+    """Launch every pass over chunks with these of BV, num_warps, num_stages (benchmarks/kernel_configs.py)."""
     global _override
     _override, previous = cfg, _override
     try:
@@ -201,7 +211,7 @@ def state_fwd(k: torch.Tensor, w: torch.Tensor, u: torch.Tensor, s0: torch.Tenso
     V = u.shape[-1]
     v_new, states, final = _state_fwd_fake(k, w, u, s0, policy, low)
     POLICY, LOW = precision(policy, low)
-    cfg = pass_config(K, V, POLICY, backward=False)
+    cfg = pass_config(K, V, POLICY, "forward")
     grid = (triton.cdiv(V, cfg["BV"]), B * H)
     launch(state_fwd_kernel, grid, k, w, u, s0, v_new, states, final, N, K=K, V=V, C=C, K_EXACT=exact(k, low),
            POLICY=POLICY, LOW=LOW, **cfg)
@@ -223,7 +233,7 @@ def state_bwd(q: torch.Tensor, k: torch.Tensor, w: torch.Tensor, v_new: torch.Te
     dv_new, dw, dk, ds0 = _state_bwd_fake(q, k, w, v_new, states, do, dv_local, ds_final, scale, policy, low)
     ds_next = f32(B, H, N, K, V, like=k)
     POLICY, LOW = precision(policy, low)
-    cfg = pass_config(K, V, POLICY, backward=True)
+    cfg = pass_config(K, V, POLICY, "backward")
     launch(state_bwd_kernel, (triton.cdiv(V, cfg["BV"]), B * H), q, k, w, do, dv_local, ds_final, dv_new, ds_next,
            ds0, scale, N, K=K, V=V, C=C, Q_EXACT=exact(q, low), K_EXACT=exact(k, low),
            DO_EXACT=exact(do, low), POLICY=POLICY, LOW=LOW, **cfg)
