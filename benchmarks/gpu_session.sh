@@ -3,7 +3,8 @@
 # `.whl` carried (../shared/tools/gpu-wheels.sh fills it):
 #   bash benchmarks/gpu_session.sh tests profile bench
 # Steps: tests (the whole suite, GPU tests included), profile (benchmarks/profile_plan.py at
-# $PROFILE_SHAPES for $PLANS), probe (benchmarks/probe_blocks.py), bench (deltaflex bench at $BENCH_SHAPES, or all of DESIGN.md's).
+# $PROFILE_SHAPES for $PLANS), probe (benchmarks/probe_blocks.py), bench (deltaflex bench at $BENCH_SHAPES, or all of DESIGN.md's),
+# kernels (benchmarks/profile_kernels.py: Triton stage, fusion and launch-config timings; $KERNELS_FLAGS).
 set -uo pipefail
 OUT=${OUT:-/tmp/deltaflex-out}
 mkdir -p "$OUT"
@@ -29,6 +30,9 @@ for step in "$@"; do
         python3 benchmarks/profile_plan.py --shape "$shape" "${plan_args[@]}" ${PROFILE_FLAGS:-} --out "$OUT" 2>&1 \
           | grep -v -i warn | tail -${PROFILE_TAIL:-12}
       done ;;
+    kernels)
+      python3 benchmarks/profile_kernels.py ${KERNELS_FLAGS:-} --out "$OUT" 2>&1 | grep -v -i warn \
+        | tee "$OUT/kernels.log" | tail -${KERNELS_TAIL:-40} ;;
     probe)
       python3 benchmarks/probe_blocks.py 2>&1 | tee "$OUT/probe.log" | tail -12 ;;
     bench)

@@ -135,7 +135,7 @@ def state_output_fwd(q: torch.Tensor, k: torch.Tensor, w: torch.Tensor, u: torch
     V = u.shape[-1]
     o, final = _state_output_fake(q, k, w, u, s0, scale, policy, low)
     POLICY, LOW = precision(policy, low)
-    cfg = pass_config(K, V, POLICY, "state_output")
+    cfg = pass_config(K, V, C, POLICY, "state_output")
     launch(state_output_kernel, (triton.cdiv(V, cfg["BV"]), B * H), q, k, w, u, s0, o, final, scale, N, K=K, V=V,
            C=C, Q_EXACT=exact(q, low), K_EXACT=exact(k, low), POLICY=POLICY, LOW=LOW, **cfg)
     return o, final

@@ -47,11 +47,13 @@ PASS_CONFIGS = {
 _override: dict | None = None
 
 
-def pass_config(K: int, V: int, POLICY: int, kind: str) -> dict:
+def pass_config(K: int, V: int, C: int, POLICY: int, kind: str) -> dict:
     """Launch parameters of a pass over chunks (`kind`: "forward", "backward", "state_output"): BK
     (key rows of a state tile, <= 64: the state is up to four tiles), BV, num_warps, num_stages."""
     table = PASS_CONFIGS["fp32" if POLICY == FP32 else "bf16"]
     BV, num_warps, num_stages = table[next(d for d in (64, 128, 256) if K <= d)][kind]
+    if C >= 128:  # chunk tiles twice as tall: no second pipeline stage (shared memory), more warps
+        num_warps, num_stages = 8, 1
     if INTERPRETED:  # registers do not matter there, program count does (time)
         BV = 64
     cfg = dict(BK=block(K, 64), BV=min(BV, block(V)), num_warps=num_warps, num_stages=num_stages)
@@ -211,7 +213,7 @@ def state_fwd(k: torch.Tensor, w: torch.Tensor, u: torch.Tensor, s0: torch.Tenso
     V = u.shape[-1]
     v_new, states, final = _state_fwd_fake(k, w, u, s0, policy, low)
     POLICY, LOW = precision(policy, low)
-    cfg = pass_config(K, V, POLICY, "forward")
+    cfg = pass_config(K, V, C, POLICY, "forward")
     grid = (triton.cdiv(V, cfg["BV"]), B * H)
     launch(state_fwd_kernel, grid, k, w, u, s0, v_new, states, final, N, K=K, V=V, C=C, K_EXACT=exact(k, low),
            POLICY=POLICY, LOW=LOW, **cfg)
@@ -233,13 +235,13 @@ def state_bwd(q: torch.Tensor, k: torch.Tensor, w: torch.Tensor, v_new: torch.Te
     dv_new, dw, dk, ds0 = _state_bwd_fake(q, k, w, v_new, states, do, dv_local, ds_final, scale, policy, low)
     ds_next = f32(B, H, N, K, V, like=k)
     POLICY, LOW = precision(policy, low)
-    cfg = pass_config(K, V, POLICY, "backward")
+    cfg = pass_config(K, V, C, POLICY, "backward")
     launch(state_bwd_kernel, (triton.cdiv(V, cfg["BV"]), B * H), q, k, w, do, dv_local, ds_final, dv_new, ds_next,
            ds0, scale, N, K=K, V=V, C=C, Q_EXACT=exact(q, low), K_EXACT=exact(k, low),
            DO_EXACT=exact(do, low), POLICY=POLICY, LOW=LOW, **cfg)
     BK = block(K)
     launch(state_grads_kernel, (triton.cdiv(K, BK), B * H * N), v_new, dv_new, states, ds_next, dk, dw,
-           K=K, V=V, C=C, BK=BK, BV=block(V), POLICY=POLICY, LOW=LOW)
+           K=K, V=V, C=C, BK=BK, BV=block(V), POLICY=POLICY, LOW=LOW, num_warps=4 if C <= 64 else 8)
     return dv_new, dw, dk, ds0
 
 
