@@ -11,7 +11,7 @@ from deltaflex.reference import recurrent_delta_rule_ref
 from deltaflex.testing import TOLERANCES, make_inputs, relative_error
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-STAGES = ("solve", "wy", "state", "output")
+FP32_TOL = 1e-5 if DEVICE == "cpu" else 1e-4  # the GPU's float32 products: 3xTF32 against cuBLAS
 
 
 def _chunked(x, C):
@@ -39,8 +39,8 @@ def test_fused_forward_matches_the_stages_and_the_oracle(poisoned, shape, dtype,
     for backend in ("compiled", "triton"):
         o_stages, final_stages = forward_chunks(*chunks, **options, backends=(backend,) * 4)
         # the same products: outputs differ only where a bf16/fp16 rounding of o lands on the other side
-        assert relative_error(o, o_stages.to(dtype)) <= (1e-5 if dtype == torch.float32 else 2e-4), backend
-        assert relative_error(final, final_stages) <= (1e-5 if dtype == torch.float32 else 1e-4), backend
+        assert relative_error(o, o_stages.to(dtype)) <= (FP32_TOL if dtype == torch.float32 else 2e-4), backend
+        assert relative_error(final, final_stages) <= (FP32_TOL if dtype == torch.float32 else 1e-4), backend
 
 
 def test_fused_forward_with_l2norm_in_op():

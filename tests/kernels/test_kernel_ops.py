@@ -69,7 +69,7 @@ def test_opcheck(index):
 
 def test_registered_for_every_stage():
     for stage in ("solve", "wy", "state", "output"):
-        assert available_backends(stage) == ("compiled", "triton")
+        assert {"compiled", "triton"} <= set(available_backends(stage))
 
 
 def test_refuses_float64():

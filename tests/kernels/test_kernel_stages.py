@@ -20,7 +20,9 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # cpu: Triton's interpr
 # Stage outputs may differ from the compiled stage's by rounding only: the products' order and,
 # under bf16x3, the split of each operand (bf16 rounds inexact operands once: 1e-3 covers the
 # rounding of the few values that land on the other side of a bf16 tie).
-STAGE_TOL = {"fp32": 1e-5, "bf16x3": 1e-4, "bf16": 1e-3}
+# On a GPU the kernels' float32 products are 3xTF32 (about 22 significant bits), the compiled
+# stages' cuBLAS float32.
+STAGE_TOL = {"fp32": 1e-5 if DEVICE == "cpu" else 1e-4, "bf16x3": 1e-4, "bf16": 1e-3}
 
 SHAPES = [  # B, H, T, K, V, C
     (1, 2, 40, 20, 24, 32),  # head dims not powers of two, T not a multiple of C
@@ -113,4 +115,4 @@ def test_solve_is_the_inverse_with_correlated_keys(poisoned):
     k = x["k"].double()
     a = torch.tril(x["beta"].double()[..., None] * (k @ k.transpose(-1, -2)), -1)
     eye = torch.eye(128, dtype=torch.float64, device=t.device)
-    assert relative_error((eye + a) @ t, eye.expand_as(t)) < 1e-5
+    assert relative_error((eye + a) @ t, eye.expand_as(t)) < STAGE_TOL["fp32"]
