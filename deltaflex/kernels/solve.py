@@ -55,8 +55,9 @@ def solve_chunk(k_c, beta_c, t_c, K: tl.constexpr, C: tl.constexpr, BK: tl.const
         a = tl.where(rc[None, :] < rows[:, None], a * beta[:, None], 0.0)
         x = _invert_unit_lower_16(tl.where(r16[None, :] < r16[:, None], a_ii * beta[:, None], 0.0))
         if i > 0:
-            # T's block rows < i, written by earlier iterations; later rows read as zeros
-            t_prev = tl.load(t_c + rc[:, None] * C + rc[None, :], mask=(rc < i * 16)[:, None], other=0.0)
+            # T's block rows < i, written by earlier iterations (read past L1: .cg); later rows as zeros
+            t_prev = tl.load(t_c + rc[:, None] * C + rc[None, :], mask=(rc < i * 16)[:, None], other=0.0,
+                             cache_modifier=".cg")
             p = mma_f32(a, t_prev, tl.zeros([16, C], tl.float32))
             off = -mma_f32(x, p, tl.zeros([16, C], tl.float32))
             tl.store(t_c + rows[:, None] * C + rc[None, :], off, mask=(rc < i * 16)[None, :])
