@@ -7,6 +7,7 @@
 # tune (deltaflex tune --gpu at $TUNE_SHAPES, $TUNE_TRIALS trials / $TUNE_TIMEOUT s a shape; tuned plans exported to
 # $OUT/plans.json), compare (deltaflex compare at $COMPARE_SHAPES, table and plot under $OUT).
 # The plan cache and the tuner's studies live in .deltaflex-cache, so a warm machine's next call resumes them.
+# kernels (benchmarks/profile_kernels.py: Triton stage, fusion and launch-config timings; $KERNELS_FLAGS).
 set -uo pipefail
 OUT=${OUT:-/tmp/deltaflex-out}
 mkdir -p "$OUT"
@@ -33,6 +34,9 @@ for step in "$@"; do
         python3 benchmarks/profile_plan.py --shape "$shape" "${plan_args[@]}" ${PROFILE_FLAGS:-} --out "$OUT" 2>&1 \
           | grep -v -i warn | tail -${PROFILE_TAIL:-12}
       done ;;
+    kernels)
+      python3 benchmarks/profile_kernels.py ${KERNELS_FLAGS:-} --out "$OUT" 2>&1 | grep -v -i warn \
+        | tee "$OUT/kernels.log" | tail -${KERNELS_TAIL:-40} ;;
     probe)
       python3 benchmarks/probe_blocks.py 2>&1 | tee "$OUT/probe.log" | tail -12 ;;
     bench)

@@ -5,6 +5,15 @@
     python benchmarks/profile_plan.py --shape 4,4096,16,128 --packed-mean 512 --fla   # cu_seqlens
 
 A --plan is a plan name or comma-separated Plan fields (chunk_size=128,precision=bf16,unroll=1).
+The hand-written Triton plans (deltaflex/kernels):
+
+    python benchmarks/profile_plan.py --shape 4,4096,16,128 --fla --out $OUT --plan triton \
+        --plan mixed-state --plan solve=triton,wy=triton,state=triton,output=triton \
+        --plan solve=triton,wy=triton,state=triton,output=triton,compile=0,precision=bf16 \
+        --plan solve=triton,wy=triton,state=triton,output=triton,compile=0,chunk_size=128
+
+("triton" is every stage a kernel with no torch.compile; the fields spelling with compile left on
+wraps the kernels' glue in torch.compile; precision=bf16 rounds inexact operands once, as fla does.)
 Forward outputs are compared with the float64 oracle; gradients with the float64 run of the eager
 plan (itself tested against the oracle's gradients in tests/), because autograd through the
 oracle's token loop at this size would need tens of GB. --recompiles also runs the first plan at

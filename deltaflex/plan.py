@@ -112,16 +112,34 @@ def register_triton_stage(stage: str, space: KernelSpace) -> None:
     _TRITON_STAGES[stage] = space
 
 
+def _load_kernels() -> None:
+    # deltaflex.kernels registers its stages on import; without Triton there are none.
+    try:
+        from . import kernels  # noqa: F401
+    except ImportError:
+        pass
+
+
 def kernel_space(stage: str) -> KernelSpace | None:
     """The registered hand-written kernel's search space for `stage`, or None."""
+    _load_kernels()
     return _TRITON_STAGES.get(stage)
+
+
+def triton_device_types() -> tuple[str, ...]:
+    """Where the hand-written kernels run: CUDA, and the CPU in Triton's interpreter (TRITON_INTERPRET=1
+    set before deltaflex.kernels was imported; tests)."""
+    _load_kernels()
+    from .kernels.common import INTERPRETED
+
+    return TRITON_DEVICE_TYPES + (("cpu",) if INTERPRETED else ())
 
 
 def available_backends(stage: str, device_type: str = "cuda") -> tuple[str, ...]:
     """The backends a plan may use for `stage` on this device type."""
     if stage not in STAGES:
         raise ValueError(f"stage must be one of {STAGES}, got {stage!r}")
-    if stage in _TRITON_STAGES and device_type in TRITON_DEVICE_TYPES:
+    if kernel_space(stage) is not None and device_type in triton_device_types():
         return ("compiled", "triton")
     return ("compiled",)
 
@@ -186,7 +204,9 @@ class Plan:
         return {stage: getattr(self, stage) for stage in STAGES}
 
     def kernel(self, stage: str) -> KernelConfig | None:
-        """The launch configuration of a hand-written stage: the plan's, else the kernel's default."""
+        """The launch configuration of a hand-written stage as the tuner spells it out: the plan's,
+        else the kernel's default. (At run time a stage without one uses the kernel's own table,
+        chosen per head dim and chunk size.)"""
         if getattr(self, stage) != "triton":
             return None
         config = getattr(self, f"{stage}_kernel")
@@ -249,8 +269,9 @@ def _fields(cls, data, what: str) -> dict:
 NAMED_PLANS = {
     "eager": Plan(compile=False),
     "compiled": Plan(),
-    "triton": Plan(**{stage: "triton" for stage in STAGES}),
-    # Compiled stages with one hand-written stage, e.g. "mixed-state": the hand-written state pass.
+    # hand-written Triton kernels (deltaflex.kernels) for every stage; their glue runs eagerly
+    "triton": Plan(**{stage: "triton" for stage in STAGES}, compile=False),
+    # Compiled stages with one hand-written stage, e.g. "mixed-state": the single-launch Triton state pass.
     **{f"mixed-{stage}": Plan(**{stage: "triton"}) for stage in STAGES},
 }
 PLAN_NAMES = (*NAMED_PLANS, "auto")
@@ -274,7 +295,7 @@ def check_available(plan: Plan, device_type: str) -> None:
     wrong_device = [s for s, backend in plan.backends().items() if backend not in available_backends(s, device_type)]
     if wrong_device:
         raise ValueError(
-            f"plan stages {wrong_device} use the triton backend, which runs on {TRITON_DEVICE_TYPES} devices only, "
+            f"plan stages {wrong_device} use the triton backend, which runs on {triton_device_types()} devices only, "
             f"not on {device_type!r}"
         )
     for stage in STAGES:

@@ -1,7 +1,13 @@
+import os
+
 import pytest
 import torch
 
 HAS_CUDA = torch.cuda.is_available()
+if not HAS_CUDA:
+    # The Triton kernels (deltaflex.kernels) run in Triton's CPU interpreter where there is no GPU;
+    # it must be on before the kernels are defined, i.e. before any test imports them.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
 
 

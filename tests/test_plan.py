@@ -13,9 +13,18 @@ from deltaflex.testing import make_inputs
 
 
 @pytest.fixture
-def fake_state_kernel(monkeypatch):
-    """A registered hand-written state pass (registry only: nothing here runs it)."""
+def no_kernels(monkeypatch):
+    """A build where no hand-written kernel has registered (deltaflex.kernels already imported, so
+    nothing refills the emptied registry), whose kernels would run on CUDA only."""
+    import deltaflex.kernels  # noqa: F401
+
     monkeypatch.setattr(plan_module, "_TRITON_STAGES", {})
+    monkeypatch.setattr(plan_module, "triton_device_types", lambda: ("cuda",))
+
+
+@pytest.fixture
+def fake_state_kernel(no_kernels):
+    """A registered hand-written state pass (registry only: nothing here runs it)."""
     space = KernelSpace({"BK": (32, 64), "BV": (32, 64)}, num_warps=(4, 8), num_stages=(2, 3),
                         default=KernelConfig({"BK": 64, "BV": 64}))
     register_triton_stage("state", space)
@@ -122,7 +131,17 @@ def test_resolve_rejects_bad_plans():
         resolve_plan("eager", 100, "cpu")
 
 
-def test_triton_stages_are_refused_until_they_exist():
+def test_every_stage_has_a_registered_kernel():
+    from deltaflex.kernels.common import INTERPRETED
+
+    for stage in ("solve", "wy", "state", "output"):
+        assert available_backends(stage, "cuda") == ("compiled", "triton")
+        assert available_backends(stage, "cpu") == (("compiled", "triton") if INTERPRETED else ("compiled",))
+        assert NAMED_PLANS["triton"].kernel(stage) == plan_module.kernel_space(stage).default
+    check_available(NAMED_PLANS["triton"], "cuda")
+
+
+def test_triton_stages_are_refused_until_they_exist(no_kernels):
     assert available_backends("state", "cuda") == ("compiled",)
     x = make_inputs(1, 8, 1, 4, dtype=torch.float32)
     with pytest.raises(NotImplementedError, match="triton backend is not available for stages \\['state'\\]"):
@@ -156,3 +175,10 @@ def test_describe():
     assert Plan(compile_mode="max-autotune-no-cudagraphs").describe() == "C64 compiled(max-autotune-no-cudagraphs)"
     plan = Plan(chunk_size=128, state="triton", state_kernel=KernelConfig({"BK": 64}, num_warps=8, num_stages=3))
     assert plan.describe() == "C128 compiled, state=triton[BK=64 w8 s3]"
+
+
+def test_triton_stages_refuse_float64_clearly():
+    # the Triton kernels take bf16/fp16/fp32 inputs; float64 is the compiled backend's
+    x = make_inputs(1, 8, 1, 4, dtype=torch.float64)
+    with pytest.raises(TypeError, match="float64.*compiled backend"):
+        delta_rule(**x, plan=Plan(state="triton", compile=False))

@@ -59,9 +59,10 @@ def _initial_state(initial_state, q, v, layout: PackedLayout | None):
 def forward_chunks(q, k, v, beta, s0, segments, *, scale, use_qk_l2norm, policy, stepping, backends):
     """The forward on grouped chunk-layout tensors: q, k [B, H, N/g, g, C, K], v [..., C, V] (in
     their low dtype), beta [B, H, N/g, g, C] and s0 [B, H, K, V] (state dtype); returns
-    (o [B, H, N, C, V], final). `backends` names each stage's implementation, in STAGES order;
+    (o [B, H, N, C, V], final). `backends` names each stage's implementation (and launch
+    configuration, see `_implementations`), in STAGES order;
     `segments` places packed sequences (None: B independent sequences)."""
-    solve, wy, state, output = (implementation(s, b)[0] for s, b in zip(STAGES, backends))
+    solve, wy, state, output = (forward for forward, _ in _implementations(backends))
     q, k, v, beta = (x.flatten(2, 3) for x in (q, k, v, beta))
     dot = make_dot(policy, q.dtype)
     if use_qk_l2norm:
@@ -75,9 +76,7 @@ def forward_chunks(q, k, v, beta, s0, segments, *, scale, use_qk_l2norm, policy,
 def backward_chunks(q, k, v, beta, s0, do, ds_final, segments, *, scale, use_qk_l2norm, policy, stepping, backends):
     """Gradients of `forward_chunks` given do (chunk layout, low dtype) and the final state's
     gradient; returns (dq, dk, dv, dbeta, ds0) in chunk layout, float32 (float64)."""
-    (solve, solve_bwd), (wy, wy_bwd), (state, state_bwd), (_, output_bwd) = (
-        implementation(s, b) for s, b in zip(STAGES, backends)
-    )
+    (solve, solve_bwd), (wy, wy_bwd), (state, state_bwd), (_, output_bwd) = _implementations(backends)
     q, k, v, beta, do = (x.flatten(2, 3) for x in (q, k, v, beta, do))
     dot = make_dot(policy, q.dtype)
     q_raw, k_raw = q, k
@@ -101,8 +100,25 @@ def backward_chunks(q, k, v, beta, s0, do, ds_final, segments, *, scale, use_qk_
     return dq, dk, dv, dbeta, ds0
 
 
+def _implementations(backends):
+    """(forward, backward) of every stage, in STAGES order, from `backends`: (backend, launch) pairs,
+    where a launch (a hand-written stage's launch configuration as plain tuples, so that compiled
+    graphs see constants) is passed to the stage as `config`."""
+    out = []
+    for stage, (backend, launch) in zip(STAGES, backends):
+        forward, backward = implementation(stage, backend)
+        if launch is not None:
+            forward, backward = functools.partial(forward, config=launch), functools.partial(backward, config=launch)
+        out.append((forward, backward))
+    return out
+
+
+def _launch(config) -> tuple | None:
+    return None if config is None else (config.blocks, config.num_warps, config.num_stages)
+
+
 def _chunk_options(plan: Plan, device_type: str, scale: float, use_qk_l2norm: bool) -> dict:
-    backends = tuple(plan.backends()[stage] for stage in STAGES)
+    backends = tuple((plan.backends()[stage], _launch(getattr(plan, f"{stage}_kernel"))) for stage in STAGES)
     return dict(scale=scale, use_qk_l2norm=use_qk_l2norm, policy=plan.precision_for(device_type), backends=backends)
 
 

@@ -15,9 +15,10 @@ Each stage has one signature whatever its backend, so a plan can take any backen
 Tensors are in chunk layout [B, H, N, C, D]; `dot` is the precision policy's product
 (`matmul.make_dot`; its .keywords say the policy and low dtype); `impl` is how a state pass runs
 its steps (`state.Stepping`: loop or scan, one or two levels), which other backends may ignore;
-`segments` (`layout.Segments` or None) places packed sequences: s0 and final are then per sequence. The "compiled" backend is the blocked
-PyTorch ops of this package; hand-written Triton kernels register as "triton" when
-`deltaflex.kernels` is imported.
+`segments` (`layout.Segments` or None) places packed sequences: s0 and final are then per sequence.
+The "compiled" backend is the blocked PyTorch ops of this package; hand-written Triton kernels
+register as "triton" when `deltaflex.kernels` is imported, and also take a keyword `config`: the
+plan's launch configuration for the stage (deltaflex.kernels says what it holds).
 """
 
 from __future__ import annotations
@@ -46,11 +47,12 @@ def _load(backend: str) -> None:
 
 def implementation(stage: str, backend: str) -> tuple[Callable, Callable]:
     """(forward, backward) of `stage` in `backend`; NotImplementedError when it does not exist."""
-    if (stage, backend) not in _REGISTRY:
-        try:
-            _load(backend)
-        except ImportError as e:
-            raise NotImplementedError(f"backend {backend!r} is not available: {e}") from e
+    try:
+        # Loaded before the registry is read: inside torch.compile, Dynamo reads the registry once,
+        # and an import that fills it after that read stays unseen.
+        _load(backend)
+    except ImportError as e:
+        raise NotImplementedError(f"backend {backend!r} is not available: {e}") from e
     if (stage, backend) not in _REGISTRY:
         raise NotImplementedError(f"stage {stage!r} has no {backend!r} implementation")
     return _REGISTRY[stage, backend]

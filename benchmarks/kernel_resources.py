@@ -1,0 +1,132 @@
+"""Registers, spills and shared memory of every Triton kernel as launched, compiled for a GPU
+target on the CPU (no GPU needed): what decides the launch parameters in deltaflex/kernels.
+
+    python benchmarks/kernel_resources.py --dims 64,128,256 --chunk-sizes 64,128 --policy bf16x3
+
+Each op runs on meta tensors with its launches recorded instead of run; each recorded kernel is then
+compiled for the target (sm_90 by default) with the launch's constexprs, and `cuobjdump` reports
+its resources. A kernel that fails to compile, spills, or needs more shared memory than the target
+has (227 KiB on sm_90) is flagged. Run without TRITON_INTERPRET.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import subprocess
+import tempfile
+
+import torch
+import triton
+from triton.backends.compiler import GPUTarget
+
+SMEM_LIMIT = {90: 232448, 80: 166912}
+_TRITON_DTYPES = {torch.bfloat16: "*bf16", torch.float16: "*fp16", torch.float32: "*fp32"}
+
+
+def op_calls(K: int, V: int, C: int, policy: str, low: torch.dtype):
+    """(name, op, args) for every op at one shape, on meta tensors."""
+    from deltaflex.kernels import fused, output, solve, state, wy
+
+    B, H, N = 1, 1, 2
+
+    def t(*shape, dtype=torch.float32):
+        return torch.empty(*shape, dtype=dtype, device="meta")
+
+    q, k, v, do = t(B, H, N, C, K, dtype=low), t(B, H, N, C, K, dtype=low), t(B, H, N, C, V, dtype=low), t(
+        B, H, N, C, V, dtype=low)
+    beta, tt, w, u, st, s0 = t(B, H, N, C), t(B, H, N, C, C), t(B, H, N, C, K), t(B, H, N, C, V), t(
+        B, H, N, K, V), t(B, H, K, V)
+    p = (policy, low)
+    e = torch.empty(0, dtype=torch.int32, device="meta")  # no packed sequences
+    return [
+        ("solve_fwd", solve.solve_fwd, (k, beta, *p)),
+        ("solve_bwd", solve.solve_bwd, (k, beta, tt, tt, *p)),
+        ("wy_fwd", wy.wy_fwd, (tt, k, v, beta, *p)),
+        ("wy_bwd", wy.wy_bwd, (tt, k, v, beta, w, u, *p)),
+        ("state_fwd", state.state_fwd, (k, w, u, s0, e, e, e, *p)),
+        ("state_bwd", state.state_bwd, (q, k, w, u, st, do, u, s0, e, e, e, 0.5, *p)),
+        ("output_fwd", output.output_fwd, (q, k, u, st, 0.5, *p)),
+        ("output_bwd", output.output_bwd, (q, k, u, st, do, 0.5, *p)),
+        ("solve_wy_fwd", fused.solve_wy_fwd, (k, v, beta, *p)),
+        ("state_output_fwd", fused.state_output_fwd, (q, k, w, u, s0, 0.5, *p)),
+    ]
+
+
+def recorded_launches(op, args):
+    """The (kernel, args, kwargs) an op launches, recorded instead of run."""
+    from deltaflex import kernels
+
+    calls = []
+    modules = (kernels.common, kernels.solve, kernels.wy, kernels.state, kernels.output, kernels.fused)
+    saved = [m.launch for m in modules]
+    for m in modules:
+        m.launch = lambda kernel, grid, *a, **kw: calls.append((kernel, a, kw))
+    try:
+        op.launcher(*args)
+    finally:
+        for m, f in zip(modules, saved):
+            m.launch = f
+    return calls
+
+
+def compile_and_measure(kernel, args, kwargs, capability: int) -> dict:
+    options = {n: kwargs[n] for n in ("num_warps", "num_stages") if n in kwargs}
+    constexprs = {n: v for n, v in kwargs.items() if n not in options}
+    signature, attrs = {}, {}
+    for i, name in enumerate(kernel.arg_names):
+        if name in constexprs:
+            signature[name] = "constexpr"
+        elif i < len(args):
+            a = args[i]
+            if isinstance(a, torch.Tensor):
+                signature[name] = _TRITON_DTYPES[a.dtype]
+                attrs[(i,)] = [["tt.divisibility", 16]]  # as the launcher specialises aligned pointers
+            else:
+                signature[name] = "fp32" if isinstance(a, float) else "i32"
+    src = triton.compiler.ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs)
+    compiled = triton.compile(src, target=GPUTarget("cuda", capability, 32), options=options)
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(compiled.asm["cubin"])
+        f.flush()
+        usage = subprocess.run([tool, "-res-usage", f.name], capture_output=True, text=True).stdout
+    m = re.search(r"REG:(\d+) STACK:(\d+)", usage)
+    return {"registers": int(m.group(1)), "spill_bytes": int(m.group(2)), "shared": compiled.metadata.shared,
+            **options, **{n: constexprs[n] for n in ("BK", "BV") if n in constexprs}}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dims", default="64,128,256", help="head dims (K = V)")
+    parser.add_argument("--chunk-sizes", default="64")
+    parser.add_argument("--policy", default="bf16x3", choices=["bf16x3", "bf16", "fp32"])
+    parser.add_argument("--ops", default="", help="comma-separated op names (default: all)")
+    parser.add_argument("--capability", type=int, default=90)
+    args = parser.parse_args()
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        raise SystemExit("unset TRITON_INTERPRET: this compiles the kernels")
+    low = torch.float32 if args.policy == "fp32" else torch.bfloat16
+    bad = 0
+    for C in map(int, args.chunk_sizes.split(",")):
+        for D in map(int, args.dims.split(",")):
+            for name, op, op_args in op_calls(D, D, C, args.policy, low):
+                if args.ops and name not in args.ops.split(","):
+                    continue
+                for kernel, a, kw in recorded_launches(op, op_args):
+                    try:
+                        r = compile_and_measure(kernel, a, kw, args.capability)
+                        flags = [f for f, on in (("SPILLS", r["spill_bytes"] > 0),
+                                                 ("SHARED>LIMIT", r["shared"] > SMEM_LIMIT.get(args.capability, 1 << 30)))
+                                 if on]
+                    except Exception as e:  # a kernel that does not compile is what this tool is for
+                        r, flags = {"error": f"{type(e).__name__}: {str(e)[:300]}"}, ["FAILED"]
+                    bad += bool(flags)
+                    print(f"C={C:<4}D={D:<4}{name:<18}{kernel.fn.__name__ if hasattr(kernel, 'fn') else kernel.__name__:<22}"
+                          f"{r} {' '.join(flags)}", flush=True)
+    raise SystemExit(1 if bad else 0)
+
+
+if __name__ == "__main__":
+    main()

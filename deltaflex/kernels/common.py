@@ -1,0 +1,216 @@
+"""What every kernel module shares: the precision policy inside a kernel (`mma`), tile loads and
+stores, block sizes, launching (wrap_triton for compiled kernels, a direct call under
+TRITON_INTERPRET=1) and the torch.library registration of each op.
+
+Precision (chunk/matmul.py says the same for the compiled stages): products accumulate in float32.
+POLICY is FP32 (float32 operands), SPLIT (bf16x3: an inexact float32 operand x is split into
+hi = low(x), lo = low(x - hi) and the product is a_hi b_hi + a_hi b_lo + a_lo b_hi) or ROUND (bf16:
+inexact operands rounded to the low dtype once). An operand flagged exact is already in the low
+dtype (an input such as k or v) and enters the tensor cores as it is. Float32 products run as
+3xTF32 (`input_precision="tf32x3"`: each operand split into two TF32 parts on the tensor cores,
+about 22 significant bits, near float32 accuracy; plain TF32 is not accurate enough, and Triton's
+IEEE float32 dot runs on the CUDA cores with register tiles too large for these kernels).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from triton.runtime.jit import JITFunction
+
+FP32, SPLIT, ROUND = 0, 1, 2
+_POLICY_CODES = {"fp32": FP32, "bf16x3": SPLIT, "bf16": ROUND}
+_LOW_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+INPUT_DTYPES = tuple(_LOW_CODES)
+
+
+def precision(policy: str, low: torch.dtype) -> tuple[int, int]:
+    """(POLICY, LOW) constexprs of a policy name and low dtype; float32 inputs always give FP32."""
+    if low not in _LOW_CODES:
+        raise TypeError(
+            f"the triton backend takes bfloat16, float16 or float32 inputs, got {low}; "
+            "use the compiled backend (plan='compiled' or 'eager') for float64"
+        )
+    policy_code = FP32 if low == torch.float32 else _POLICY_CODES[policy]
+    return policy_code, _LOW_CODES[low]
+
+
+def policy_of(dot) -> tuple[str, torch.dtype]:
+    """The (policy, low dtype) a stage's `dot` (functools.partial of chunk.matmul.dot) carries."""
+    return dot.keywords["policy"], dot.keywords["low"]
+
+
+def exact(x: torch.Tensor, low: torch.dtype) -> bool:
+    return x.dtype == low
+
+
+def check_tensors(*tensors: torch.Tensor) -> None:
+    """Triton kernels need CUDA tensors, except in the interpreter; float64 is not taken."""
+    for x in tensors:
+        if x.dtype == torch.float64:
+            raise TypeError(
+                "the triton backend takes bfloat16, float16 or float32 inputs, got float64; "
+                "use the compiled backend (plan='compiled' or 'eager') for float64"
+            )
+        if x.device.type != "cuda" and not INTERPRETED:
+            raise RuntimeError(
+                f"the triton backend needs CUDA tensors, got a tensor on {x.device} "
+                "(set TRITON_INTERPRET=1 before importing deltaflex.kernels to run it on the CPU)"
+            )
+
+
+def block(d: int, at_most: int = 64) -> int:
+    """Block size for a dim of d: a power of two, at least 16 (tl.dot's minimum), at most `at_most`
+    unless d itself is smaller."""
+    return max(16, min(triton.next_power_of_2(d), at_most))
+
+
+def warps_stages(config) -> tuple[int, int]:
+    """(num_warps, num_stages) for a stage's ops from its launch configuration `config`, a plan's
+    KernelConfig as the tuple (blocks, num_warps, num_stages) or None; 0: the kernel's own choice."""
+    return (0, 0) if config is None else (config[1], config[2])
+
+
+def launch_options(num_warps: int, num_stages: int) -> dict:
+    """Launch keywords; num_stages 0 leaves Triton's default."""
+    return {"num_warps": num_warps, **({"num_stages": num_stages} if num_stages else {})}
+
+
+def launch(kernel, grid, *args, **kwargs) -> None:
+    """kernel[grid](*args, **kwargs), traceable inside a triton_op (wrap_triton) when compiled;
+    the interpreter's kernels run directly."""
+    if isinstance(kernel, JITFunction) or hasattr(kernel, "configs"):  # a jit kernel or an Autotuner
+        torch.library.wrap_triton(kernel)[grid](*args, **kwargs)
+    else:
+        kernel[grid](*args, **kwargs)
+
+
+def define_op(name: str, fake):
+    """Decorator registering fn as the torch.library op deltaflex::name.
+
+    With compiled kernels it is a `triton_op` (torch.compile traces into its kernels; its fake is
+    fn itself, whose wrap_triton launches are recorded, not run). The interpreter's kernels cannot
+    be wrapped, so there it is an opaque `custom_op` with the explicit `fake` (shapes and dtypes
+    only), which tests check against the real outputs.
+    """
+
+    def register(fn):
+        if INTERPRETED:
+            op = torch.library.custom_op(f"deltaflex::{name}", fn, mutates_args=())
+            op.register_fake(fake)
+        else:
+            op = torch.library.triton_op(f"deltaflex::{name}", fn, mutates_args=())
+        op.fake = fake  # kept for tests
+        op.launcher = fn  # the implementation itself (benchmarks/kernel_resources.py runs it on meta tensors)
+        return op
+
+    return register
+
+
+def f32(*shape, like: torch.Tensor) -> torch.Tensor:
+    return torch.empty(*shape, dtype=torch.float32, device=like.device)
+
+
+@triton.jit
+def _probe():
+    pass
+
+
+# Set by triton.jit itself: its interpreter (TRITON_INTERPRET=1 when this module was imported)
+# hands back plain Python functions instead of JITFunctions.
+INTERPRETED = not isinstance(_probe, JITFunction)
+# The interpreter multiplies bf16 tiles as raw integers and truncates float32 -> bf16; there,
+# low-precision products run on the float32 values of operands rounded as a GPU rounds them.
+_UPCAST_LOW_DOTS = tl.constexpr(INTERPRETED)
+
+
+@triton.jit
+def to_low(x, LOW: tl.constexpr):
+    if LOW == 1:
+        if _UPCAST_LOW_DOTS:
+            if x.dtype == tl.float32:
+                # The interpreter truncates float32 -> bf16; GPUs round to nearest. Veltkamp's split
+                # rounds x to bf16's 8 significant bits first, so the cast below is exact.
+                t = x * 65537.0
+                x = t - (t - x)
+        return x.to(tl.bfloat16)
+    elif LOW == 2:
+        return x.to(tl.float16)
+    else:
+        return x.to(tl.float32)
+
+
+
+
+@triton.jit
+def dot_low(a, b, acc):
+    """acc + a @ b of two low-precision tiles, accumulated in float32 (the tensor cores' product)."""
+    if _UPCAST_LOW_DOTS:
+        acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    else:
+        acc = tl.dot(a, b, acc)
+    return acc
+
+
+@triton.jit
+def mma(a, b, acc, A_EXACT: tl.constexpr, B_EXACT: tl.constexpr, POLICY: tl.constexpr, LOW: tl.constexpr):
+    """acc + a @ b in float32 under POLICY; an operand flagged exact is taken as it is in LOW."""
+    if POLICY == 0:
+        acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="tf32x3")
+    elif POLICY == 2 or (A_EXACT and B_EXACT):
+        acc = dot_low(to_low(a, LOW), to_low(b, LOW), acc)
+    elif A_EXACT:
+        a_low = to_low(a, LOW)
+        b_hi = to_low(b, LOW)
+        b_lo = to_low(b - b_hi.to(tl.float32), LOW)
+        acc = dot_low(a_low, b_hi, acc)
+        acc = dot_low(a_low, b_lo, acc)
+    elif B_EXACT:
+        b_low = to_low(b, LOW)
+        a_hi = to_low(a, LOW)
+        a_lo = to_low(a - a_hi.to(tl.float32), LOW)
+        acc = dot_low(a_hi, b_low, acc)
+        acc = dot_low(a_lo, b_low, acc)
+    else:
+        a_hi = to_low(a, LOW)
+        a_lo = to_low(a - a_hi.to(tl.float32), LOW)
+        b_hi = to_low(b, LOW)
+        b_lo = to_low(b - b_hi.to(tl.float32), LOW)
+        acc = dot_low(a_hi, b_hi, acc)
+        acc = dot_low(a_hi, b_lo, acc)
+        acc = dot_low(a_lo, b_hi, acc)
+    return acc
+
+
+@triton.jit
+def mma_f32(a, b, acc):
+    """acc + a @ b of two float32 operands at near float32 accuracy whatever the policy (3xTF32):
+    for the triangular solve, whose factors must not be rounded to bf16."""
+    return tl.dot(a, b, acc, input_precision="tf32x3")
+
+
+@triton.jit
+def load_tile(ptr, i, j, ROWS: tl.constexpr, COLS: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr):
+    """Block (i, j), [BR, BC], of the row-major [ROWS, COLS] matrix at ptr; zeros outside it.
+    Masks only where ROWS or COLS is not a multiple of its block."""
+    r = i * BR + tl.arange(0, BR)
+    c = j * BC + tl.arange(0, BC)
+    off = r[:, None] * COLS + c[None, :]
+    if ROWS % BR == 0 and COLS % BC == 0:
+        return tl.load(ptr + off)
+    else:
+        return tl.load(ptr + off, mask=(r < ROWS)[:, None] & (c < COLS)[None, :], other=0.0)
+
+
+@triton.jit
+def store_tile(ptr, x, i, j, ROWS: tl.constexpr, COLS: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr):
+    """Writes x into block (i, j) of the row-major [ROWS, COLS] matrix at ptr (what falls inside it)."""
+    r = i * BR + tl.arange(0, BR)
+    c = j * BC + tl.arange(0, BC)
+    off = r[:, None] * COLS + c[None, :]
+    if ROWS % BR == 0 and COLS % BC == 0:
+        tl.store(ptr + off, x)
+    else:
+        tl.store(ptr + off, x, mask=(r < ROWS)[:, None] & (c < COLS)[None, :])
+

@@ -1,0 +1,157 @@
+"""Fused forward kernels: two launches for the whole chunkwise forward instead of four.
+
+`solve_wy_kernel`, one program per chunk: kkt + solve (solve.solve_chunk) and then the WY factors
+W = T diag(beta) K, U = T diag(beta) V from the T it just wrote (T never leaves L2 between them).
+`state_output_kernel`, one program per (batch*head, block of BV value columns), walks the chunks in
+order with the state in registers (as state.state_fwd_kernel) and writes each chunk's output at
+once:
+    V_new = U - W S;  O = scale (Q S + tril(Q K^T) V_new);  S <- S + K^T V_new,
+so neither V_new nor the per-chunk states are ever written (the unfused forward writes both, the
+states being O(T/C d_k d_v) float32).
+
+Grid: (B*H*N,) and (cdiv(V, BV), B*H). Blocks: as solve.py / wy.py and state.py; the output's
+C x C scores are accumulated over the state's key tiles.
+
+These do not fit the stage contract (chunk/stages.py: solve and wy are separate stages, and the
+state stage must return the per-chunk states for the output stage); `forward_chunks` has the
+signature of chunk.function.forward_chunks so that a plan can select it once the contract allows.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ..reference import l2norm
+from .common import block, check_tensors, define_op, exact, launch, load_tile, mma, precision, store_tile, to_low
+from .solve import solve_chunk
+from .state import _load_state, _store_state, pass_config
+
+
+@triton.jit
+def solve_wy_kernel(k_ptr, v_ptr, beta_ptr, t_ptr, w_ptr, u_ptr,
+                    K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+                    K_EXACT: tl.constexpr, V_EXACT: tl.constexpr, POLICY: tl.constexpr, LOW: tl.constexpr):
+    chunk = tl.program_id(0).to(tl.int64)
+    k_c, v_c, beta_c, t_c = k_ptr + chunk * C * K, v_ptr + chunk * C * V, beta_ptr + chunk * C, t_ptr + chunk * C * C
+    solve_chunk(k_c, beta_c, t_c, K, C, BK, K_EXACT, POLICY, LOW)
+    tb = load_tile(t_c, 0, 0, C, C, C, C) * tl.load(beta_c + tl.arange(0, C))[None, :]
+    for j in range(0, tl.cdiv(K, BK)):
+        w = mma(tb, load_tile(k_c, 0, j, C, K, C, BK), tl.zeros([C, BK], tl.float32), False, K_EXACT, POLICY, LOW)
+        store_tile(w_ptr + chunk * C * K, w, 0, j, C, K, C, BK)
+    for j in range(0, tl.cdiv(V, BV)):
+        u = mma(tb, load_tile(v_c, 0, j, C, V, C, BV), tl.zeros([C, BV], tl.float32), False, V_EXACT, POLICY, LOW)
+        store_tile(u_ptr + chunk * C * V, u, 0, j, C, V, C, BV)
+
+
+@triton.jit
+def _state_products(acc_ws, acc_qs, scores, i: tl.constexpr, q_c, k_c, w_c, s, C: tl.constexpr, K: tl.constexpr,
+                    BK: tl.constexpr, Q_EXACT: tl.constexpr, K_EXACT: tl.constexpr, POLICY: tl.constexpr,
+                    LOW: tl.constexpr):
+    """Adds key tile i's share of W S, Q S and Q K^T."""
+    q = load_tile(q_c, 0, i, C, K, C, BK)
+    acc_ws = mma(load_tile(w_c, 0, i, C, K, C, BK), s, acc_ws, False, False, POLICY, LOW)
+    acc_qs = mma(q, s, acc_qs, Q_EXACT, False, POLICY, LOW)
+    scores = mma(q, tl.trans(load_tile(k_c, 0, i, C, K, C, BK)), scores, Q_EXACT, K_EXACT, POLICY, LOW)
+    return acc_ws, acc_qs, scores
+
+
+@triton.jit
+def state_output_kernel(q_ptr, k_ptr, w_ptr, u_ptr, s0_ptr, o_ptr, final_ptr, scale, N,
+                        K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+                        Q_EXACT: tl.constexpr, K_EXACT: tl.constexpr, POLICY: tl.constexpr, LOW: tl.constexpr):
+    iv, bh = tl.program_id(0), tl.program_id(1).to(tl.int64)
+    rc = tl.arange(0, C)
+    s0 = _load_state(s0_ptr + bh * K * V, 0, iv, K, V, BK, BV)
+    s1 = _load_state(s0_ptr + bh * K * V, 1, iv, K, V, BK, BV)
+    s2 = _load_state(s0_ptr + bh * K * V, 2, iv, K, V, BK, BV)
+    s3 = _load_state(s0_ptr + bh * K * V, 3, iv, K, V, BK, BV)
+    for n in range(N):
+        chunk = bh * N + n
+        q_c, k_c, w_c = q_ptr + chunk * C * K, k_ptr + chunk * C * K, w_ptr + chunk * C * K
+        ws = tl.zeros([C, BV], tl.float32)
+        qs = tl.zeros([C, BV], tl.float32)
+        scores = tl.zeros([C, C], tl.float32)
+        ws, qs, scores = _state_products(ws, qs, scores, 0, q_c, k_c, w_c, s0, C, K, BK, Q_EXACT, K_EXACT, POLICY,
+                                         LOW)
+        if BK < K:
+            ws, qs, scores = _state_products(ws, qs, scores, 1, q_c, k_c, w_c, s1, C, K, BK, Q_EXACT, K_EXACT,
+                                             POLICY, LOW)
+        if 2 * BK < K:
+            ws, qs, scores = _state_products(ws, qs, scores, 2, q_c, k_c, w_c, s2, C, K, BK, Q_EXACT, K_EXACT,
+                                             POLICY, LOW)
+        if 3 * BK < K:
+            ws, qs, scores = _state_products(ws, qs, scores, 3, q_c, k_c, w_c, s3, C, K, BK, Q_EXACT, K_EXACT,
+                                             POLICY, LOW)
+        v_new = load_tile(u_ptr + chunk * C * V, 0, iv, C, V, C, BV) - ws
+        scores = tl.where(rc[:, None] >= rc[None, :], scores, 0.0)
+        o = scale * mma(scores, v_new, qs, False, False, POLICY, LOW)
+        store_tile(o_ptr + chunk * C * V, to_low(o, LOW), 0, iv, C, V, C, BV)
+        s0 = mma(tl.trans(load_tile(k_c, 0, 0, C, K, C, BK)), v_new, s0, K_EXACT, False, POLICY, LOW)
+        if BK < K:
+            s1 = mma(tl.trans(load_tile(k_c, 0, 1, C, K, C, BK)), v_new, s1, K_EXACT, False, POLICY, LOW)
+        if 2 * BK < K:
+            s2 = mma(tl.trans(load_tile(k_c, 0, 2, C, K, C, BK)), v_new, s2, K_EXACT, False, POLICY, LOW)
+        if 3 * BK < K:
+            s3 = mma(tl.trans(load_tile(k_c, 0, 3, C, K, C, BK)), v_new, s3, K_EXACT, False, POLICY, LOW)
+    _store_state(final_ptr + bh * K * V, s0, 0, iv, K, V, BK, BV)
+    _store_state(final_ptr + bh * K * V, s1, 1, iv, K, V, BK, BV)
+    _store_state(final_ptr + bh * K * V, s2, 2, iv, K, V, BK, BV)
+    _store_state(final_ptr + bh * K * V, s3, 3, iv, K, V, BK, BV)
+
+
+def _alloc(*shape, dtype, like):
+    return torch.empty(*shape, dtype=dtype, device=like.device)
+
+
+def _solve_wy_fake(k, v, beta, policy, low):
+    B, H, N, C, K = k.shape
+    return (_alloc(B, H, N, C, C, dtype=torch.float32, like=k), _alloc(*k.shape, dtype=torch.float32, like=k),
+            _alloc(*v.shape, dtype=torch.float32, like=k))
+
+
+@define_op("solve_wy_fwd", _solve_wy_fake)
+def solve_wy_fwd(k: torch.Tensor, v: torch.Tensor, beta: torch.Tensor, policy: str,
+                 low: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    B, H, N, C, K = k.shape
+    V = v.shape[-1]
+    t, w, u = _solve_wy_fake(k, v, beta, policy, low)
+    POLICY, LOW = precision(policy, low)
+    launch(solve_wy_kernel, (B * H * N,), k, v, beta, t, w, u, K=K, V=V, C=C, BK=block(K), BV=block(V),
+           K_EXACT=exact(k, low), V_EXACT=exact(v, low), POLICY=POLICY, LOW=LOW, num_warps=4 if C <= 32 else 8,
+           num_stages=1)
+    return t, w, u
+
+
+def _state_output_fake(q, k, w, u, s0, scale, policy, low):
+    return _alloc(*u.shape, dtype=low, like=q), _alloc(*s0.shape, dtype=torch.float32, like=q)
+
+
+@define_op("state_output_fwd", _state_output_fake)
+def state_output_fwd(q: torch.Tensor, k: torch.Tensor, w: torch.Tensor, u: torch.Tensor, s0: torch.Tensor,
+                     scale: float, policy: str, low: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    B, H, N, C, K = k.shape
+    V = u.shape[-1]
+    o, final = _state_output_fake(q, k, w, u, s0, scale, policy, low)
+    POLICY, LOW = precision(policy, low)
+    cfg = pass_config(K, V, C, POLICY, "state_output")
+    launch(state_output_kernel, (triton.cdiv(V, cfg["BV"]), B * H), q, k, w, u, s0, o, final, scale, N, K=K, V=V,
+           C=C, Q_EXACT=exact(q, low), K_EXACT=exact(k, low), POLICY=POLICY, LOW=LOW, **cfg)
+    return o, final
+
+
+def forward_chunks(q, k, v, beta, s0, segments=None, *, scale, use_qk_l2norm, policy, stepping=None, backends=None):
+    """chunk.function.forward_chunks in two fused launches; returns (o chunks in q's dtype, final).
+    `stepping` and `backends` are accepted for the same signature and ignored."""
+    if segments is not None:
+        raise NotImplementedError("the fused forward does not take packed sequences yet")
+    low = q.dtype
+    check_tensors(q, k, v, beta, s0)
+    if beta.dim() == 5:  # grouped chunk layout [B, H, N/g, g, C]
+        q, k, v, beta = (x.flatten(2, 3) for x in (q, k, v, beta))
+    if use_qk_l2norm:
+        q, k = l2norm(q.to(beta.dtype)), l2norm(k.to(beta.dtype))
+    q, k, v, beta, s0 = (x.contiguous() for x in (q, k, v, beta.float(), s0))
+    _, w, u = solve_wy_fwd(k, v, beta, policy, low)
+    return state_output_fwd(q, k, w, u, s0, float(scale), policy, low)

@@ -1,0 +1,144 @@
+"""Stage 1, `kkt + solve`, fused: T = (I + A)^-1 with A = tril(diag(beta) K K^T, -1), per chunk.
+
+Forward (`solve_fwd_kernel`), one program per chunk, block forward substitution over 16-row blocks:
+for block row i, A's rows [16, C] come from a float32-accumulated K_i K^T (A is never rounded to
+bf16), the 16 x 16 diagonal block is inverted by row-by-row forward substitution, and
+    T_i,<i = -inv(I + A_ii) (A_i,<i T_<i,<i)
+reads the rows of T already written by this program (a barrier orders each block row's stores
+before the next one's loads). Forward substitution stays accurate with strongly correlated keys,
+where power series in A do not (DESIGN.md).
+Backward (`solve_bwd_kernel`): dA = tril(-T^T dT T^T, -1), then dbeta = rowsum(dA * K K^T) and
+dK = (diag(beta) dA) K + (diag(beta) dA)^T K over BK-blocks of keys.
+
+Grid: (B*H*N,). Blocks: 16-row blocks of the chunk (C / 16 of them, unrolled), the whole C x C
+matrix as one tile, BK <= 64 over keys. Products of float32 factors (T, dT, A) run as 3xTF32
+whatever the policy (near float32 accuracy on the tensor cores; see common.py).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .common import (launch_options, warps_stages, block, check_tensors, define_op, exact, f32, launch, load_tile, mma, mma_f32, policy_of,
+                     precision, store_tile)
+
+
+@triton.jit
+def _invert_unit_lower_16(a):
+    """inv(I + a) of a strictly lower 16 x 16 tile, by forward substitution row by row."""
+    r = tl.arange(0, 16)
+    x = tl.where(r[:, None] == r[None, :], 1.0, 0.0)
+    for j in range(1, 16):
+        a_j = tl.sum(tl.where(r[:, None] == j, a, 0.0), 0)  # row j of a, indexed by column
+        row = -tl.sum(a_j[:, None] * x, 0)  # -sum_m a[j, m] x[m, :], rows m < j final
+        x = tl.where(r[:, None] == j, x + row[None, :], x)
+    return x
+
+
+@triton.jit
+def solve_chunk(k_c, beta_c, t_c, K: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, K_EXACT: tl.constexpr,
+                POLICY: tl.constexpr, LOW: tl.constexpr):
+    """Writes T = (I + A)^-1 of the chunk whose keys, betas and T start at k_c, beta_c, t_c; on return
+    every thread of the program sees all of T."""
+    rc, r16 = tl.arange(0, C), tl.arange(0, 16)
+    for i in tl.static_range(C // 16):
+        rows = i * 16 + r16
+        a = tl.zeros([16, C], tl.float32)  # rows of K K^T
+        a_ii = tl.zeros([16, 16], tl.float32)  # its diagonal block
+        for j in range(0, tl.cdiv(K, BK)):
+            k_i = load_tile(k_c, i, j, C, K, 16, BK)
+            a = mma(k_i, tl.trans(load_tile(k_c, 0, j, C, K, C, BK)), a, K_EXACT, K_EXACT, POLICY, LOW)
+            a_ii = mma(k_i, tl.trans(k_i), a_ii, K_EXACT, K_EXACT, POLICY, LOW)
+        beta = tl.load(beta_c + rows)
+        a = tl.where(rc[None, :] < rows[:, None], a * beta[:, None], 0.0)
+        x = _invert_unit_lower_16(tl.where(r16[None, :] < r16[:, None], a_ii * beta[:, None], 0.0))
+        if i > 0:
+            # T's block rows < i, written by earlier iterations (read past L1: .cg); later rows as zeros
+            t_prev = tl.load(t_c + rc[:, None] * C + rc[None, :], mask=(rc < i * 16)[:, None], other=0.0,
+                             cache_modifier=".cg")
+            p = mma_f32(a, t_prev, tl.zeros([16, C], tl.float32))
+            off = -mma_f32(x, p, tl.zeros([16, C], tl.float32))
+            tl.store(t_c + rows[:, None] * C + rc[None, :], off, mask=(rc < i * 16)[None, :])
+        store_tile(t_c, x, i, i, C, C, 16, 16)
+        if i < C // 16 - 1:
+            tl.store(t_c + rows[:, None] * C + rc[None, :], tl.zeros([16, C], tl.float32),
+                     mask=(rc >= (i + 1) * 16)[None, :])
+        tl.debug_barrier()
+
+
+@triton.jit
+def solve_fwd_kernel(k_ptr, beta_ptr, t_ptr,
+                     K: tl.constexpr, C: tl.constexpr, BK: tl.constexpr,
+                     K_EXACT: tl.constexpr, POLICY: tl.constexpr, LOW: tl.constexpr):
+    chunk = tl.program_id(0).to(tl.int64)
+    solve_chunk(k_ptr + chunk * C * K, beta_ptr + chunk * C, t_ptr + chunk * C * C, K, C, BK, K_EXACT, POLICY, LOW)
+
+
+@triton.jit
+def solve_bwd_kernel(k_ptr, beta_ptr, t_ptr, dt_ptr, dk_ptr, dbeta_ptr,
+                     K: tl.constexpr, C: tl.constexpr, BK: tl.constexpr,
+                     K_EXACT: tl.constexpr, POLICY: tl.constexpr, LOW: tl.constexpr):
+    chunk = tl.program_id(0).to(tl.int64)
+    k_c = k_ptr + chunk * C * K
+    rc = tl.arange(0, C)
+    t = load_tile(t_ptr + chunk * C * C, 0, 0, C, C, C, C)
+    m = mma_f32(tl.trans(t), load_tile(dt_ptr + chunk * C * C, 0, 0, C, C, C, C), tl.zeros([C, C], tl.float32))
+    da = -mma_f32(m, tl.trans(t), tl.zeros([C, C], tl.float32))
+    da = tl.where(rc[:, None] > rc[None, :], da, 0.0)
+    kkt = tl.zeros([C, C], tl.float32)
+    for j in range(0, tl.cdiv(K, BK)):
+        k = load_tile(k_c, 0, j, C, K, C, BK)
+        kkt = mma(k, tl.trans(k), kkt, K_EXACT, K_EXACT, POLICY, LOW)
+    tl.store(dbeta_ptr + chunk * C + rc, tl.sum(da * kkt, 1))
+    dab = tl.load(beta_ptr + chunk * C + rc)[:, None] * da
+    for j in range(0, tl.cdiv(K, BK)):
+        k = load_tile(k_c, 0, j, C, K, C, BK)
+        dk = mma(dab, k, mma(tl.trans(dab), k, tl.zeros([C, BK], tl.float32), False, K_EXACT, POLICY, LOW),
+                 False, K_EXACT, POLICY, LOW)
+        store_tile(dk_ptr + chunk * C * K, dk, 0, j, C, K, C, BK)
+
+
+def _solve_fwd_fake(k, beta, policy, low, num_warps=0, num_stages=0):
+    return f32(*k.shape[:-1], k.shape[-2], like=k)
+
+
+@define_op("solve_fwd", _solve_fwd_fake)
+def solve_fwd(k: torch.Tensor, beta: torch.Tensor, policy: str, low: torch.dtype, num_warps: int = 0, num_stages: int = 0) -> torch.Tensor:
+    B, H, N, C, K = k.shape
+    t = _solve_fwd_fake(k, beta, policy, low)
+    POLICY, LOW = precision(policy, low)
+    launch(solve_fwd_kernel, (B * H * N,), k, beta, t, K=K, C=C, BK=block(K), K_EXACT=exact(k, low),
+           POLICY=POLICY, LOW=LOW, num_warps=num_warps or (4 if C <= 64 else 8), num_stages=num_stages or 1)
+    return t
+
+
+def _solve_bwd_fake(k, beta, t, dt, policy, low, num_warps=0, num_stages=0):
+    return f32(*k.shape, like=k), f32(*beta.shape, like=k)
+
+
+@define_op("solve_bwd", _solve_bwd_fake)
+def solve_bwd(k: torch.Tensor, beta: torch.Tensor, t: torch.Tensor, dt: torch.Tensor, policy: str,
+              low: torch.dtype, num_warps: int = 0, num_stages: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    B, H, N, C, K = k.shape
+    dk, dbeta = _solve_bwd_fake(k, beta, t, dt, policy, low)
+    POLICY, LOW = precision(policy, low)
+    launch(solve_bwd_kernel, (B * H * N,), k, beta, t, dt, dk, dbeta, K=K, C=C, BK=block(K),
+           K_EXACT=exact(k, low), POLICY=POLICY, LOW=LOW, **launch_options(num_warps or (4 if C <= 32 else 8), num_stages))
+    return dk, dbeta
+
+
+def solve_forward(k, beta, dot, config=None):
+    """The registered `solve` stage: T [B, H, N, C, C], float32."""
+    check_tensors(k, beta)
+    policy, low = policy_of(dot)
+    return solve_fwd(k.contiguous(), beta.float().contiguous(), policy, low, *warps_stages(config))
+
+
+def solve_backward(k, beta, t, dt, dot, config=None):
+    """The registered `solve_backward` stage: (dk, dbeta), float32."""
+    check_tensors(k, beta, t, dt)
+    policy, low = policy_of(dot)
+    return solve_bwd(k.contiguous(), beta.float().contiguous(), t.contiguous(), dt.contiguous(), policy, low,
+                     *warps_stages(config))

@@ -1,0 +1,317 @@
+"""Stage 3, the state pass, as single-launch Triton kernels that loop over every chunk.
+
+Forward (`state_fwd_kernel`): one program per (batch*head, block of BV value columns) keeps its
+[K, BV] slice of the state in registers and walks the N chunks in order:
+    states[n] = S;  V_new_n = U_n - W_n S;  S <- S + K_n^T V_new_n.
+Backward (`state_bwd_kernel`): the same grid walks the chunks in reverse with dS:
+    ds_next[n] = dS;  dV_new_n = dV_local_n + K_n dS;  dS <- dS + scale Q_n^T dO_n - W_n^T dV_new_n,
+then `state_grads_kernel`, one program per (chunk, block of BK key columns), forms
+dK_n = V_new_n ds_next[n]^T and dW_n = -dV_new_n states[n]^T over blocks of BV values.
+
+Grid: (cdiv(V, BV), B*H) for the passes, (cdiv(K, BK), B*H*N) for the gradients. Blocks: in the
+passes the state is up to four [BK, BV] tiles, BK <= 64 (K <= 256), BV from `pass_config`; C (the
+chunk size) is one tile; masks cover head dims that are not powers of two. ds_next is materialised
+only inside the backward stage's call (float32, transient).
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import triton
+import triton.language as tl
+
+from .common import (FP32, INTERPRETED, block, check_tensors, define_op, exact, f32, launch, load_tile, mma, policy_of, precision,
+                     store_tile)
+
+
+# Launch parameters (BV, num_warps, num_stages) of the passes over chunks by key dim (<= 64, <= 128,
+# <= 256): the forward pass, the backward pass, and the fused forward pass with the output
+# (fused.py). Chosen from register and shared-memory counts of the kernels compiled for sm_90: the
+# [BK, BV] float32 state tiles, one chunk's tiles of W (and Q) and their bf16 halves must fit 255
+# registers a thread and 227 KiB of shared memory. benchmarks/kernel_configs.py times alternatives.
+PASS_CONFIGS = {
+    "bf16": {
+        64: {"forward": (32, 4, 2), "backward": (32, 4, 2), "state_output": (32, 4, 2)},
+        128: {"forward": (16, 4, 2), "backward": (16, 8, 2), "state_output": (16, 4, 2)},
+        256: {"forward": (16, 8, 2), "backward": (16, 4, 2), "state_output": (16, 4, 1)},
+    },
+    # float32 inputs (3xTF32 products, larger register tiles: these spill past K = 64)
+    "fp32": {
+        64: {"forward": (16, 4, 1), "backward": (16, 4, 1), "state_output": (16, 4, 1)},
+        128: {"forward": (16, 8, 1), "backward": (16, 8, 1), "state_output": (16, 8, 1)},
+        256: {"forward": (16, 8, 1), "backward": (16, 8, 1), "state_output": (16, 8, 1)},
+    },
+}
+_override: dict | None = None
+
+
+def pass_config(K: int, V: int, C: int, POLICY: int, kind: str, bv: int = 0, num_warps: int = 0, num_stages: int = 0) -> dict:
+    """Launch parameters of a pass over chunks (`kind`: "forward", "backward", "state_output"): BK
+    (key rows of a state tile, <= 64: the state is up to four tiles), BV, num_warps, num_stages.
+    Nonzero bv, num_warps, num_stages (a plan's launch configuration) replace the table's."""
+    table = PASS_CONFIGS["fp32" if POLICY == FP32 else "bf16"]
+    BV, warps, stages = table[next(d for d in (64, 128, 256) if K <= d)][kind]
+    if C >= 128:  # chunk tiles twice as tall: no second pipeline stage (shared memory), more warps
+        warps, stages = 8, 1
+    if INTERPRETED:  # registers do not matter there, program count does (time)
+        BV = bv = 64
+    BV, num_warps, num_stages = bv or BV, num_warps or warps, num_stages or stages
+    cfg = dict(BK=block(K, 64), BV=min(BV, block(V)), num_warps=num_warps, num_stages=num_stages)
+    return {**cfg, **(_override or {})}
+
+
+@contextlib.contextmanager
+def config_override(**cfg):
+    """Launch every pass over chunks with these of BV, num_warps, num_stages (benchmarks/kernel_configs.py)."""
+    global _override
+    _override, previous = cfg, _override
+    try:
+        yield
+    finally:
+        _override = previous
+
+
+@triton.jit
+def _load_state(ptr, i: tl.constexpr, iv, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr):
+    """State tile i: rows [i BK, (i + 1) BK), value block iv; zeros (and never stored) past K."""
+    if i * BK < K:
+        return load_tile(ptr, i, iv, K, V, BK, BV)
+    else:
+        return tl.zeros([BK, BV], tl.float32)
+
+
+@triton.jit
+def _store_state(ptr, s, i: tl.constexpr, iv, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr,
+                 BV: tl.constexpr):
+    if i * BK < K:
+        store_tile(ptr, s, i, iv, K, V, BK, BV)
+
+
+@triton.jit
+def _load_states(ptr, iv, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr):
+    """The four [BK, BV] tiles of a state (those past K zero)."""
+    return (_load_state(ptr, 0, iv, K, V, BK, BV), _load_state(ptr, 1, iv, K, V, BK, BV),
+            _load_state(ptr, 2, iv, K, V, BK, BV), _load_state(ptr, 3, iv, K, V, BK, BV))
+
+
+@triton.jit
+def _store_states(ptr, s0, s1, s2, s3, iv, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr):
+    _store_state(ptr, s0, 0, iv, K, V, BK, BV)
+    _store_state(ptr, s1, 1, iv, K, V, BK, BV)
+    _store_state(ptr, s2, 2, iv, K, V, BK, BV)
+    _store_state(ptr, s3, 3, iv, K, V, BK, BV)
+
+
+@triton.jit
+def state_fwd_kernel(k_ptr, w_ptr, u_ptr, s0_ptr, v_new_ptr, states_ptr, final_ptr, seq_ptr, first_ptr, last_ptr, N,
+                     K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+                     K_EXACT: tl.constexpr, POLICY: tl.constexpr, LOW: tl.constexpr, SEGMENTED: tl.constexpr):
+    iv, bh = tl.program_id(0), tl.program_id(1).to(tl.int64)
+    # the state, as up to four [BK, BV] tiles (those past K stay zero and unused)
+    if SEGMENTED:  # packed sequences (B = 1, bh = h): each loads its own s0[seq, h] at its first chunk
+        H = tl.num_programs(1)
+        s0 = tl.zeros([BK, BV], tl.float32)
+        s1, s2, s3 = s0, s0, s0
+    else:
+        s0, s1, s2, s3 = _load_states(s0_ptr + bh * K * V, iv, K, V, BK, BV)
+    for n in range(N):
+        chunk = bh * N + n
+        if SEGMENTED:
+            if tl.load(first_ptr + n) != 0:
+                s0, s1, s2, s3 = _load_states(s0_ptr + (tl.load(seq_ptr + n) * H + bh) * K * V, iv, K, V, BK, BV)
+        k_c, w_c = k_ptr + chunk * C * K, w_ptr + chunk * C * K
+        states_c = states_ptr + chunk * K * V
+        _store_states(states_c, s0, s1, s2, s3, iv, K, V, BK, BV)
+        # V_new = U - W S
+        ws = mma(load_tile(w_c, 0, 0, C, K, C, BK), s0, tl.zeros([C, BV], tl.float32), False, False, POLICY, LOW)
+        if BK < K:
+            ws = mma(load_tile(w_c, 0, 1, C, K, C, BK), s1, ws, False, False, POLICY, LOW)
+        if 2 * BK < K:
+            ws = mma(load_tile(w_c, 0, 2, C, K, C, BK), s2, ws, False, False, POLICY, LOW)
+        if 3 * BK < K:
+            ws = mma(load_tile(w_c, 0, 3, C, K, C, BK), s3, ws, False, False, POLICY, LOW)
+        v_new = load_tile(u_ptr + chunk * C * V, 0, iv, C, V, C, BV) - ws
+        store_tile(v_new_ptr + chunk * C * V, v_new, 0, iv, C, V, C, BV)
+        # S <- S + K^T V_new
+        s0 = mma(tl.trans(load_tile(k_c, 0, 0, C, K, C, BK)), v_new, s0, K_EXACT, False, POLICY, LOW)
+        if BK < K:
+            s1 = mma(tl.trans(load_tile(k_c, 0, 1, C, K, C, BK)), v_new, s1, K_EXACT, False, POLICY, LOW)
+        if 2 * BK < K:
+            s2 = mma(tl.trans(load_tile(k_c, 0, 2, C, K, C, BK)), v_new, s2, K_EXACT, False, POLICY, LOW)
+        if 3 * BK < K:
+            s3 = mma(tl.trans(load_tile(k_c, 0, 3, C, K, C, BK)), v_new, s3, K_EXACT, False, POLICY, LOW)
+        if SEGMENTED:
+            if tl.load(last_ptr + n) != 0:
+                _store_states(final_ptr + (tl.load(seq_ptr + n) * H + bh) * K * V, s0, s1, s2, s3, iv, K, V, BK, BV)
+    if not SEGMENTED:
+        _store_states(final_ptr + bh * K * V, s0, s1, s2, s3, iv, K, V, BK, BV)
+
+
+@triton.jit
+def _ds_step(ds, i: tl.constexpr, q_c, w_c, do, dv_new, scale, C: tl.constexpr, K: tl.constexpr, BK: tl.constexpr,
+             Q_EXACT: tl.constexpr, DO_EXACT: tl.constexpr, POLICY: tl.constexpr, LOW: tl.constexpr):
+    """Tile i of dS + scale Q^T dO - W^T dV_new."""
+    qdo = mma(tl.trans(load_tile(q_c, 0, i, C, K, C, BK)), do, tl.zeros(ds.shape, tl.float32), Q_EXACT, DO_EXACT,
+              POLICY, LOW)
+    return mma(tl.trans(load_tile(w_c, 0, i, C, K, C, BK)), -dv_new, ds + scale * qdo, False, False, POLICY, LOW)
+
+
+@triton.jit
+def state_bwd_kernel(q_ptr, k_ptr, w_ptr, do_ptr, dv_local_ptr, ds_final_ptr, dv_new_ptr, ds_next_ptr, ds0_ptr,
+                     seq_ptr, first_ptr, last_ptr, scale, N,
+                     K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+                     Q_EXACT: tl.constexpr, K_EXACT: tl.constexpr, DO_EXACT: tl.constexpr,
+                     POLICY: tl.constexpr, LOW: tl.constexpr, SEGMENTED: tl.constexpr):
+    iv, bh = tl.program_id(0), tl.program_id(1).to(tl.int64)
+    if SEGMENTED:  # packed sequences: each starts (in reverse) from its own ds_final[seq, h] at its last chunk
+        H = tl.num_programs(1)
+        ds0 = tl.zeros([BK, BV], tl.float32)
+        ds1, ds2, ds3 = ds0, ds0, ds0
+    else:
+        ds0, ds1, ds2, ds3 = _load_states(ds_final_ptr + bh * K * V, iv, K, V, BK, BV)
+    for i in range(N):
+        n = N - 1 - i
+        chunk = bh * N + n
+        if SEGMENTED:
+            if tl.load(last_ptr + n) != 0:
+                ds0, ds1, ds2, ds3 = _load_states(ds_final_ptr + (tl.load(seq_ptr + n) * H + bh) * K * V, iv, K, V,
+                                                  BK, BV)
+        q_c, k_c, w_c = q_ptr + chunk * C * K, k_ptr + chunk * C * K, w_ptr + chunk * C * K
+        ds_next_c = ds_next_ptr + chunk * K * V
+        _store_states(ds_next_c, ds0, ds1, ds2, ds3, iv, K, V, BK, BV)
+        # dV_new = dV_local + K dS
+        dv_new = load_tile(dv_local_ptr + chunk * C * V, 0, iv, C, V, C, BV)
+        dv_new = mma(load_tile(k_c, 0, 0, C, K, C, BK), ds0, dv_new, K_EXACT, False, POLICY, LOW)
+        if BK < K:
+            dv_new = mma(load_tile(k_c, 0, 1, C, K, C, BK), ds1, dv_new, K_EXACT, False, POLICY, LOW)
+        if 2 * BK < K:
+            dv_new = mma(load_tile(k_c, 0, 2, C, K, C, BK), ds2, dv_new, K_EXACT, False, POLICY, LOW)
+        if 3 * BK < K:
+            dv_new = mma(load_tile(k_c, 0, 3, C, K, C, BK), ds3, dv_new, K_EXACT, False, POLICY, LOW)
+        store_tile(dv_new_ptr + chunk * C * V, dv_new, 0, iv, C, V, C, BV)
+        # dS <- dS + scale Q^T dO - W^T dV_new
+        do = load_tile(do_ptr + chunk * C * V, 0, iv, C, V, C, BV)
+        ds0 = _ds_step(ds0, 0, q_c, w_c, do, dv_new, scale, C, K, BK, Q_EXACT, DO_EXACT, POLICY, LOW)
+        if BK < K:
+            ds1 = _ds_step(ds1, 1, q_c, w_c, do, dv_new, scale, C, K, BK, Q_EXACT, DO_EXACT, POLICY, LOW)
+        if 2 * BK < K:
+            ds2 = _ds_step(ds2, 2, q_c, w_c, do, dv_new, scale, C, K, BK, Q_EXACT, DO_EXACT, POLICY, LOW)
+        if 3 * BK < K:
+            ds3 = _ds_step(ds3, 3, q_c, w_c, do, dv_new, scale, C, K, BK, Q_EXACT, DO_EXACT, POLICY, LOW)
+        if SEGMENTED:
+            if tl.load(first_ptr + n) != 0:
+                _store_states(ds0_ptr + (tl.load(seq_ptr + n) * H + bh) * K * V, ds0, ds1, ds2, ds3, iv, K, V, BK, BV)
+    if not SEGMENTED:
+        _store_states(ds0_ptr + bh * K * V, ds0, ds1, ds2, ds3, iv, K, V, BK, BV)
+
+
+@triton.jit
+def state_grads_kernel(v_new_ptr, dv_new_ptr, states_ptr, ds_next_ptr, dk_ptr, dw_ptr,
+                       K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+                       POLICY: tl.constexpr, LOW: tl.constexpr):
+    ik, chunk = tl.program_id(0), tl.program_id(1).to(tl.int64)
+    v_new_c, dv_new_c = v_new_ptr + chunk * C * V, dv_new_ptr + chunk * C * V
+    states_c, ds_next_c = states_ptr + chunk * K * V, ds_next_ptr + chunk * K * V
+    dk = tl.zeros([C, BK], tl.float32)
+    dw = tl.zeros([C, BK], tl.float32)
+    for j in range(0, tl.cdiv(V, BV)):
+        dk = mma(load_tile(v_new_c, 0, j, C, V, C, BV), tl.trans(load_tile(ds_next_c, ik, j, K, V, BK, BV)), dk,
+                 False, False, POLICY, LOW)
+        dw = mma(-load_tile(dv_new_c, 0, j, C, V, C, BV), tl.trans(load_tile(states_c, ik, j, K, V, BK, BV)), dw,
+                 False, False, POLICY, LOW)
+    store_tile(dk_ptr + chunk * C * K, dk, 0, ik, C, K, C, BK)
+    store_tile(dw_ptr + chunk * C * K, dw, 0, ik, C, K, C, BK)
+
+
+def _state_fwd_fake(k, w, u, s0, seq, first, last, policy, low, bv=0, num_warps=0, num_stages=0):
+    B, H, N, C, K = k.shape
+    V = u.shape[-1]
+    return f32(B, H, N, C, V, like=k), f32(B, H, N, K, V, like=k), f32(*s0.shape, like=k)
+
+
+@define_op("state_fwd", _state_fwd_fake)
+def state_fwd(k: torch.Tensor, w: torch.Tensor, u: torch.Tensor, s0: torch.Tensor, seq: torch.Tensor,
+              first: torch.Tensor, last: torch.Tensor, policy: str, low: torch.dtype, bv: int = 0, num_warps: int = 0,
+              num_stages: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """seq, first, last: [N] int32 chunk -> sequence, starts-it, ends-it of packed sequences, or empty
+    (B independent sequences)."""
+    B, H, N, C, K = k.shape
+    V = u.shape[-1]
+    v_new, states, final = _state_fwd_fake(k, w, u, s0, seq, first, last, policy, low)
+    POLICY, LOW = precision(policy, low)
+    cfg = pass_config(K, V, C, POLICY, "forward", bv, num_warps, num_stages)
+    grid = (triton.cdiv(V, cfg["BV"]), B * H)
+    launch(state_fwd_kernel, grid, k, w, u, s0, v_new, states, final, seq, first, last, N, K=K, V=V, C=C,
+           K_EXACT=exact(k, low), POLICY=POLICY, LOW=LOW, SEGMENTED=seq.numel() > 0, **cfg)
+    return v_new, states, final
+
+
+def _state_bwd_fake(q, k, w, v_new, states, do, dv_local, ds_final, seq, first, last, scale, policy, low, bv=0,
+                    num_warps=0, num_stages=0):
+    B, H, N, C, K = k.shape
+    V = v_new.shape[-1]
+    return (f32(B, H, N, C, V, like=k), f32(B, H, N, C, K, like=k), f32(B, H, N, C, K, like=k),
+            f32(*ds_final.shape, like=k))
+
+
+@define_op("state_bwd", _state_bwd_fake)
+def state_bwd(q: torch.Tensor, k: torch.Tensor, w: torch.Tensor, v_new: torch.Tensor, states: torch.Tensor,
+              do: torch.Tensor, dv_local: torch.Tensor, ds_final: torch.Tensor, seq: torch.Tensor, first: torch.Tensor,
+              last: torch.Tensor, scale: float, policy: str, low: torch.dtype, bv: int = 0, num_warps: int = 0,
+              num_stages: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    B, H, N, C, K = k.shape
+    V = v_new.shape[-1]
+    dv_new, dw, dk, ds0 = _state_bwd_fake(q, k, w, v_new, states, do, dv_local, ds_final, seq, first, last, scale,
+                                          policy, low)
+    ds_next = f32(B, H, N, K, V, like=k)
+    POLICY, LOW = precision(policy, low)
+    cfg = pass_config(K, V, C, POLICY, "backward", bv, num_warps, num_stages)
+    launch(state_bwd_kernel, (triton.cdiv(V, cfg["BV"]), B * H), q, k, w, do, dv_local, ds_final, dv_new, ds_next,
+           ds0, seq, first, last, scale, N, K=K, V=V, C=C, Q_EXACT=exact(q, low), K_EXACT=exact(k, low),
+           DO_EXACT=exact(do, low), POLICY=POLICY, LOW=LOW, SEGMENTED=seq.numel() > 0, **cfg)
+    BK = block(K)
+    launch(state_grads_kernel, (triton.cdiv(K, BK), B * H * N), v_new, dv_new, states, ds_next, dk, dw,
+           K=K, V=V, C=C, BK=BK, BV=block(V), POLICY=POLICY, LOW=LOW, num_warps=4 if C <= 64 else 8)
+    return dv_new, dw, dk, ds0
+
+
+def _segment_args(segments, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(seq, first, last) as [N] int32 for the kernels; empty tensors without packed sequences."""
+    if segments is None:
+        empty = torch.empty(0, dtype=torch.int32, device=like.device)
+        return empty, empty, empty
+    return tuple(x.flatten().to(torch.int32) for x in (segments.seq, segments.first, segments.last))
+
+
+def _launch_args(config) -> tuple[int, int, int]:
+    """(BV, num_warps, num_stages) of a launch configuration (blocks, num_warps, num_stages) of the
+    passes over chunks; 0: the table's (pass_config)."""
+    if config is None:
+        return 0, 0, 0
+    return dict(config[0]).get("BV", 0), config[1], config[2]
+
+
+def state_forward(k, w, u, s0, dot, impl=None, segments=None, config=None):
+    """The registered `state` stage: (v_new, states, final); `impl` is the compiled backend's stepping
+    (one launch walks every chunk here); with `segments`, s0 and final are per packed sequence."""
+    check_tensors(k, w, u, s0)
+    policy, low = policy_of(dot)
+    v_new, states, final = state_fwd(k.contiguous(), w.contiguous(), u.contiguous(), s0.contiguous(),
+                                     *_segment_args(segments, k), policy, low, *_launch_args(config))
+    if segments is not None:  # a sequence with no tokens keeps its initial state
+        final = torch.where(segments.empty[:, None, None, None], s0, final)
+    return v_new, states, final
+
+
+def state_backward(q, k, w, v_new, states, do, dv_local, ds_final, scale, dot, impl=None, segments=None, config=None):
+    """The registered `state_backward` stage: (dv_new, dw, dk, ds0)."""
+    check_tensors(q, k, w, v_new, states, do, dv_local, ds_final)
+    policy, low = policy_of(dot)
+    args = (q, k, w, v_new, states, do, dv_local, ds_final)
+    dv_new, dw, dk, ds0 = state_bwd(*(x.contiguous() for x in args), *_segment_args(segments, k), float(scale),
+                                    policy, low, *_launch_args(config))
+    if segments is not None:
+        ds0 = torch.where(segments.empty[:, None, None, None], ds_final, ds0)
+    return dv_new, dw, dk, ds0
