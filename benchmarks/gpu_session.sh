@@ -7,10 +7,17 @@
 # tune (deltaflex tune --gpu at $TUNE_SHAPES, $TUNE_TRIALS trials / $TUNE_TIMEOUT s a shape; tuned plans exported to
 # $OUT/plans.json), compare (deltaflex compare at $COMPARE_SHAPES, table and plot under $OUT).
 # The plan cache and the tuner's studies live in .deltaflex-cache, so a warm machine's next call resumes them.
-# kernels (benchmarks/profile_kernels.py: Triton stage, fusion and launch-config timings; $KERNELS_FLAGS).
+# kernels (benchmarks/profile_kernels.py: Triton stage, fusion and launch-config timings; $KERNELS_FLAGS),
+# packed (profile_plan.py on 16K packed tokens, documents of mean length 512, $PACKED_PLANS against fla),
+# layer (benchmarks/bench_layer.py; $LAYER_FLAGS), lm (benchmarks/bench_lm.py; $LM_FLAGS),
+# mqar (benchmarks/mqar.py; $MQAR_FLAGS).
 set -uo pipefail
 OUT=${OUT:-/tmp/deltaflex-out}
 mkdir -p "$OUT"
+# The device tool brings back at most 8 files: everything travels as one archive, made last (or alone,
+# after steps cut short by an outer timeout: `bash benchmarks/gpu_session.sh pack`).
+pack() { (cd "$OUT" && tar czf /tmp/results.tgz --exclude results.tgz . && find . -mindepth 1 -delete && mv /tmp/results.tgz .); }
+[ "$*" = pack ] && { pack; exit; }
 export PYTHONUNBUFFERED=1
 export DELTAFLEX_CACHE_DIR=${DELTAFLEX_CACHE_DIR:-$PWD/.deltaflex-cache}
 if compgen -G ".whl/*.whl" >/dev/null; then
@@ -27,8 +34,8 @@ plan_args=(); for p in $PLANS; do plan_args+=(--plan "$p"); done
 for step in "$@"; do
   case "$step" in
     tests)
-      python3 -m pytest -q -n 8 -p no:cacheprovider tests 2>&1 | tail -40 >"$OUT/tests.log"
-      tail -5 "$OUT/tests.log" ;;
+      timeout -k 10 "${TESTS_TIMEOUT:-300}" python3 -m pytest -q -n 8 -p no:cacheprovider --durations=15 tests >"$OUT/tests.log" 2>&1
+      grep -E "^(FAILED|ERROR)" "$OUT/tests.log" | head -20; tail -3 "$OUT/tests.log" ;;
     profile)
       for shape in ${PROFILE_SHAPES:-4,4096,16,128}; do
         python3 benchmarks/profile_plan.py --shape "$shape" "${plan_args[@]}" ${PROFILE_FLAGS:-} --out "$OUT" 2>&1 \
@@ -52,6 +59,17 @@ for step in "$@"; do
       shape_args=(); for s in ${COMPARE_SHAPES:-4,4096,16,128}; do shape_args+=(--shape "$s"); done
       python3 -m deltaflex.cli.app compare "${shape_args[@]}" ${COMPARE_FLAGS:-} --plot "$OUT/compare.png" --out "$OUT" 2>&1 \
         | tee "$OUT/compare.log" | tail -${COMPARE_TAIL:-25} ;;
+    packed)
+      packed_args=(); for p in ${PACKED_PLANS:-compiled}; do packed_args+=(--plan "$p"); done
+      python3 benchmarks/profile_plan.py --shape 1,16384,16,128 --packed-mean 512 "${packed_args[@]}" --fla --out "$OUT" 2>&1 \
+        | grep -v -i warn | tee "$OUT/packed.log" | tail -12 ;;
+    layer)
+      python3 benchmarks/bench_layer.py --out "$OUT" ${LAYER_FLAGS:-} 2>&1 | grep -v -i warn | tee "$OUT/layer.log" | tail -30 ;;
+    lm)
+      python3 benchmarks/bench_lm.py --out "$OUT" ${LM_FLAGS:-} 2>&1 | grep -v -i warn | tee "$OUT/lm.log" | tail -12 ;;
+    mqar)
+      python3 benchmarks/mqar.py --out "$OUT/mqar" ${MQAR_FLAGS:-} 2>&1 | grep -v -i warn | tee "$OUT/mqar.log" | tail -25 ;;
     *) echo "unknown step $step" ;;
   esac
 done
+pack

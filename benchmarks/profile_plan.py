@@ -23,7 +23,6 @@ other T and B and counts the graphs compiled.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import time
 from pathlib import Path
@@ -33,25 +32,11 @@ from torch._dynamo.utils import counters
 
 from deltaflex import Plan, delta_rule
 from deltaflex.bench import Shape, time_ms
-from deltaflex.plan import NAMED_PLANS
+from deltaflex.plan import plan_from_spec
 from deltaflex.reference import recurrent_delta_rule_ref
 from deltaflex.testing import make_inputs, relative_error
 
 NAMES = ("q", "k", "v", "beta")
-
-
-def parse_plan(text: str) -> Plan:
-    if text in NAMED_PLANS:
-        return NAMED_PLANS[text]
-    defaults = {f.name: f.default for f in dataclasses.fields(Plan)}
-    kwargs = {}
-    for item in text.split(","):
-        key, _, value = item.partition("=")
-        if key not in defaults:
-            raise SystemExit(f"unknown plan field {key!r} in {text!r}")
-        kind = type(defaults[key])
-        kwargs[key] = bool(int(value)) if kind is bool else int(value) if kind is int else value
-    return Plan(**kwargs)
 
 
 def _graphs() -> int:
@@ -158,7 +143,7 @@ def main():
     refs = references(x, do, cu)
     contenders = []
     for spec in args.plan or ["compiled"]:
-        plan = parse_plan(spec)
+        plan = plan_from_spec(spec)
         contenders.append((spec, lambda q, k, v, b, plan=plan: delta_rule(
             q, k, v, b, plan=plan, output_final_state=True, cu_seqlens=cu, cu_seqlens_cpu=cu_cpu)))
     if args.fla:
@@ -179,7 +164,7 @@ def main():
             with open(args.out / "profile_plan.jsonl", "a") as f:
                 f.write(json.dumps(row) + "\n")
     if args.recompiles:
-        r = recompiles(parse_plan(args.plan[0] if args.plan else "compiled"), shape.H, shape.K)
+        r = recompiles(plan_from_spec(args.plan[0] if args.plan else "compiled"), shape.H, shape.K)
         print(json.dumps({"recompiles": r}), flush=True)
     print(f"\n{'contender':40s} {'fwd ms':>8s} {'fwd+bwd':>8s} {'GiB':>6s} {'first s':>8s} {'err o':>8s} {'err dk':>8s}")
     for r in rows:

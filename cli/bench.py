@@ -33,10 +33,10 @@ def _bench_table(rows: list[dict]) -> Table:
 
 def bench(
     shape: list[str] = typer.Option(None, help="B,T,H,K[,V]; repeatable. Default: DESIGN.md's shapes on CUDA, 1,512,4,64 on CPU."),
-    plan: list[str] = typer.Option(None, help="deltaflex plans to time; repeatable. Default: compiled (and eager on CPU)."),
+    plan: list[str] = typer.Option(None, help="deltaflex plans to time: a name, or a spec such as state_group=8,cuda_graph=1 or triton,precision=bf16; repeatable. Default: compiled (and eager on CPU)."),
     device: str = typer.Option(None, help="cuda, cuda:N or cpu. Default: cuda when available."),
     dtype: str = typer.Option(None, help="bf16, fp16, fp32 or fp64. Default: bf16 on CUDA, fp32 on CPU."),
-    chunk_size: int = typer.Option(64, help="chunk size for the deltaflex plans"),
+    chunk_size: int = typer.Option(None, help="chunk size for every deltaflex plan (default: each plan's own, 64 unless its spec says)"),
     fla: bool = typer.Option(True, help="include fla-core's kernels when importable"),
     check: bool = typer.Option(True, help="check outputs against the float64 oracle first"),
     compile_checks: bool = typer.Option(True, help="for compiled plans: warm start in a new process and recompiles as T/B change"),
@@ -49,6 +49,13 @@ def bench(
     dt = parse_dtype(dtype or ("bf16" if dev.type == "cuda" else "fp32"))
     shapes = parse_shapes(shape, lambda: paper_shapes() if dev.type == "cuda" else [Shape(1, 512, 4, 64, 64)])
     plans = plan or (["compiled"] if dev.type == "cuda" else ["eager", "compiled"])
+    from deltaflex.plan import plan_from_spec
+
+    for p in plans:
+        try:
+            plan_from_spec(p)
+        except (TypeError, ValueError) as e:
+            raise typer.BadParameter(str(e), param_hint="--plan") from None
     if any(p != "eager" for p in plans):
         # Fresh compile caches, so first calls measure cold compiles (kept for the warm-start probe).
         cache = tempfile.mkdtemp(prefix="deltaflex-bench-")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from .chunk import ChunkDeltaRuleFunction
-from .plan import Plan, check_available, resolve_plan
+from .plan import Plan, resolve_plan
 from .tuning.auto import auto_plan
 from .chunk.layout import packed_layout
 from .validation import check_cu_seqlens, check_delta_rule_inputs
@@ -58,9 +58,7 @@ def delta_rule(
     packed = cu_seqlens is not None or cu_seqlens_cpu is not None
     lengths = check_cu_seqlens(cu_seqlens, cu_seqlens_cpu, B, T, q.device) if packed else None
     auto = lambda: auto_plan(q.device, q.dtype, B, T, H, K, v.shape[-1])  # noqa: E731 - only called for "auto"
-    plan = resolve_plan(plan, chunk_size, q.device.type, auto=auto)
-    if "triton" in plan.backends().values():  # hand-written stages: registered, and for this device
-        check_available(plan, q.device.type)
+    plan = resolve_plan(plan, chunk_size, q.device.type, auto=auto)  # checks the plan can run here
     layout = None if lengths is None else packed_layout(lengths, plan.chunk_size, plan.state_group, q.device)
     return ChunkDeltaRuleFunction.apply(
         q, k, v, beta, initial_state, scale, bool(use_qk_l2norm), bool(output_final_state), plan, layout

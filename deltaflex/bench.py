@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from .api import delta_rule
-from .plan import Plan
+from .plan import Plan, plan_from_spec
 from .reference import recurrent_delta_rule_ref
 from .testing import make_inputs, relative_error
 
@@ -70,13 +70,19 @@ class Contender:
 
 
 def deltaflex_contender(plan: str | Plan, chunk_size: int | None = None, name: str | None = None) -> Contender:
-    """delta_rule with `plan`; chunk_size None keeps the plan's own."""
+    """delta_rule with `plan` (a Plan, or a name or spec for plan_from_spec); chunk_size None keeps
+    the plan's own."""
+    name = name or f"deltaflex[{plan}]"
+    plan = _plan(plan)
 
     def forward(q, k, v, beta):
         return delta_rule(q, k, v, beta, chunk_size=chunk_size, plan=plan)[0]
 
-    compiles = plan != "eager" if isinstance(plan, str) else plan.compile
-    return Contender(name or f"deltaflex[{plan}]", forward, compiles=compiles)
+    return Contender(name, forward, compiles=plan.compile or "triton" in plan.backends().values())
+
+
+def _plan(plan: str | Plan) -> Plan | str:
+    return plan_from_spec(plan) if isinstance(plan, str) and plan != "auto" else plan
 
 
 def fla_contenders() -> list[Contender]:
@@ -95,7 +101,7 @@ def _sdpa(q, k, v, beta):
     return o.transpose(1, 2)
 
 
-def contenders(plans: list[str], device: torch.device, chunk_size: int = 64, fla: bool = True) -> list[Contender]:
+def contenders(plans: list[str], device: torch.device, chunk_size: int | None = None, fla: bool = True) -> list[Contender]:
     out = [deltaflex_contender(plan, chunk_size) for plan in plans]
     if fla and device.type == "cuda":
         out += fla_contenders()
@@ -172,7 +178,7 @@ def run_benchmark(
     *,
     device: str | torch.device = "cuda",
     dtype: torch.dtype = torch.bfloat16,
-    chunk_size: int = 64,
+    chunk_size: int | None = None,
     fla: bool = True,
     check: bool = True,
     log: Callable[[str], None] = print,
@@ -211,29 +217,29 @@ def recompile_check(plan: str, *, device: str, dtype: torch.dtype, H: int = 16, 
     for B, T in ((8, 2048), (4, 4096), (2, 8192), (3, 3000)):
         shape = Shape(B, T, H, D, D)
         frames = _frames_ok()
-        _first_call(shape, plan, dtype, device, 64)
+        _first_call(shape, plan, dtype, device, None)
         counts[str(shape)] = _frames_ok() - frames
     return counts
 
 
-def warm_start_seconds(shape: Shape, plan: str, dtype: torch.dtype, device: str, chunk_size: int = 64) -> float:
+def warm_start_seconds(shape: Shape, plan: str, dtype: torch.dtype, device: str, chunk_size: int | None = None) -> float:
     """First-call time (forward+backward) of `plan` in a new process that shares this one's compile
     caches (TORCHINDUCTOR_CACHE_DIR / TRITON_CACHE_DIR), i.e. a warm start."""
     args = [sys.executable, "-m", "deltaflex.bench", "first-call", str(shape).replace("x", ","), plan,
-            str(dtype).removeprefix("torch."), device, str(chunk_size)]
+            str(dtype).removeprefix("torch."), device, str(chunk_size or 0)]
     out = subprocess.run(args, check=True, capture_output=True, text=True, env=os.environ.copy())
     return float(out.stdout.strip().splitlines()[-1])
 
 
-def _first_call(shape: Shape, plan: str, dtype: torch.dtype, device: str, chunk_size: int) -> float:
+def _first_call(shape: Shape, plan: str, dtype: torch.dtype, device: str, chunk_size: int | None) -> float:
     x = make_inputs(shape.B, shape.T, shape.H, shape.K, shape.V, dtype=dtype, device=device)
     leaves = [x[n].requires_grad_() for n in ("q", "k", "v", "beta")]
     start = time.perf_counter()
-    delta_rule(*leaves, chunk_size=chunk_size, plan=plan)[0].sum().backward()
+    delta_rule(*leaves, chunk_size=chunk_size, plan=_plan(plan))[0].sum().backward()
     _sync(torch.device(device))
     return time.perf_counter() - start
 
 
 if __name__ == "__main__" and len(sys.argv) == 7 and sys.argv[1] == "first-call":
-    _shape, _plan, _dtype, _device, _chunk = sys.argv[2:]
-    print(_first_call(Shape.parse(_shape), _plan, getattr(torch, _dtype), _device, int(_chunk)))
+    _shape, _spec, _dtype, _device, _chunk = sys.argv[2:]
+    print(_first_call(Shape.parse(_shape), _spec, getattr(torch, _dtype), _device, int(_chunk) or None))

@@ -6,8 +6,9 @@ each hand-written stage, and the compile options. Plans are hashable, so the aut
 take one as a plain argument.
 
 Which backends exist is a registry, not a constant: a hand-written stage kernel announces itself
-with `register_triton_stage(stage, KernelSpace(...))`, and from then on plans may use it and the
-tuner searches its launch configurations. Until then only the compiled backend is available.
+with `register_triton_stage(stage, KernelSpace(...))` (deltaflex.kernels does for all four stages
+when it is imported, which happens on first need), and from then on plans may use it and the tuner
+searches its launch configurations. Without Triton only the compiled backend is available.
 """
 
 from __future__ import annotations
@@ -277,6 +278,28 @@ NAMED_PLANS = {
 PLAN_NAMES = (*NAMED_PLANS, "auto")
 
 
+def plan_from_spec(spec: str) -> Plan:
+    """A plan from a command line: a plan name, Plan fields as "field=value,..." (e.g.
+    "state_group=8,cuda_graph=1"), or a name followed by fields ("triton,precision=bf16")."""
+    name, *items = spec.split(",")
+    if "=" in name:
+        name, items = "compiled", [name, *items]
+    if name not in NAMED_PLANS:
+        raise ValueError(f"a plan spec starts with one of {tuple(NAMED_PLANS)} or a field=value, got {spec!r}")
+    fields = {f.name: f.default for f in dataclasses.fields(Plan) if not f.name.endswith("_kernel")}
+    changes = {}
+    for item in items:
+        key, _, value = item.partition("=")
+        if key not in fields or not value:
+            raise ValueError(f"{item!r} in plan spec {spec!r} is not field=value with a field of {sorted(fields)}")
+        kind = type(fields[key])
+        try:
+            changes[key] = bool(int(value)) if kind is bool else int(value) if kind is int else value
+        except ValueError:
+            raise ValueError(f"plan field {key} takes {kind.__name__} values, got {value!r} in {spec!r}") from None
+    return dataclasses.replace(NAMED_PLANS[name], **changes)
+
+
 def default_plan(device_type: str) -> Plan:
     """The tested default: compiled on CUDA; eager on CPU, where compile time (tens of seconds a
     graph) rarely pays off."""
@@ -292,7 +315,9 @@ def check_available(plan: Plan, device_type: str) -> None:
             f"the triton backend is not available for stages {missing}: no hand-written kernel is registered "
             f"for them in this build; use the compiled backend there (e.g. plan='compiled')"
         )
-    wrong_device = [s for s, backend in plan.backends().items() if backend not in available_backends(s, device_type)]
+    wrong_device = [
+        s for s, backend in plan.backends().items() if backend == "triton" and backend not in available_backends(s, device_type)
+    ]
     if wrong_device:
         raise ValueError(
             f"plan stages {wrong_device} use the triton backend, which runs on {triton_device_types()} devices only, "

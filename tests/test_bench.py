@@ -11,10 +11,12 @@ from deltaflex.cli import app
 
 
 def test_run_benchmark_checks_and_times_every_contender():
-    rows = run_benchmark([Shape(1, 40, 2, 16, 8)], ["eager"], device="cpu", dtype=torch.float32, log=lambda _: None)
+    rows = run_benchmark([Shape(1, 40, 2, 16, 8)], ["eager", "eager,chunk_size=16,state_group=2"], device="cpu",
+                         dtype=torch.float32, log=lambda _: None)
     by_name = {r["contender"]: r for r in rows}
-    assert set(by_name) == {"deltaflex[eager]", "sdpa causal"}
+    assert set(by_name) == {"deltaflex[eager]", "deltaflex[eager,chunk_size=16,state_group=2]", "sdpa causal"}
     assert by_name["deltaflex[eager]"]["rel_err"] < 1e-4
+    assert by_name["deltaflex[eager,chunk_size=16,state_group=2]"]["rel_err"] < 1e-4
     assert "rel_err" not in by_name["sdpa causal"]  # attention computes another function: timed only
     for r in rows:
         assert r["fwd_ms"] > 0 and r["fwd_bwd_ms"] > 0 and r["shape"] == "1x40x2x16x8"
@@ -39,7 +41,8 @@ def test_cli_bench_on_cpu(tmp_path):
     assert saved["rows"][0]["rel_err"] < 1e-4
 
 
-@pytest.mark.parametrize("args,message", [(["--shape", "1,2"], "B,T,H,K"), (["--dtype", "int8"], "expected one of")])
+@pytest.mark.parametrize("args,message", [(["--shape", "1,2"], "B,T,H,K"), (["--dtype", "int8"], "expected one of"),
+                                          (["--plan", "state_group=3"], "state_group")])
 def test_cli_bench_rejects_bad_arguments(args, message):
     result = CliRunner().invoke(app, ["bench", "--device", "cpu", *args])
     assert result.exit_code != 0 and message in result.output

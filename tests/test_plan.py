@@ -182,3 +182,16 @@ def test_triton_stages_refuse_float64_clearly():
     x = make_inputs(1, 8, 1, 4, dtype=torch.float64)
     with pytest.raises(TypeError, match="float64.*compiled backend"):
         delta_rule(**x, plan=Plan(state="triton", compile=False))
+
+
+def test_plan_specs():
+    from deltaflex.plan import plan_from_spec
+
+    assert plan_from_spec("compiled") == Plan()
+    assert plan_from_spec("state_group=8,cuda_graph=1") == Plan(state_group=8, cuda_graph=True)
+    assert plan_from_spec("triton,precision=bf16") == dataclasses.replace(NAMED_PLANS["triton"], precision="bf16")
+    assert plan_from_spec("eager,chunk_size=128") == Plan(chunk_size=128, compile=False)
+    for spec, match in [("fastest", "starts with one of"), ("turbo=1", "field=value"), ("chunk_size", "field=value"),
+                        ("chunk_size=big", "takes int values"), ("chunk_size=100", "chunk_size")]:
+        with pytest.raises(ValueError, match=match):
+            plan_from_spec(spec)

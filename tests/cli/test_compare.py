@@ -57,7 +57,8 @@ def test_a_wrong_plan_fails_the_comparison(monkeypatch):
         (["--device", "gpu"], "expected cuda, cuda:N or cpu"),
     ],
 )
-def test_compare_rejects_bad_arguments(args, message):
+def test_compare_rejects_bad_arguments(args, message, monkeypatch):
+    monkeypatch.setattr("deltaflex.plan.triton_device_types", lambda: ("cuda",))  # a CPU without Triton's interpreter
     result = runner.invoke(app, ["compare", "--device", "cpu", "--shape", "1,40,2,16", *args])
     assert result.exit_code == 2 and message in result.output, result.output
 
