@@ -34,8 +34,9 @@ plan_args=(); for p in $PLANS; do plan_args+=(--plan "$p"); done
 for step in "$@"; do
   case "$step" in
     tests)
-      timeout -k 10 "${TESTS_TIMEOUT:-300}" python3 -m pytest -q -n 8 -p no:cacheprovider --durations=15 tests >"$OUT/tests.log" 2>&1
-      grep -E "^(FAILED|ERROR)" "$OUT/tests.log" | head -20; tail -3 "$OUT/tests.log" ;;
+      DELTAFLEX_FAILURE_LOG="$OUT/test_failures.log" timeout -k 10 "${TESTS_TIMEOUT:-300}" python3 -m pytest -q -n ${TESTS_WORKERS:-8} -p no:cacheprovider --durations=15 tests >"$OUT/tests.log" 2>&1
+      grep -E "^(FAILED|ERROR)" "$OUT/tests.log" | head -20; tail -3 "$OUT/tests.log"
+      grep "^== " "$OUT/test_failures.log" 2>/dev/null | head -30 ;;
     profile)
       for shape in ${PROFILE_SHAPES:-4,4096,16,128}; do
         python3 benchmarks/profile_plan.py --shape "$shape" "${plan_args[@]}" ${PROFILE_FLAGS:-} --out "$OUT" 2>&1 \

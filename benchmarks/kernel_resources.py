@@ -22,7 +22,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 
 SMEM_LIMIT = {90: 232448, 80: 166912}
-_TRITON_DTYPES = {torch.bfloat16: "*bf16", torch.float16: "*fp16", torch.float32: "*fp32"}
+_TRITON_DTYPES = {torch.bfloat16: "*bf16", torch.float16: "*fp16", torch.float32: "*fp32", torch.int32: "*i32"}
 
 
 def op_calls(K: int, V: int, C: int, policy: str, low: torch.dtype):

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import traceback
 import time
 from pathlib import Path
 
@@ -157,6 +158,9 @@ def main():
             row = measure(name, forward, x, refs, do, profile_file)
         except Exception as e:  # one failing variant must not lose the others' numbers
             row = {"contender": name, "error": f"{type(e).__name__}: {str(e)[:300]}"}
+            if args.out:  # the whole story, for the ones that fail
+                with open(args.out / "errors.log", "a") as f:
+                    f.write(f"== {name} at {shape}\n{traceback.format_exc()}\n")
         row.update(shape=str(shape), keys=args.keys)
         rows.append(row)
         print(json.dumps(row), flush=True)

@@ -39,3 +39,12 @@ def _private_plan_cache(tmp_path_factory, monkeypatch):
     cache.forget_loaded()
     yield
     cache.forget_loaded()
+
+
+def pytest_runtest_logreport(report):
+    # With DELTAFLEX_FAILURE_LOG set (GPU sessions), every failure is written the moment it happens,
+    # so a run cut short by a time limit still says what failed and why.
+    path = os.environ.get("DELTAFLEX_FAILURE_LOG")
+    if path and report.failed:
+        with open(path, "a") as f:
+            f.write(f"== {report.nodeid} ({report.when})\n{report.longreprtext[-6000:]}\n\n")

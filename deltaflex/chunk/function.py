@@ -179,7 +179,10 @@ def _run(fn, plan: Plan, tensors: tuple[torch.Tensor, ...], options: dict):
         if not plan.unroll:
             for x in (t for t in torch.utils._pytree.tree_leaves(tensors) if isinstance(t, torch.Tensor)):
                 torch._dynamo.maybe_mark_dynamic(x, 0)
-                if x.dim() >= 5:  # chunk layout: N/g, besides B
+                # chunk layout: N/g, besides B. Not for two-level passes on CUDA: there Inductor
+                # (torch 2.11) fails to generate the group reshapes' symbolic sizes ("expected
+                # [s78, s8] to have been codegen-ed"), so they compile once per sequence length.
+                if x.dim() >= 5 and not (plan.state_group > 1 and x.is_cuda):
                     torch._dynamo.maybe_mark_dynamic(x, 2)
         options = dict(options, stepping=_stepping(plan, not plan.unroll))
         if plan.cuda_graph and tensors[0].is_cuda:
