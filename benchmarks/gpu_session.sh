@@ -35,7 +35,7 @@ plan_args=(); for p in $PLANS; do plan_args+=(--plan "$p"); done
 for step in "$@"; do
   case "$step" in
     tests)
-      DELTAFLEX_FAILURE_LOG="$OUT/test_failures.log" timeout -k 10 "${TESTS_TIMEOUT:-300}" python3 -m pytest -q -n ${TESTS_WORKERS:-8} -p no:cacheprovider --durations=15 ${TESTS_ARGS:-tests} >"$OUT/tests.log" 2>&1
+      DELTAFLEX_FAILURE_LOG="$OUT/test_failures.log" timeout -k 10 "${TESTS_TIMEOUT:-300}" python3 -m pytest -q -n ${TESTS_WORKERS:-8} -p no:cacheprovider --durations=15 ${TESTS_K:+-k "$TESTS_K"} tests >"$OUT/tests.log" 2>&1
       grep -E "^(FAILED|ERROR)" "$OUT/tests.log" | head -20; tail -3 "$OUT/tests.log"
       grep "^== " "$OUT/test_failures.log" 2>/dev/null | head -30 ;;
     profile)
