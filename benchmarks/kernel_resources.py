@@ -21,6 +21,9 @@ import torch
 import triton
 from triton.backends.compiler import GPUTarget
 
+# How a Python float argument is typed: Triton itself says fp32; torch.compile (Inductor, torch 2.11)
+# passes fp64, which every kernel must take too (--float-arg fp64).
+FLOAT_ARG = "fp32"
 SMEM_LIMIT = {90: 232448, 80: 166912}
 _TRITON_DTYPES = {torch.bfloat16: "*bf16", torch.float16: "*fp16", torch.float32: "*fp32", torch.int32: "*i32"}
 
@@ -84,7 +87,7 @@ def compile_and_measure(kernel, args, kwargs, capability: int) -> dict:
                 signature[name] = _TRITON_DTYPES[a.dtype]
                 attrs[(i,)] = [["tt.divisibility", 16]]  # as the launcher specialises aligned pointers
             else:
-                signature[name] = "fp32" if isinstance(a, float) else "i32"
+                signature[name] = FLOAT_ARG if isinstance(a, float) else "i32"
     src = triton.compiler.ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs)
     compiled = triton.compile(src, target=GPUTarget("cuda", capability, 32), options=options)
     tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
@@ -102,9 +105,13 @@ def main():
     parser.add_argument("--dims", default="64,128,256", help="head dims (K = V)")
     parser.add_argument("--chunk-sizes", default="64")
     parser.add_argument("--policy", default="bf16x3", choices=["bf16x3", "bf16", "fp32"])
+    parser.add_argument("--float-arg", default="fp32", choices=["fp32", "fp64"],
+                        help="type of float arguments (scale): fp64 is what torch.compile passes")
     parser.add_argument("--ops", default="", help="comma-separated op names (default: all)")
     parser.add_argument("--capability", type=int, default=90)
     args = parser.parse_args()
+    global FLOAT_ARG
+    FLOAT_ARG = args.float_arg
     if os.environ.get("TRITON_INTERPRET") == "1":
         raise SystemExit("unset TRITON_INTERPRET: this compiles the kernels")
     low = torch.float32 if args.policy == "fp32" else torch.bfloat16

@@ -144,6 +144,16 @@ def to_low(x, LOW: tl.constexpr):
 
 
 @triton.jit
+def as_f32(x):
+    """A float argument in float32: torch.compile passes Python floats to kernels as fp64, which
+    would carry every product they scale into float64."""
+    if _UPCAST_LOW_DOTS:  # the interpreter hands it over as a Python float
+        return x
+    else:
+        return x.to(tl.float32)
+
+
+@triton.jit
 def dot_low(a, b, acc):
     """acc + a @ b of two low-precision tiles, accumulated in float32 (the tensor cores' product)."""
     if _UPCAST_LOW_DOTS:

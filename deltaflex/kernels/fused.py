@@ -24,7 +24,7 @@ import triton
 import triton.language as tl
 
 from ..reference import l2norm
-from .common import block, check_tensors, define_op, exact, launch, load_tile, mma, precision, store_tile, to_low
+from .common import as_f32, block, check_tensors, define_op, exact, launch, load_tile, mma, precision, store_tile, to_low
 from .solve import solve_chunk
 from .state import _load_state, _store_state, pass_config
 
@@ -62,6 +62,7 @@ def state_output_kernel(q_ptr, k_ptr, w_ptr, u_ptr, s0_ptr, o_ptr, final_ptr, sc
                         K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
                         Q_EXACT: tl.constexpr, K_EXACT: tl.constexpr, POLICY: tl.constexpr, LOW: tl.constexpr):
     iv, bh = tl.program_id(0), tl.program_id(1).to(tl.int64)
+    scale = as_f32(scale)
     rc = tl.arange(0, C)
     s0 = _load_state(s0_ptr + bh * K * V, 0, iv, K, V, BK, BV)
     s1 = _load_state(s0_ptr + bh * K * V, 1, iv, K, V, BK, BV)

@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import (launch_options, warps_stages, block, check_tensors, define_op, exact, f32, launch, load_tile, mma, policy_of, precision,
+from .common import (as_f32, launch_options, warps_stages, block, check_tensors, define_op, exact, f32, launch, load_tile, mma, policy_of, precision,
                      store_tile)
 
 
@@ -38,6 +38,7 @@ def output_fwd_kernel(q_ptr, k_ptr, v_new_ptr, states_ptr, o_ptr, scale,
                       K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
                       Q_EXACT: tl.constexpr, K_EXACT: tl.constexpr, POLICY: tl.constexpr, LOW: tl.constexpr):
     iv, chunk = tl.program_id(0), tl.program_id(1).to(tl.int64)
+    scale = as_f32(scale)
     q_c, k_c, states_c = q_ptr + chunk * C * K, k_ptr + chunk * C * K, states_ptr + chunk * K * V
     o = tl.zeros([C, BV], tl.float32)
     for j in range(0, tl.cdiv(K, BK)):
@@ -54,6 +55,7 @@ def output_bwd_kernel(q_ptr, k_ptr, v_new_ptr, states_ptr, do_ptr, dq_ptr, dk_pt
                       Q_EXACT: tl.constexpr, K_EXACT: tl.constexpr, DO_EXACT: tl.constexpr,
                       POLICY: tl.constexpr, LOW: tl.constexpr):
     role, chunk = tl.program_id(0), tl.program_id(1).to(tl.int64)
+    scale = as_f32(scale)
     q_c, k_c, states_c = q_ptr + chunk * C * K, k_ptr + chunk * C * K, states_ptr + chunk * K * V
     do_c, v_new_c = do_ptr + chunk * C * V, v_new_ptr + chunk * C * V
     NK: tl.constexpr = (K + BK - 1) // BK

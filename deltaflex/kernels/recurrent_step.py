@@ -42,7 +42,7 @@ def _recurrent_step_kernel(
         if USE_QK_L2NORM:
             q_t = q_t / tl.sqrt(tl.sum(q_t * q_t) + EPS)
             k_t = k_t / tl.sqrt(tl.sum(k_t * k_t) + EPS)
-        q_t = q_t * scale
+        q_t = (q_t * scale).to(tl.float32)  # torch.compile passes scale as fp64
         u = b_t * (v_t - tl.sum(s * k_t[:, None], axis=0))
         o_t = tl.sum(s * q_t[:, None], axis=0) + tl.sum(q_t * k_t) * u
         tl.store(o + token * V + cols, o_t.to(o.dtype.element_ty), mask=m_v)

@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import (FP32, INTERPRETED, block, check_tensors, define_op, exact, f32, launch, load_tile, mma, policy_of, precision,
+from .common import (as_f32, FP32, INTERPRETED, block, check_tensors, define_op, exact, f32, launch, load_tile, mma, policy_of, precision,
                      store_tile)
 
 
@@ -165,6 +165,7 @@ def state_bwd_kernel(q_ptr, k_ptr, w_ptr, do_ptr, dv_local_ptr, ds_final_ptr, dv
                      Q_EXACT: tl.constexpr, K_EXACT: tl.constexpr, DO_EXACT: tl.constexpr,
                      POLICY: tl.constexpr, LOW: tl.constexpr, SEGMENTED: tl.constexpr):
     iv, bh = tl.program_id(0), tl.program_id(1).to(tl.int64)
+    scale = as_f32(scale)
     if SEGMENTED:  # packed sequences: each starts (in reverse) from its own ds_final[seq, h] at its last chunk
         H = tl.num_programs(1)
         ds0 = tl.zeros([BK, BV], tl.float32)
