@@ -33,7 +33,9 @@ def test_replays_equal_eager_and_outputs_survive_the_next_replay():
 
 def test_a_new_length_is_a_new_capture_not_a_recompile():
     plan = Plan(cuda_graph=True)
-    _run(make_inputs(1, 64, 2, 16, dtype=torch.float32, device="cuda"), plan)
+    # 130 and 200 tokens: 3 and 4 chunks (a first call with one chunk would specialise on it, as
+    # torch.compile does for every size-1 dimension, and the next length would recompile once)
+    _run(make_inputs(1, 130, 2, 16, dtype=torch.float32, device="cuda"), plan)
     captures = len(graphs._captures)
     graphs_before = torch._dynamo.utils.counters["stats"]["unique_graphs"]
     o, _, _ = _run(x := make_inputs(1, 200, 2, 16, dtype=torch.float32, device="cuda"), plan)
