@@ -195,3 +195,11 @@ def test_plan_specs():
                         ("chunk_size=big", "takes int values"), ("chunk_size=100", "chunk_size")]:
         with pytest.raises(ValueError, match=match):
             plan_from_spec(spec)
+
+
+def test_auto_precision():
+    assert Plan().precision_for("cuda") == Plan().precision_for("cpu") == "fp32"
+    assert NAMED_PLANS["triton"].precision_for("cuda") == "bf16x3"  # measured: as accurate, twice as fast
+    assert NAMED_PLANS["triton"].precision_for("cpu") == "fp32"
+    assert NAMED_PLANS["mixed-state"].precision_for("cuda") == "fp32"
+    assert dataclasses.replace(NAMED_PLANS["triton"], precision="bf16").precision_for("cuda") == "bf16"
