@@ -68,8 +68,9 @@ def test_lookup_reads_the_file_once(monkeypatch):
         assert lookup(T=T) == TUNED
 
 
-def test_cached_plan_that_cannot_run_here_falls_back_to_the_default():
-    save(plan=Plan(chunk_size=32, state="triton"))  # no hand-written state pass is registered
+def test_cached_plan_that_cannot_run_here_falls_back_to_the_default(monkeypatch):
+    monkeypatch.setattr("deltaflex.plan.triton_device_types", lambda: ("cuda",))  # a CPU without Triton's interpreter
+    save(plan=Plan(chunk_size=32, state="triton"))  # hand-written kernels run on CUDA only
     with pytest.warns(PlanCacheWarning, match="cannot run here"):
         assert lookup() == default_plan("cpu")
 

@@ -23,6 +23,13 @@ def all_plans(space: SearchSpace) -> set[Plan]:
     return {space.suggest(optuna.trial.FixedTrial(dict(zip(names, values)))) for values in itertools.product(*choices)}
 
 
+@pytest.fixture
+def no_kernels(monkeypatch):
+    import deltaflex.kernels  # noqa: F401  (imported first, so nothing refills the emptied registry)
+
+    monkeypatch.setattr(plan_module, "_TRITON_STAGES", {})
+
+
 def test_cpu_space_is_eager_chunk_sizes_by_default():
     space = SearchSpace.for_device("cpu")
     assert all_plans(space) == {Plan(chunk_size=c, compile=False) for c in CHUNK_SIZES}
@@ -30,7 +37,7 @@ def test_cpu_space_is_eager_chunk_sizes_by_default():
     assert all_plans(SearchSpace.for_device("cpu", compile=True)) == all_plans(space) | {Plan(chunk_size=c) for c in CHUNK_SIZES}
 
 
-def test_cuda_space_searches_compiled_and_eager_plans_with_available_backends():
+def test_cuda_space_searches_compiled_and_eager_plans_with_available_backends(no_kernels):
     space = SearchSpace.for_device("cuda")
     plans = all_plans(space)
     # per chunk size: eager, or compiled with state_group 1/4/8 and with or without CUDA graphs
@@ -45,8 +52,7 @@ def test_cuda_space_searches_compiled_and_eager_plans_with_available_backends():
 
 
 @pytest.fixture
-def registered_state_kernel(monkeypatch):
-    monkeypatch.setattr(plan_module, "_TRITON_STAGES", {})
+def registered_state_kernel(no_kernels):
     register_triton_stage("state", KernelSpace({"BV": (32, 64)}, num_warps=(4, 8), num_stages=(2,), default=KernelConfig({"BV": 64})))
 
 
@@ -68,3 +74,11 @@ def test_params_reproduce_a_plan(registered_state_kernel):
         "state_group": 1, "cuda_graph": False}
     assert space.params(Plan(state="triton", state_kernel=KernelConfig({"BV": 128}))) is None  # outside
     assert SearchSpace.for_device("cpu").params(Plan()) is None  # compiled plans are outside the default CPU space
+
+
+def test_cuda_space_has_every_registered_kernel():
+    space = SearchSpace.for_device("cuda")
+    assert dict(space.backends) == {s: ("compiled", "triton") for s in ("solve", "wy", "state", "output")}
+    assert dict(space.kernels)["state"] == plan_module.kernel_space("state")
+    # the interpreter's kernels (tests on CPU) are never tuned
+    assert all(choices == ("compiled",) for _, choices in SearchSpace.for_device("cpu").backends)
