@@ -98,3 +98,12 @@ def test_unknown_backend_raises():
     x = make_inputs(1, 1, 2, 8, dtype=torch.float32)
     with pytest.raises(ValueError, match="backend must be None or one of"):
         delta_rule_step(x["q"], x["k"], x["v"], x["beta"], backend="cuda")
+
+
+def test_default_step_backend():
+    from deltaflex.recurrent import default_step_backend
+
+    assert default_step_backend("cpu", torch.float32, False) == "eager"
+    assert default_step_backend("cuda", torch.bfloat16, False) == "triton"  # decoding: one launch a step
+    assert default_step_backend("cuda", torch.bfloat16, True) == "compiled"  # the kernel has no backward
+    assert default_step_backend("cuda", torch.float64, False) == "compiled"  # the kernel takes no float64

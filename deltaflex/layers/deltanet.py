@@ -9,8 +9,8 @@ names this follows, so an fla state dict loads):
 
 Modes: "chunk" runs `delta_rule` on `plan` (the chunkwise plans), except for one-token inputs
 (decoding), which take the recurrent step; "recurrent" always runs `delta_rule_step`, a token loop
-meant for decoding and small inputs. `step_backend` is delta_rule_step's backend (None: "compiled"
-on CUDA, "eager" elsewhere; "triton": the hand-written kernel, inference only).
+meant for decoding and small inputs. `step_backend` is delta_rule_step's backend (None: its default,
+the hand-written kernel when decoding on CUDA, compiled ops when training there, eager elsewhere).
 
 Caches: `layer(x, use_cache=True)` also returns a `DeltaNetCache` (the recurrent state and the
 short-convolution states); `layer(x_next, cache=cache)` continues from it and returns the next one.
