@@ -17,7 +17,7 @@ Parts (--parts, default all, in this order):
   layer_decode  one token through the whole layer, compiled and replayed as a CUDA graph that updates
                 the cache in place, checked against the eager layer.
   layer         forward and forward+backward at --layer-shape: deltaflex's layer (its delta rule on
-                --plan, default None = "compiled" on CUDA), the same under torch.compile, fla's
+                --plan, default None = "auto": the tuned plan, else "triton" on CUDA), the same under torch.compile, fla's
                 `DeltaNet` with the same weights; output checked against the float64 reference layer
                 (and the compiled layer's input gradient against the eager layer's); tokens/s, peak
                 extra memory, first-call time.

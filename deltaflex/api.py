@@ -47,7 +47,8 @@ def delta_rule(
         plan: a `deltaflex.Plan`, or a name: "eager" (blocked ops, no compile), "compiled" (the
             same ops through torch.compile), "triton" (hand-written kernels), "mixed-<stage>"
             (compiled, with the hand-written kernel for one stage), or "auto": the plan
-            `deltaflex tune` cached for this device, dtype and shape, else the default plan.
+            `deltaflex tune` cached for this device, dtype and shape, else the default plan
+            (`deltaflex.plan.default_plan`: "triton" on CUDA, "compiled" for float64 there).
             None picks "auto" on CUDA and "eager" on CPU.
 
     Returns:

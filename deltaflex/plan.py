@@ -17,6 +17,8 @@ import dataclasses
 import json
 from collections.abc import Mapping
 
+import torch
+
 from .chunk.matmul import POLICIES
 from .validation import CHUNK_SIZES, check_chunk_size
 
@@ -306,10 +308,16 @@ def plan_from_spec(spec: str) -> Plan:
     return dataclasses.replace(NAMED_PLANS[name], **changes)
 
 
-def default_plan(device_type: str) -> Plan:
-    """The tested default: compiled on CUDA; eager on CPU, where compile time (tens of seconds a
-    graph) rarely pays off."""
-    return NAMED_PLANS["compiled" if device_type == "cuda" else "eager"]
+def default_plan(device_type: str, dtype=None) -> Plan:
+    """The tested default when nothing is tuned: on CUDA the hand-written kernels ("triton": on the
+    H200 about 4x faster than the compiled plan at the same error, docs/benchmarks.md), or the
+    compiled plan for float64 (which they do not take) or where Triton is missing; eager on CPU,
+    where compile time (tens of seconds a graph) rarely pays off."""
+    if device_type != "cuda":
+        return NAMED_PLANS["eager"]
+    if dtype == torch.float64 or any(kernel_space(stage) is None for stage in STAGES):
+        return NAMED_PLANS["compiled"]
+    return NAMED_PLANS["triton"]
 
 
 def check_available(plan: Plan, device_type: str) -> None:
@@ -338,7 +346,7 @@ def check_available(plan: Plan, device_type: str) -> None:
                 raise ValueError(f"plan {stage}_kernel does not fit the registered kernel: {e}") from None
 
 
-def resolve_plan(plan, chunk_size: int | None, device_type: str, auto=None) -> Plan:
+def resolve_plan(plan, chunk_size: int | None, device_type: str, auto=None, dtype=None) -> Plan:
     """A Plan from delta_rule's `plan` and `chunk_size` arguments; an explicit chunk_size wins.
 
     `auto` is a callable returning the plan for "auto" (the plan cache's lookup for the caller's
@@ -348,7 +356,7 @@ def resolve_plan(plan, chunk_size: int | None, device_type: str, auto=None) -> P
         plan = "auto" if device_type == "cuda" else "eager"
     if isinstance(plan, str):
         if plan == "auto":
-            plan = default_plan(device_type) if auto is None else auto()
+            plan = default_plan(device_type, dtype) if auto is None else auto()
         elif plan in NAMED_PLANS:
             plan = NAMED_PLANS[plan]
         else:

@@ -34,7 +34,9 @@ def fake_state_kernel(no_kernels):
 def test_named_plans_and_defaults():
     assert resolve_plan(None, None, "cpu") == NAMED_PLANS["eager"] == Plan(compile=False) == default_plan("cpu")
     # None on CUDA is "auto": the tuned plan, else the default (delta_rule passes the cache lookup in)
-    assert resolve_plan(None, None, "cuda") == NAMED_PLANS["compiled"] == Plan() == default_plan("cuda")
+    # on CUDA the hand-written kernels (measured fastest), the compiled plan for float64
+    assert resolve_plan(None, None, "cuda") == NAMED_PLANS["triton"] == default_plan("cuda")
+    assert resolve_plan(None, None, "cuda", dtype=torch.float64) == NAMED_PLANS["compiled"] == Plan()
     assert resolve_plan(None, None, "cuda", auto=lambda: Plan(chunk_size=128)) == Plan(chunk_size=128)
     assert resolve_plan("auto", None, "cpu", auto=lambda: Plan(chunk_size=16)) == Plan(chunk_size=16)
     assert resolve_plan("compiled", 32, "cpu") == Plan(chunk_size=32)
