@@ -26,7 +26,7 @@ import triton.language as tl
 from ..reference import l2norm
 from .common import as_f32, block, check_tensors, define_op, exact, launch, load_tile, mma, precision, store_tile, to_low
 from .solve import solve_chunk
-from .state import _load_state, _store_state, pass_config
+from .state import _load_states, _state_plus_kt_x, _store_states, pass_config
 
 
 @triton.jit
@@ -64,10 +64,7 @@ def state_output_kernel(q_ptr, k_ptr, w_ptr, u_ptr, s0_ptr, o_ptr, final_ptr, sc
     iv, bh = tl.program_id(0), tl.program_id(1).to(tl.int64)
     scale = as_f32(scale)
     rc = tl.arange(0, C)
-    s0 = _load_state(s0_ptr + bh * K * V, 0, iv, K, V, BK, BV)
-    s1 = _load_state(s0_ptr + bh * K * V, 1, iv, K, V, BK, BV)
-    s2 = _load_state(s0_ptr + bh * K * V, 2, iv, K, V, BK, BV)
-    s3 = _load_state(s0_ptr + bh * K * V, 3, iv, K, V, BK, BV)
+    s0, s1, s2, s3 = _load_states(s0_ptr + bh * K * V, iv, K, V, BK, BV)
     for n in range(N):
         chunk = bh * N + n
         q_c, k_c, w_c = q_ptr + chunk * C * K, k_ptr + chunk * C * K, w_ptr + chunk * C * K
@@ -89,17 +86,8 @@ def state_output_kernel(q_ptr, k_ptr, w_ptr, u_ptr, s0_ptr, o_ptr, final_ptr, sc
         scores = tl.where(rc[:, None] >= rc[None, :], scores, 0.0)
         o = scale * mma(scores, v_new, qs, False, False, POLICY, LOW)
         store_tile(o_ptr + chunk * C * V, to_low(o, LOW), 0, iv, C, V, C, BV)
-        s0 = mma(tl.trans(load_tile(k_c, 0, 0, C, K, C, BK)), v_new, s0, K_EXACT, False, POLICY, LOW)
-        if BK < K:
-            s1 = mma(tl.trans(load_tile(k_c, 0, 1, C, K, C, BK)), v_new, s1, K_EXACT, False, POLICY, LOW)
-        if 2 * BK < K:
-            s2 = mma(tl.trans(load_tile(k_c, 0, 2, C, K, C, BK)), v_new, s2, K_EXACT, False, POLICY, LOW)
-        if 3 * BK < K:
-            s3 = mma(tl.trans(load_tile(k_c, 0, 3, C, K, C, BK)), v_new, s3, K_EXACT, False, POLICY, LOW)
-    _store_state(final_ptr + bh * K * V, s0, 0, iv, K, V, BK, BV)
-    _store_state(final_ptr + bh * K * V, s1, 1, iv, K, V, BK, BV)
-    _store_state(final_ptr + bh * K * V, s2, 2, iv, K, V, BK, BV)
-    _store_state(final_ptr + bh * K * V, s3, 3, iv, K, V, BK, BV)
+        s0, s1, s2, s3 = _state_plus_kt_x(s0, s1, s2, s3, k_c, v_new, C, K, BK, K_EXACT, POLICY, LOW)
+    _store_states(final_ptr + bh * K * V, s0, s1, s2, s3, iv, K, V, BK, BV)
 
 
 def _alloc(*shape, dtype, like):

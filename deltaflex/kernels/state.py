@@ -105,6 +105,34 @@ def _store_states(ptr, s0, s1, s2, s3, iv, K: tl.constexpr, V: tl.constexpr, BK:
 
 
 @triton.jit
+def _rows_times_state(acc, a_c, s0, s1, s2, s3, C: tl.constexpr, K: tl.constexpr, BK: tl.constexpr,
+                      A_EXACT: tl.constexpr, POLICY: tl.constexpr, LOW: tl.constexpr):
+    """acc + A S for a chunk's [C, K] rows A at a_c and a state in four [BK, BV] tiles (W S, K dS)."""
+    acc = mma(load_tile(a_c, 0, 0, C, K, C, BK), s0, acc, A_EXACT, False, POLICY, LOW)
+    if BK < K:
+        acc = mma(load_tile(a_c, 0, 1, C, K, C, BK), s1, acc, A_EXACT, False, POLICY, LOW)
+    if 2 * BK < K:
+        acc = mma(load_tile(a_c, 0, 2, C, K, C, BK), s2, acc, A_EXACT, False, POLICY, LOW)
+    if 3 * BK < K:
+        acc = mma(load_tile(a_c, 0, 3, C, K, C, BK), s3, acc, A_EXACT, False, POLICY, LOW)
+    return acc
+
+
+@triton.jit
+def _state_plus_kt_x(s0, s1, s2, s3, k_c, x, C: tl.constexpr, K: tl.constexpr, BK: tl.constexpr,
+                     K_EXACT: tl.constexpr, POLICY: tl.constexpr, LOW: tl.constexpr):
+    """S + K^T X, tile by tile, for a chunk's keys at k_c and X [C, BV] (the state update)."""
+    s0 = mma(tl.trans(load_tile(k_c, 0, 0, C, K, C, BK)), x, s0, K_EXACT, False, POLICY, LOW)
+    if BK < K:
+        s1 = mma(tl.trans(load_tile(k_c, 0, 1, C, K, C, BK)), x, s1, K_EXACT, False, POLICY, LOW)
+    if 2 * BK < K:
+        s2 = mma(tl.trans(load_tile(k_c, 0, 2, C, K, C, BK)), x, s2, K_EXACT, False, POLICY, LOW)
+    if 3 * BK < K:
+        s3 = mma(tl.trans(load_tile(k_c, 0, 3, C, K, C, BK)), x, s3, K_EXACT, False, POLICY, LOW)
+    return s0, s1, s2, s3
+
+
+@triton.jit
 def state_fwd_kernel(k_ptr, w_ptr, u_ptr, s0_ptr, v_new_ptr, states_ptr, final_ptr, seq_ptr, first_ptr, last_ptr, N,
                      K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
                      K_EXACT: tl.constexpr, POLICY: tl.constexpr, LOW: tl.constexpr, SEGMENTED: tl.constexpr):
@@ -125,23 +153,11 @@ def state_fwd_kernel(k_ptr, w_ptr, u_ptr, s0_ptr, v_new_ptr, states_ptr, final_p
         states_c = states_ptr + chunk * K * V
         _store_states(states_c, s0, s1, s2, s3, iv, K, V, BK, BV)
         # V_new = U - W S
-        ws = mma(load_tile(w_c, 0, 0, C, K, C, BK), s0, tl.zeros([C, BV], tl.float32), False, False, POLICY, LOW)
-        if BK < K:
-            ws = mma(load_tile(w_c, 0, 1, C, K, C, BK), s1, ws, False, False, POLICY, LOW)
-        if 2 * BK < K:
-            ws = mma(load_tile(w_c, 0, 2, C, K, C, BK), s2, ws, False, False, POLICY, LOW)
-        if 3 * BK < K:
-            ws = mma(load_tile(w_c, 0, 3, C, K, C, BK), s3, ws, False, False, POLICY, LOW)
+        ws = _rows_times_state(tl.zeros([C, BV], tl.float32), w_c, s0, s1, s2, s3, C, K, BK, False, POLICY, LOW)
         v_new = load_tile(u_ptr + chunk * C * V, 0, iv, C, V, C, BV) - ws
         store_tile(v_new_ptr + chunk * C * V, v_new, 0, iv, C, V, C, BV)
         # S <- S + K^T V_new
-        s0 = mma(tl.trans(load_tile(k_c, 0, 0, C, K, C, BK)), v_new, s0, K_EXACT, False, POLICY, LOW)
-        if BK < K:
-            s1 = mma(tl.trans(load_tile(k_c, 0, 1, C, K, C, BK)), v_new, s1, K_EXACT, False, POLICY, LOW)
-        if 2 * BK < K:
-            s2 = mma(tl.trans(load_tile(k_c, 0, 2, C, K, C, BK)), v_new, s2, K_EXACT, False, POLICY, LOW)
-        if 3 * BK < K:
-            s3 = mma(tl.trans(load_tile(k_c, 0, 3, C, K, C, BK)), v_new, s3, K_EXACT, False, POLICY, LOW)
+        s0, s1, s2, s3 = _state_plus_kt_x(s0, s1, s2, s3, k_c, v_new, C, K, BK, K_EXACT, POLICY, LOW)
         if SEGMENTED:
             if tl.load(last_ptr + n) != 0:
                 _store_states(final_ptr + (tl.load(seq_ptr + n) * H + bh) * K * V, s0, s1, s2, s3, iv, K, V, BK, BV)
@@ -183,14 +199,8 @@ def state_bwd_kernel(q_ptr, k_ptr, w_ptr, do_ptr, dv_local_ptr, ds_final_ptr, dv
         ds_next_c = ds_next_ptr + chunk * K * V
         _store_states(ds_next_c, ds0, ds1, ds2, ds3, iv, K, V, BK, BV)
         # dV_new = dV_local + K dS
-        dv_new = load_tile(dv_local_ptr + chunk * C * V, 0, iv, C, V, C, BV)
-        dv_new = mma(load_tile(k_c, 0, 0, C, K, C, BK), ds0, dv_new, K_EXACT, False, POLICY, LOW)
-        if BK < K:
-            dv_new = mma(load_tile(k_c, 0, 1, C, K, C, BK), ds1, dv_new, K_EXACT, False, POLICY, LOW)
-        if 2 * BK < K:
-            dv_new = mma(load_tile(k_c, 0, 2, C, K, C, BK), ds2, dv_new, K_EXACT, False, POLICY, LOW)
-        if 3 * BK < K:
-            dv_new = mma(load_tile(k_c, 0, 3, C, K, C, BK), ds3, dv_new, K_EXACT, False, POLICY, LOW)
+        dv_new = _rows_times_state(load_tile(dv_local_ptr + chunk * C * V, 0, iv, C, V, C, BV), k_c, ds0, ds1, ds2,
+                                   ds3, C, K, BK, K_EXACT, POLICY, LOW)
         store_tile(dv_new_ptr + chunk * C * V, dv_new, 0, iv, C, V, C, BV)
         # dS <- dS + scale Q^T dO - W^T dV_new
         do = load_tile(do_ptr + chunk * C * V, 0, iv, C, V, C, BV)
