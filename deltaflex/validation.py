@@ -125,3 +125,14 @@ def check_cu_seqlens(cu_seqlens, cu_seqlens_cpu, B: int, T: int, device) -> list
     if bounds[-1] != T:
         raise ValueError(f"cu_seqlens must end at T = {T}, got {bounds[-1]}")
     return [b - a for a, b in zip(bounds, bounds[1:])]
+
+
+def check_hidden_states(x, hidden_size: int) -> None:
+    """A token mixer's input: a floating-point [B, T, hidden_size] tensor with T >= 1."""
+    if not isinstance(x, torch.Tensor) or x.dim() != 3 or x.shape[-1] != hidden_size:
+        shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+        raise ValueError(f"hidden_states must be [B, T, hidden_size={hidden_size}], got {shape}")
+    if not x.is_floating_point():
+        raise TypeError(f"hidden_states must be floating point, got {x.dtype}")
+    if x.shape[1] < 1:
+        raise ValueError("hidden_states must hold at least one token (T >= 1)")

@@ -34,6 +34,7 @@ from ..api import delta_rule
 from ..plan import Plan
 from ..recurrent import BACKENDS as STEP_BACKENDS
 from ..recurrent import delta_rule_step
+from ..validation import check_hidden_states
 from ..validation import MAX_HEAD_DIM
 from .conv import ShortConvolution
 from .norm import GatedRMSNorm, RMSNorm
@@ -181,14 +182,8 @@ class DeltaNet(nn.Module):
 
     def _check_inputs(self, x, attention_mask, cache) -> torch.Tensor | None:
         """Argument checks before any compute; returns the mask [B, T] in x's dtype, or None."""
-        if not isinstance(x, torch.Tensor) or x.dim() != 3 or x.shape[-1] != self.hidden_size:
-            shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
-            raise ValueError(f"hidden_states must be [B, T, hidden_size={self.hidden_size}], got {shape}")
-        if not x.is_floating_point():
-            raise TypeError(f"hidden_states must be floating point, got {x.dtype}")
+        check_hidden_states(x, self.hidden_size)
         B, T, _ = x.shape
-        if T < 1:
-            raise ValueError("hidden_states must hold at least one token (T >= 1)")
         if cache is not None:
             self._check_cache(cache, x)
         if attention_mask is None:

@@ -18,6 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..validation import check_hidden_states
 from .config import ATTENTION_BACKENDS
 
 
@@ -152,11 +153,7 @@ class Attention(nn.Module):
         )
 
     def _check_inputs(self, x, cache) -> None:
-        if not isinstance(x, torch.Tensor) or x.dim() != 3 or x.shape[-1] != self.hidden_size:
-            shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
-            raise ValueError(f"hidden_states must be [B, T, hidden_size={self.hidden_size}], got {shape}")
-        if x.shape[1] < 1:
-            raise ValueError("hidden_states must hold at least one token (T >= 1)")
+        check_hidden_states(x, self.hidden_size)
         if cache is None:
             return
         if not isinstance(cache, KVCache):

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 from ..layers.conv import ShortConvolution
 from ..layers.norm import RMSNorm
+from ..validation import check_hidden_states
 
 
 class LinearAttentionCache(NamedTuple):
@@ -47,7 +48,6 @@ def causal_linear_attention(
 
 def _chunked(q, k, v, scale, initial_state, chunk_size):
     B, T, H, K = q.shape
-    V = v.shape[-1]
     scale = K**-0.5 if scale is None else scale
     acc = torch.promote_types(q.dtype, torch.float32)
     C = min(chunk_size, T)
@@ -104,11 +104,7 @@ class LinearAttention(nn.Module):
         return o, LinearAttentionCache(state, (conv_q, conv_k, conv_v))
 
     def _check_inputs(self, x, cache) -> None:
-        if not isinstance(x, torch.Tensor) or x.dim() != 3 or x.shape[-1] != self.hidden_size:
-            shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
-            raise ValueError(f"hidden_states must be [B, T, hidden_size={self.hidden_size}], got {shape}")
-        if x.shape[1] < 1:
-            raise ValueError("hidden_states must hold at least one token (T >= 1)")
+        check_hidden_states(x, self.hidden_size)
         if cache is None:
             return
         if not isinstance(cache, LinearAttentionCache):
