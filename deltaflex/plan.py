@@ -159,6 +159,9 @@ class Plan:
     unroll: bool = False  # compiled state pass as an unrolled loop, not the scan op (one graph per T)
     state_group: int = 1  # > 1: two-level state pass over groups of this many chunks (chunk/state.py)
     cuda_graph: bool = False  # replay the compiled graphs under CUDA graphs, one capture per shape
+    # All-Triton plans: the forward as two fused kernels (kkt + solve + wy; state pass + output, writing
+    # no per-chunk states), deltaflex/kernels/fused.py; packed sequences take the four stages.
+    fused_forward: bool = False
     precision: str = "auto"  # matmul policy; auto: see precision_for
     # Launch configurations of the hand-written stages; None: the kernel's own default.
     solve_kernel: KernelConfig | None = None
@@ -189,11 +192,13 @@ class Plan:
             raise ValueError(f"plan compile_mode must be one of {COMPILE_MODES}, got {self.compile_mode!r}")
         if not self.compile and self.compile_mode != "default":
             raise ValueError(f"plan compile_mode {self.compile_mode!r} needs compile=True")
-        for flag in ("unroll", "cuda_graph"):
+        for flag in ("unroll", "cuda_graph", "fused_forward"):
             if not isinstance(getattr(self, flag), bool):
                 raise TypeError(f"plan {flag} must be True or False, got {getattr(self, flag)!r}")
         if self.cuda_graph and not self.compile:
             raise ValueError("plan cuda_graph replays the compiled graphs and needs compile=True")
+        if self.fused_forward and any(getattr(self, stage) != "triton" for stage in STAGES):
+            raise ValueError("plan fused_forward fuses the Triton stages and needs every stage on 'triton'")
         if self.state_group not in STATE_GROUPS:
             raise ValueError(f"plan state_group must be one of {STATE_GROUPS}, got {self.state_group!r}")
         if self.precision not in PRECISIONS:
@@ -251,6 +256,7 @@ class Plan:
         extras += ["unrolled"] if self.unroll else []
         extras += [f"state_group={self.state_group}"] if self.state_group > 1 else []
         extras += ["cuda graphs"] if self.cuda_graph else []
+        extras += ["fused forward"] if self.fused_forward else []
         return ", ".join([f"C{self.chunk_size} {self._compiler()}", *extras, *hand])
 
     def _compiler(self) -> str:

@@ -1,7 +1,8 @@
 """The tuner's search space, derived from what the Plan record and the backend registry offer.
 
 Dimensions: chunk size; per stage, its available backends (only "compiled" until a hand-written
-kernel registers); per hand-written stage, its block sizes, num_warps and num_stages; whether to
+kernel registers); per hand-written stage, its block sizes, num_warps and num_stages; for
+all-Triton plans, the fused forward; whether to
 compile, torch.compile's mode and, on CUDA, the compiled plan's state grouping and CUDA graphs. A dimension with one choice is fixed, not searched, so the space
 grows as stages land without anything here changing.
 """
@@ -60,6 +61,8 @@ class SearchSpace:
                     _pick(trial, f"{stage}.num_warps", space.num_warps),
                     _pick(trial, f"{stage}.num_stages", space.num_stages),
                 )
+        if all(fields[stage] == "triton" for stage in STAGES):
+            fields["fused_forward"] = _pick(trial, "fused_forward", (False, True))
         fields["compile"] = _pick(trial, "compile", self.compile)
         if fields["compile"]:
             fields["compile_mode"] = _pick(trial, "compile_mode", self.compile_modes)
@@ -77,19 +80,17 @@ class SearchSpace:
 
     def size(self) -> int:
         """How many distinct plans the space holds."""
-        per_stage, kernels = 1, dict(self.kernels)
+        per_stage, all_triton, kernels = 1, 1, dict(self.kernels)
         for stage, choices in self.backends:
-            configs = 0
-            for backend in choices:
-                if backend == "triton":
-                    space = kernels[stage]
-                    n = len(space.num_warps) * len(space.num_stages)
-                    for _, sizes in space.blocks:
-                        n *= len(sizes)
-                    configs += n
-                else:
-                    configs += 1
-            per_stage *= configs
+            hand_written = 0
+            if "triton" in choices:
+                space = kernels[stage]
+                hand_written = len(space.num_warps) * len(space.num_stages)
+                for _, sizes in space.blocks:
+                    hand_written *= len(sizes)
+            per_stage *= hand_written + ("compiled" in choices)
+            all_triton *= hand_written
+        per_stage += all_triton  # all-Triton plans also come with the fused forward
         per_compiled = len(self.compile_modes)
         for _, choices in self.compiled_options:
             per_compiled *= len(choices)

@@ -122,13 +122,23 @@ def _chunk_options(plan: Plan, device_type: str, scale: float, use_qk_l2norm: bo
     return dict(scale=scale, use_qk_l2norm=use_qk_l2norm, policy=plan.precision_for(device_type), backends=backends)
 
 
+def _forward_for(plan: Plan, layout):
+    """forward_chunks, or its two fused Triton kernels where the plan asks and sequences are not packed
+    (the fused state pass has no sequence boundaries)."""
+    if plan.fused_forward and layout is None:
+        from ..kernels import fused
+
+        return fused.forward_chunks
+    return forward_chunks
+
+
 def chunk_delta_rule_fwd(q, k, v, beta, initial_state, *, scale, use_qk_l2norm, plan, device_type, layout=None):
     """Returns (o [B, T, H, V] in q's dtype, final state [N, H, K, V] in the state dtype)."""
     chunks = (*(_chunked(x, plan, layout) for x in (q, k, v)), _chunked(beta, plan, layout, state_dtype(q.dtype)))
     s0 = _initial_state(initial_state, q, v, layout)
     segments = None if layout is None else layout.segments
     options = _chunk_options(plan, device_type, scale, use_qk_l2norm)
-    o, final = _run(forward_chunks, plan, (*chunks, s0, segments), options)
+    o, final = _run(_forward_for(plan, layout), plan, (*chunks, s0, segments), options)
     # a CUDA-graph replay's outputs are its own buffers: copy out what outlives the call
     return _unchunked(o, q.shape[1], q.dtype, layout), final.clone()
 

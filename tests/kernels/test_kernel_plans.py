@@ -137,3 +137,23 @@ def test_launch_configurations_reach_the_kernels(monkeypatch):
     if not common.INTERPRETED:  # the interpreter takes BV = 64 whatever the plan (program count is its cost)
         assert all(bv == 16 for _, bv in passes), launches
     assert all(w == 2 for name, w, _ in launches if not name.startswith("state_grads")), launches
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_forward_plan(dtype, monkeypatch):
+    # the forward's two fused kernels; the backward is the four stages' (tested above)
+    from deltaflex.kernels import fused
+
+    calls = []
+    real = fused.forward_chunks
+    monkeypatch.setattr(fused, "forward_chunks", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    x = make_inputs(1, 70, 2, 20, 24, dtype=dtype, device=DEVICE, keys="correlated", initial_state=True)
+    plan = _plan(STAGES, fused_forward=True, precision="bf16x3")
+    check_against_oracle(x, chunk_size=32, plan=plan)
+    assert calls  # the fused forward ran
+    packed, cu = _packed([5, 0, 30], torch.float32, device=DEVICE)  # packed sequences take the stages
+    calls.clear()
+    check_packed(packed, cu, plan)
+    assert not calls
+    with pytest.raises(ValueError, match="fused_forward"):
+        Plan(state="triton", fused_forward=True)

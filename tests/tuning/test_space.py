@@ -10,7 +10,8 @@ from deltaflex.tuning.space import SearchSpace
 
 def all_plans(space: SearchSpace) -> set[Plan]:
     """Every plan the space holds, by sampling it exhaustively with optuna's grid of fixed trials."""
-    names, choices = ["chunk_size", "compile", "compile_mode"], [space.chunk_sizes, space.compile, space.compile_modes]
+    names = ["chunk_size", "compile", "compile_mode", "fused_forward"]
+    choices = [space.chunk_sizes, space.compile, space.compile_modes, (False, True)]
     for stage, backends in space.backends:
         names.append(stage), choices.append(backends)
     for name, options in space.compiled_options:
@@ -82,3 +83,14 @@ def test_cuda_space_has_every_registered_kernel():
     assert dict(space.kernels)["state"] == plan_module.kernel_space("state")
     # the interpreter's kernels (tests on CPU) are never tuned
     assert all(choices == ("compiled",) for _, choices in SearchSpace.for_device("cpu").backends)
+
+
+def test_all_triton_plans_also_come_fused(no_kernels):
+    for stage in ("solve", "wy", "state", "output"):
+        register_triton_stage(stage, KernelSpace(num_warps=(4, 8), num_stages=(2,), default=KernelConfig()))
+    space = SearchSpace.for_device("cuda", compile=False)
+    plans = all_plans(space)
+    # per chunk size: (compiled or 2 launch configs) per stage = 3^4, plus the 2^4 all-Triton ones fused
+    assert len(plans) == space.size() == 4 * (3**4 + 2**4)
+    assert sum(p.fused_forward for p in plans) == 4 * 2**4
+    assert all(set(p.backends().values()) == {"triton"} for p in plans if p.fused_forward)
