@@ -16,7 +16,7 @@ OUT=${OUT:-/tmp/deltaflex-out}
 mkdir -p "$OUT"
 # The device tool brings back at most 8 files: everything travels as one archive, made last (or alone,
 # after steps cut short by an outer timeout: `bash benchmarks/gpu_session.sh pack`).
-pack() { (cd "$OUT" && n=$(ls results-*.tgz 2>/dev/null | wc -l) && tar czf "/tmp/results-$n.tgz" --exclude 'results-*.tgz' . \
+pack() { (cd "$OUT" && n=$(find . -maxdepth 1 -name 'results-*.tgz' | wc -l) && tar czf "/tmp/results-$n.tgz" --exclude 'results-*.tgz' . \
   && find . -mindepth 1 ! -name 'results-*.tgz' -delete && mv "/tmp/results-$n.tgz" .); }
 [ "$*" = pack ] && { pack; exit; }
 export PYTHONUNBUFFERED=1
