@@ -36,7 +36,7 @@ from pathlib import Path
 import torch
 
 from deltaflex import DeltaNet, DeltaNetCache, Plan, delta_rule_step
-from deltaflex.bench import time_ms
+from deltaflex.bench import peak_extra_gib, time_ms
 from deltaflex.layers.reference import deltanet_ref
 from deltaflex.reference import recurrent_delta_rule_ref
 from deltaflex.testing import make_inputs, relative_error
@@ -357,14 +357,7 @@ def run_layer(args, ours, layers, device, log):
             row["fwd_bwd_ms"] = time_ms(fwd_bwd, device, grad_to_none=grad_to_none)
             row["tokens_per_s"] = B * T / (row["fwd_bwd_ms"] / 1e3)
             if device.type == "cuda":
-                for t in grad_to_none:
-                    t.grad = None
-                _sync(device)
-                torch.cuda.reset_peak_memory_stats(device)
-                base = torch.cuda.memory_allocated(device)
-                fwd_bwd()
-                _sync(device)
-                row["peak_extra_gib"] = (torch.cuda.max_memory_allocated(device) - base) / 2**30
+                row["peak_extra_gib"] = peak_extra_gib(fwd_bwd, device, grad_to_none)
         except Exception as e:
             row["error"] = f"{type(e).__name__}: {e}"
             traceback.print_exc()

@@ -161,15 +161,21 @@ def measure(contender: Contender, x: dict[str, torch.Tensor], o_ref: torch.Tenso
         row["fwd_ms"] = time_ms(fwd, device)
     row["fwd_bwd_ms"] = time_ms(fwd_bwd, device, grad_to_none=leaves)
     if device.type == "cuda":
-        for t in leaves:
-            t.grad = None
-        _sync(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        base = torch.cuda.memory_allocated(device)
-        fwd_bwd()
-        _sync(device)
-        row["peak_extra_gib"] = (torch.cuda.max_memory_allocated(device) - base) / 2**30
+        row["peak_extra_gib"] = peak_extra_gib(fwd_bwd, device, leaves)
     return row
+
+
+def peak_extra_gib(fn: Callable[[], object], device: torch.device, grad_to_none=()) -> float:
+    """GiB that one call of fn allocates on the CUDA device beyond what is already there (the
+    leaves' old gradients dropped first, so the new ones count)."""
+    for t in grad_to_none:
+        t.grad = None
+    _sync(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    base = torch.cuda.memory_allocated(device)
+    fn()
+    _sync(device)
+    return (torch.cuda.max_memory_allocated(device) - base) / 2**30
 
 
 def run_benchmark(
