@@ -16,6 +16,7 @@ One JSON line per figure on stdout (and in $OUT/profile_kernels.jsonl with --out
 from __future__ import annotations
 
 import argparse
+import functools
 import itertools
 import json
 from pathlib import Path
@@ -27,7 +28,7 @@ from deltaflex.chunk.layout import to_chunks
 from deltaflex.chunk.matmul import make_dot
 from deltaflex.chunk.stages import implementation
 from deltaflex.chunk.state import Stepping
-from deltaflex.kernels import fused, state
+from deltaflex.kernels import fused
 from deltaflex.testing import make_inputs
 
 LOOP = Stepping("loop", 1)
@@ -92,13 +93,15 @@ def profile_shape(shape: str, C: int, policy: str, sweep: bool, compiled: bool):
     if not sweep:
         return
     (call_fwd, call_bwd), (fwd, bwd) = stage_calls(x)["state"], implementation("state", "triton")
-    passes = {"forward": lambda: call_fwd(fwd), "backward": lambda: call_bwd(bwd),
-              "state_output": lambda: fused.state_output_fwd(q, k, x["w"], x["u"], s0, x["scale"], policy, k.dtype)}
+    passes = {  # each launched with (BV, num_warps, num_stages)
+        "forward": lambda *c: call_fwd(functools.partial(fwd, config=((("BV", c[0]),), c[1], c[2]))),
+        "backward": lambda *c: call_bwd(functools.partial(bwd, config=((("BV", c[0]),), c[1], c[2]))),
+        "state_output": lambda *c: fused.state_output_fwd(q, k, x["w"], x["u"], s0, x["scale"], policy, k.dtype, *c),
+    }
     for (kind, fn), BV, num_warps, num_stages in itertools.product(passes.items(), (16, 32, 64), (4, 8), (1, 2, 3)):
         cfg = dict(BV=BV, num_warps=num_warps, num_stages=num_stages)
         try:
-            with state.config_override(**cfg):
-                t = ms(fn)
+            t = ms(lambda: fn(BV, num_warps, num_stages))
         except Exception as e:  # out of shared memory or registers: recorded, not fatal
             t = f"{type(e).__name__}: {str(e)[:120]}"
         yield {**base, "what": f"sweep {kind}", **cfg, "ms": t}

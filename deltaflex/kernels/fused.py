@@ -113,18 +113,20 @@ def solve_wy_fwd(k: torch.Tensor, v: torch.Tensor, beta: torch.Tensor, policy: s
     return t, w, u
 
 
-def _state_output_fake(q, k, w, u, s0, scale, policy, low):
+def _state_output_fake(q, k, w, u, s0, scale, policy, low, bv=0, num_warps=0, num_stages=0):
     return _alloc(*u.shape, dtype=low, like=q), _alloc(*s0.shape, dtype=torch.float32, like=q)
 
 
 @define_op("state_output_fwd", _state_output_fake)
 def state_output_fwd(q: torch.Tensor, k: torch.Tensor, w: torch.Tensor, u: torch.Tensor, s0: torch.Tensor,
-                     scale: float, policy: str, low: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+                     scale: float, policy: str, low: torch.dtype, bv: int = 0, num_warps: int = 0,
+                     num_stages: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """bv, num_warps, num_stages: the pass's launch parameters; 0 takes state.pass_config's."""
     B, H, N, C, K = k.shape
     V = u.shape[-1]
     o, final = _state_output_fake(q, k, w, u, s0, scale, policy, low)
     POLICY, LOW = precision(policy, low)
-    cfg = pass_config(K, V, C, POLICY, "state_output")
+    cfg = pass_config(K, V, C, POLICY, "state_output", bv, num_warps, num_stages)
     launch(state_output_kernel, (triton.cdiv(V, cfg["BV"]), B * H), q, k, w, u, s0, o, final, scale, N, K=K, V=V,
            C=C, Q_EXACT=exact(q, low), K_EXACT=exact(k, low), POLICY=POLICY, LOW=LOW, **cfg)
     return o, final

@@ -16,8 +16,6 @@ only inside the backward stage's call (float32, transient).
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 import triton
 import triton.language as tl
@@ -30,7 +28,7 @@ from .common import (as_f32, FP32, INTERPRETED, block, check_tensors, define_op,
 # <= 256): the forward pass, the backward pass, and the fused forward pass with the output
 # (fused.py). Chosen from register and shared-memory counts of the kernels compiled for sm_90: the
 # [BK, BV] float32 state tiles, one chunk's tiles of W (and Q) and their bf16 halves must fit 255
-# registers a thread and 227 KiB of shared memory. benchmarks/kernel_configs.py times alternatives.
+# registers a thread and 227 KiB of shared memory. benchmarks/profile_kernels.py --sweep times alternatives.
 PASS_CONFIGS = {
     "bf16": {
         64: {"forward": (32, 4, 2), "backward": (32, 4, 2), "state_output": (32, 4, 2)},
@@ -44,7 +42,6 @@ PASS_CONFIGS = {
         256: {"forward": (16, 8, 1), "backward": (16, 8, 1), "state_output": (16, 8, 1)},
     },
 }
-_override: dict | None = None
 
 
 def pass_config(K: int, V: int, C: int, POLICY: int, kind: str, bv: int = 0, num_warps: int = 0, num_stages: int = 0) -> dict:
@@ -59,18 +56,7 @@ def pass_config(K: int, V: int, C: int, POLICY: int, kind: str, bv: int = 0, num
         BV = bv = 64
     BV, num_warps, num_stages = bv or BV, num_warps or warps, num_stages or stages
     cfg = dict(BK=block(K, 64), BV=min(BV, block(V)), num_warps=num_warps, num_stages=num_stages)
-    return {**cfg, **(_override or {})}
-
-
-@contextlib.contextmanager
-def config_override(**cfg):
-    """Launch every pass over chunks with these of BV, num_warps, num_stages (benchmarks/kernel_configs.py)."""
-    global _override
-    _override, previous = cfg, _override
-    try:
-        yield
-    finally:
-        _override = previous
+    return cfg
 
 
 @triton.jit
