@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import (as_f32, FP32, INTERPRETED, block, check_tensors, define_op, exact, f32, launch, load_tile, mma, policy_of, precision,
+from .common import (as_f32, warps_stages, FP32, INTERPRETED, block, check_tensors, define_op, exact, f32, launch, load_tile, mma, policy_of, precision,
                      store_tile)
 
 
@@ -285,9 +285,8 @@ def _segment_args(segments, like: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
 def _launch_args(config) -> tuple[int, int, int]:
     """(BV, num_warps, num_stages) of a launch configuration (blocks, num_warps, num_stages) of the
     passes over chunks; 0: the table's (pass_config)."""
-    if config is None:
-        return 0, 0, 0
-    return dict(config[0]).get("BV", 0), config[1], config[2]
+    bv = 0 if config is None else dict(config[0]).get("BV", 0)
+    return (bv, *warps_stages(config))
 
 
 def state_forward(k, w, u, s0, dot, impl=None, segments=None, config=None):
