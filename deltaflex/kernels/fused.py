@@ -24,7 +24,8 @@ import triton
 import triton.language as tl
 
 from ..reference import l2norm
-from .common import as_f32, block, check_tensors, define_op, exact, launch, load_tile, mma, precision, store_tile, to_low
+from .common import (as_f32, block, check_tensors, define_op, exact, launch, load_tile, mma, precision, store_tile,
+                     to_low)
 from .solve import solve_chunk
 from .state import _load_states, _state_plus_kt_x, _store_states, pass_config
 

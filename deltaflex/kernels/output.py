@@ -17,8 +17,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import (as_f32, block, check_tensors, define_op, exact, f32, launch, launch_options, load_tile, mma, policy_of,
-                     precision, store_tile, warps_stages)
+from .common import (as_f32, block, check_tensors, define_op, exact, f32, launch, launch_options, load_tile, mma,
+                     policy_of, precision, store_tile, warps_stages)
 
 
 @triton.jit

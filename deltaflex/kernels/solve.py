@@ -21,8 +21,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import (block, check_tensors, define_op, exact, f32, launch, launch_options, load_tile, mma, mma_f32, policy_of,
-                     precision, store_tile, warps_stages)
+from .common import (block, check_tensors, define_op, exact, f32, launch, launch_options, load_tile, mma, mma_f32,
+                     policy_of, precision, store_tile, warps_stages)
 
 
 @triton.jit

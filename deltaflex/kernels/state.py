@@ -20,8 +20,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import (FP32, INTERPRETED, as_f32, block, check_tensors, define_op, exact, f32, launch, load_tile, mma, policy_of,
-                     precision, store_tile, warps_stages)
+from .common import (FP32, INTERPRETED, as_f32, block, check_tensors, define_op, exact, f32, launch, load_tile, mma,
+                     policy_of, precision, store_tile, warps_stages)
 
 
 # Launch parameters (BV, num_warps, num_stages) of the passes over chunks by key dim (<= 64, <= 128,
