@@ -105,7 +105,8 @@ def _solve_fwd_fake(k, beta, policy, low, num_warps=0, num_stages=0):
 
 
 @define_op("solve_fwd", _solve_fwd_fake)
-def solve_fwd(k: torch.Tensor, beta: torch.Tensor, policy: str, low: torch.dtype, num_warps: int = 0, num_stages: int = 0) -> torch.Tensor:
+def solve_fwd(k: torch.Tensor, beta: torch.Tensor, policy: str, low: torch.dtype, num_warps: int = 0,
+              num_stages: int = 0) -> torch.Tensor:
     B, H, N, C, K = k.shape
     t = _solve_fwd_fake(k, beta, policy, low)
     POLICY, LOW = precision(policy, low)
@@ -125,7 +126,8 @@ def solve_bwd(k: torch.Tensor, beta: torch.Tensor, t: torch.Tensor, dt: torch.Te
     dk, dbeta = _solve_bwd_fake(k, beta, t, dt, policy, low)
     POLICY, LOW = precision(policy, low)
     launch(solve_bwd_kernel, (B * H * N,), k, beta, t, dt, dk, dbeta, K=K, C=C, BK=block(K),
-           K_EXACT=exact(k, low), POLICY=POLICY, LOW=LOW, **launch_options(num_warps or (4 if C <= 32 else 8), num_stages))
+           K_EXACT=exact(k, low), POLICY=POLICY, LOW=LOW,
+           **launch_options(num_warps or (4 if C <= 32 else 8), num_stages))
     return dk, dbeta
 
 

@@ -44,7 +44,8 @@ PASS_CONFIGS = {
 }
 
 
-def pass_config(K: int, V: int, C: int, POLICY: int, kind: str, bv: int = 0, num_warps: int = 0, num_stages: int = 0) -> dict:
+def pass_config(K: int, V: int, C: int, POLICY: int, kind: str, bv: int = 0, num_warps: int = 0,
+                num_stages: int = 0) -> dict:
     """Launch parameters of a pass over chunks (`kind`: "forward", "backward", "state_output"): BK
     (key rows of a state tile, <= 64: the state is up to four tiles), BV, num_warps, num_stages.
     Nonzero bv, num_warps, num_stages (a plan's launch configuration) replace the table's."""
