@@ -7,6 +7,11 @@ Each op runs on meta tensors with its launches recorded instead of run; each rec
 compiled for the target (sm_90 by default) with the launch's constexprs, and `cuobjdump` reports
 its resources. A kernel that fails to compile, spills, or needs more shared memory than the target
 has (227 KiB on sm_90) is flagged. Run without TRITON_INTERPRET.
+
+With --mutations it checks instead what torch.compile believes each kernel writes (Inductor's
+analysis of the kernel's IR): exactly the buffers the op allocates, never its inputs. Where that
+analysis fails, Inductor silently assumes every argument is written, and an output it misses stays
+unwritten in the compiled graph (a gradient of zeros).
 """
 
 from __future__ import annotations
@@ -57,8 +62,9 @@ def op_calls(K: int, V: int, C: int, policy: str, low: torch.dtype):
     ]
 
 
-def recorded_launches(op, args):
-    """The (kernel, args, kwargs) an op launches, recorded instead of run."""
+def recorded_launches(op, args, outputs: list | None = None):
+    """The (kernel, args, kwargs) an op launches, recorded instead of run (what it returns appended to
+    `outputs`)."""
     from deltaflex import kernels
 
     calls = []
@@ -67,7 +73,9 @@ def recorded_launches(op, args):
     for m in modules:
         m.launch = lambda kernel, grid, *a, **kw: calls.append((kernel, a, kw))
     try:
-        op.launcher(*args)
+        result = op.launcher(*args)
+        if outputs is not None:
+            outputs.append(result)
     finally:
         for m, f in zip(modules, saved):
             m.launch = f
@@ -100,6 +108,37 @@ def compile_and_measure(kernel, args, kwargs, capability: int) -> dict:
             **options, **{n: constexprs[n] for n in ("BK", "BV") if n in constexprs}}
 
 
+def inductor_writes(kernel, args, kwargs, capability: int) -> list:
+    """The tensors of one launch that Inductor's analysis of the kernel's IR says it writes (traced for
+    the chosen GPU, made the active driver's target for this process)."""
+    from torch._higher_order_ops import triton_kernel_wrap as wrap
+
+    class _Target:
+        def get_current_target(self):
+            return GPUTarget("cuda", capability, 32)
+
+    triton.runtime.driver.set_active(_Target())
+    named = dict(zip(kernel.arg_names, args))
+    # Inductor hands the analysis real tensors in place of fake ones, and Python floats as it got them
+    real = {n: torch.empty(2, dtype=a.dtype) if isinstance(a, torch.Tensor) else a for n, a in named.items()}
+    launch_args = {n: v for n, v in kwargs.items() if n not in ("num_warps", "num_stages")}
+    if hasattr(wrap, "identify_mutated_tensors"):  # torch < 2.13
+        names = wrap.identify_mutated_tensors(kernel, {**real, **launch_args}, {})
+    else:
+        names = [d.name for d in wrap.identify_accessed_tensors(kernel, {**real, **launch_args}, {}).read_writes.writes]
+    return [named[n] for n in names if n in named and isinstance(named[n], torch.Tensor)]
+
+
+def check_writes(op, op_args, capability: int) -> list[str]:
+    """What is wrong with Inductor's view of an op's writes: an input written, an output not."""
+    outputs = []
+    calls = recorded_launches(op, op_args, outputs)
+    written = [t for kernel, a, kw in calls for t in inductor_writes(kernel, a, kw, capability)]
+    returned = outputs[0] if isinstance(outputs[0], (tuple, list)) else (outputs[0],)
+    problems = [f"input {i} written" for i, t in enumerate(op_args) if any(t is w for w in written)]
+    return problems + [f"output {i} not written" for i, t in enumerate(returned) if not any(t is w for w in written)]
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dims", default="64,128,256", help="head dims (K = V)")
@@ -109,6 +148,8 @@ def main():
                         help="type of float arguments (scale): fp64 is what torch.compile passes")
     parser.add_argument("--ops", default="", help="comma-separated op names (default: all)")
     parser.add_argument("--capability", type=int, default=90)
+    parser.add_argument("--mutations", action="store_true",
+                        help="check torch.compile's view of what each kernel writes instead")
     args = parser.parse_args()
     global FLOAT_ARG
     FLOAT_ARG = args.float_arg
@@ -120,6 +161,12 @@ def main():
         for D in map(int, args.dims.split(",")):
             for name, op, op_args in op_calls(D, D, C, args.policy, low):
                 if args.ops and name not in args.ops.split(","):
+                    continue
+                if args.mutations:
+                    problems = check_writes(op, op_args, args.capability)
+                    bad += bool(problems)
+                    print(f"C={C:<4}D={D:<4}{name:<18}" + ("; ".join(problems) + " FAILED" if problems else "ok"),
+                          flush=True)
                     continue
                 for kernel, a, kw in recorded_launches(op, op_args):
                     try:

@@ -160,8 +160,9 @@ def chunk_delta_rule_bwd(
 
 
 @functools.cache
-def _compiled(fn, mode):
-    compiled = torch.compile(fn, fullgraph=True, mode=None if mode == "default" else mode)
+def _compiled(fn, mode, dynamic: bool = True):
+    compiled = torch.compile(fn, fullgraph=True, mode=None if mode == "default" else mode,
+                             dynamic=None if dynamic else False)
 
     def run(*args, **kwargs):
         # The bf16x3 policy splits x into x.to(bf16) and its rounding error; by default Inductor
@@ -189,18 +190,20 @@ def _run(fn, plan: Plan, tensors: tuple[torch.Tensor, ...], options: dict):
     """
     compiling = torch.compiler.is_compiling()
     if plan.compile and not compiling:
-        if not plan.unroll:
+        # Two-level passes on CUDA compile once per shape: there Inductor (torch 2.11) fails to
+        # generate the group reshapes' symbolic sizes inside the scan ("For s10 + 16, expected [s10]
+        # to have been codegen-ed"), whether we mark sizes dynamic or a recompile does.
+        dynamic = not plan.unroll and not (plan.state_group > 1 and tensors[0].is_cuda)
+        if dynamic:
             for x in (t for t in torch.utils._pytree.tree_leaves(tensors) if isinstance(t, torch.Tensor)):
                 torch._dynamo.maybe_mark_dynamic(x, 0)
-                # chunk layout: N/g, besides B. Not for two-level passes on CUDA: there Inductor
-                # (torch 2.11) fails to generate the group reshapes' symbolic sizes ("expected
-                # [s78, s8] to have been codegen-ed"), so they compile once per sequence length.
-                if x.dim() >= 5 and not (plan.state_group > 1 and x.is_cuda):
+                if x.dim() >= 5:  # chunk layout: N/g, besides B
                     torch._dynamo.maybe_mark_dynamic(x, 2)
         options = dict(options, stepping=_stepping(plan, not plan.unroll))
+        compiled = _compiled(fn, plan.compile_mode, dynamic)
         if plan.cuda_graph and tensors[0].is_cuda:
-            return graphs.replay(_compiled(fn, plan.compile_mode), tensors, options)
-        return _compiled(fn, plan.compile_mode)(*tensors, **options)
+            return graphs.replay(compiled, tensors, options)
+        return compiled(*tensors, **options)
     scan = compiling and isinstance(tensors[0].shape[2], int) and not plan.unroll and not tensors[0].is_cuda
     return fn(*tensors, **options, stepping=_stepping(plan, scan))
 

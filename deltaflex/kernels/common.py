@@ -149,8 +149,8 @@ def as_f32(x):
     would carry every product they scale into float64."""
     if _UPCAST_LOW_DOTS:  # the interpreter hands it over as a Python float
         return x
-    else:
-        return x.to(tl.float32)
+    else:  # tl.cast, not x.to: Inductor's mutation analysis traces the kernel with a constant float
+        return tl.cast(x, tl.float32)
 
 
 @triton.jit
