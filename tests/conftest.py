@@ -25,6 +25,19 @@ def _fresh_seed(request):
     torch.manual_seed(hash(request.node.nodeid) % 2**31)
 
 
+@pytest.fixture(autouse=True)
+def _kernels_bounds_checked():
+    # In Triton's interpreter every kernel access is checked against its tensor arguments: an
+    # out-of-bounds access fails the test here instead of corrupting a GPU run at random.
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        yield
+        return
+    from interpreter_bounds import bounds_checked
+
+    with bounds_checked():
+        yield
+
+
 @pytest.fixture(params=DEVICES)
 def device(request):
     return request.param

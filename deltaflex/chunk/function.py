@@ -184,9 +184,6 @@ def _run(fn, plan: Plan, tensors: tuple[torch.Tensor, ...], options: dict):
     graph so that the scan length is an input size, not an expression of T, which torch's scan
     lowering cannot handle yet.) Inside a caller's torch.compile the ops are traced into the
     caller's graph: the scan where N is static there, else a loop over chunks that specialises on N.
-    On CUDA a caller's graph always gets the loop: there (torch 2.11 on the H200) the scan traced
-    into a caller's joint forward/backward graph gave wrong gradients (dq all zeros) while our own
-    separately compiled forward and backward graphs scan correctly.
     """
     compiling = torch.compiler.is_compiling()
     if plan.compile and not compiling:
@@ -204,7 +201,7 @@ def _run(fn, plan: Plan, tensors: tuple[torch.Tensor, ...], options: dict):
         if plan.cuda_graph and tensors[0].is_cuda:
             return graphs.replay(compiled, tensors, options)
         return compiled(*tensors, **options)
-    scan = compiling and isinstance(tensors[0].shape[2], int) and not plan.unroll and not tensors[0].is_cuda
+    scan = compiling and isinstance(tensors[0].shape[2], int) and not plan.unroll
     return fn(*tensors, **options, stepping=_stepping(plan, scan))
 
 

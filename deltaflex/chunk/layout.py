@@ -32,9 +32,10 @@ def to_chunks(x: torch.Tensor, chunk_size: int, dtype: torch.dtype, group: int =
 def from_chunks(x: torch.Tensor, T: int, dtype: torch.dtype) -> torch.Tensor:
     """[B, H, N, C, *D] -> [B, T, H, *D] in `dtype`, dropping the padded rows."""
     B, H, N, C = x.shape[:4]
-    out = x.new_empty(B, T, H, *x.shape[4:], dtype=dtype)  # always a fresh tensor (see graphs.py)
-    out.copy_(x.reshape(B, H, N * C, *x.shape[4:])[:, :, :T].transpose(1, 2))
-    return out
+    rows = x.reshape(B, H, N * C, *x.shape[4:])[:, :, :T].transpose(1, 2)
+    # always a fresh tensor (see graphs.py); out of place (torch 2.11's Dynamo lost the gradient of an
+    # autograd.Function output written by copy_ into new_empty)
+    return rows.to(dtype, memory_format=torch.contiguous_format, copy=True)
 
 
 class Segments(NamedTuple):
