@@ -1,9 +1,9 @@
 """The chunkwise delta rule, forward and backward, as blocked PyTorch ops, and its autograd.Function.
 
 Forward: kkt + solve -> wy -> state pass -> output, batched over every chunk except the state pass.
-Backward recomputes the forward's intermediates (chunk states included) from the saved inputs, so
-between the two only the inputs are kept; then a reverse state pass carries dS across chunks and
-every other gradient is again batched over all chunks.
+Between forward and backward only the inputs and the chunks' inverses T (B T H C floats, as fla
+keeps) are kept; backward recomputes the rest (W, U, the chunk states) from them, then a reverse
+state pass carries dS across chunks and every other gradient is again batched over all chunks.
 
 Products accumulate in float32 (float64 for float64 inputs) under the plan's precision policy
 (`matmul.py`); outputs and gradients return in their inputs' dtypes.
@@ -59,10 +59,12 @@ def _initial_state(initial_state, q, v, layout: PackedLayout | None):
 def forward_chunks(q, k, v, beta, s0, segments, *, scale, use_qk_l2norm, policy, stepping, backends):
     """The forward on grouped chunk-layout tensors: q, k [B, H, N/g, g, C, K], v [..., C, V] (in
     their low dtype), beta [B, H, N/g, g, C] and s0 [B, H, K, V] (state dtype); returns
-    (o [B, H, N, C, V], final). `backends` names each stage's implementation (and launch
+    (o [B, H, N, C, V], final, t [B, H, N/g, g, C, C]: the inverses, which backward reuses).
+    `backends` names each stage's implementation (and launch
     configuration, see `_implementations`), in STAGES order;
     `segments` places packed sequences (None: B independent sequences)."""
     solve, wy, state, output = (forward for forward, _ in _implementations(backends))
+    groups = q.shape[2:4]
     q, k, v, beta = (x.flatten(2, 3) for x in (q, k, v, beta))
     dot = make_dot(policy, q.dtype)
     if use_qk_l2norm:
@@ -70,21 +72,21 @@ def forward_chunks(q, k, v, beta, s0, segments, *, scale, use_qk_l2norm, policy,
     t = solve(k, beta, dot)
     w, u = wy(t, k, v, beta, dot)
     v_new, states, final = state(k, w, u, s0, dot, stepping, segments)
-    return output(q, k, v_new, states, scale, dot), final
+    return output(q, k, v_new, states, scale, dot), final, t.unflatten(2, groups)
 
 
-def backward_chunks(q, k, v, beta, s0, do, ds_final, segments, *, scale, use_qk_l2norm, policy, stepping, backends):
-    """Gradients of `forward_chunks` given do (chunk layout, low dtype) and the final state's
-    gradient; returns (dq, dk, dv, dbeta, ds0) in chunk layout, float32 (float64)."""
-    (solve, solve_bwd), (wy, wy_bwd), (state, state_bwd), (_, output_bwd) = _implementations(backends)
-    q, k, v, beta, do = (x.flatten(2, 3) for x in (q, k, v, beta, do))
+def backward_chunks(q, k, v, beta, t, s0, do, ds_final, segments, *, scale, use_qk_l2norm, policy, stepping,
+                    backends):
+    """Gradients of `forward_chunks` given its inverses t, do (chunk layout, low dtype) and the final
+    state's gradient; returns (dq, dk, dv, dbeta, ds0) in chunk layout, float32 (float64)."""
+    (_, solve_bwd), (wy, wy_bwd), (state, state_bwd), (_, output_bwd) = _implementations(backends)
+    q, k, v, beta, t, do = (x.flatten(2, 3) for x in (q, k, v, beta, t, do))
     dot = make_dot(policy, q.dtype)
     q_raw, k_raw = q, k
     if use_qk_l2norm:
         q_raw, k_raw = q.to(beta.dtype), k.to(beta.dtype)
         q, k = l2norm(q_raw), l2norm(k_raw)
-    t = solve(k, beta, dot)  # recomputed: nothing but the inputs is kept from the forward
-    w, u = wy(t, k, v, beta, dot)
+    w, u = wy(t, k, v, beta, dot)  # recomputed, with the chunk states: kept, they would cost O(T H K)
     v_new, states, _ = state(k, w, u, s0, dot, stepping, segments)
 
     dq, dk_output, dv_local = output_bwd(q, k, v_new, states, do, scale, dot)
@@ -133,18 +135,19 @@ def _forward_for(plan: Plan, layout):
 
 
 def chunk_delta_rule_fwd(q, k, v, beta, initial_state, *, scale, use_qk_l2norm, plan, device_type, layout=None):
-    """Returns (o [B, T, H, V] in q's dtype, final state [N, H, K, V] in the state dtype)."""
+    """Returns (o [B, T, H, V] in q's dtype, final state [N, H, K, V] in the state dtype, the chunks'
+    inverses for chunk_delta_rule_bwd)."""
     chunks = (*(_chunked(x, plan, layout) for x in (q, k, v)), _chunked(beta, plan, layout, state_dtype(q.dtype)))
     s0 = _initial_state(initial_state, q, v, layout)
     segments = None if layout is None else layout.segments
     options = _chunk_options(plan, device_type, scale, use_qk_l2norm)
-    o, final = _run(_forward_for(plan, layout), plan, (*chunks, s0, segments), options)
+    o, final, t = _run(_forward_for(plan, layout), plan, (*chunks, s0, segments), options)
     # a CUDA-graph replay's outputs are its own buffers: copy out what outlives the call
-    return _unchunked(o, q.shape[1], q.dtype, layout), final.clone()
+    return _unchunked(o, q.shape[1], q.dtype, layout), final.clone(), t.clone() if plan.cuda_graph else t
 
 
 def chunk_delta_rule_bwd(
-    q, k, v, beta, initial_state, do, dfinal, *, scale, use_qk_l2norm, plan, device_type, layout=None
+    q, k, v, beta, initial_state, t, do, dfinal, *, scale, use_qk_l2norm, plan, device_type, layout=None
 ):
     """Returns (dq, dk, dv, dbeta, d initial_state or None), each in its input's dtype."""
     chunks = (*(_chunked(x, plan, layout) for x in (q, k, v)), _chunked(beta, plan, layout, state_dtype(q.dtype)))
@@ -153,7 +156,7 @@ def chunk_delta_rule_bwd(
     ds_final = torch.zeros_like(s0) if dfinal is None else dfinal.to(s0.dtype)
     segments = None if layout is None else layout.segments
     options = _chunk_options(plan, device_type, scale, use_qk_l2norm)
-    dq, dk, dv, dbeta, ds0 = _run(backward_chunks, plan, (*chunks, s0, doc, ds_final, segments), options)
+    dq, dk, dv, dbeta, ds0 = _run(backward_chunks, plan, (*chunks, t, s0, doc, ds_final, segments), options)
     T = q.shape[1]
     grads = tuple(_unchunked(g, T, x.dtype, layout) for g, x in zip((dq, dk, dv, dbeta), (q, k, v, beta)))
     return (*grads, None if initial_state is None else ds0.to(initial_state.dtype, copy=True))
@@ -215,13 +218,13 @@ class ChunkDeltaRuleFunction(torch.autograd.Function):
         for stage, backend in plan.backends().items():
             implementation(stage, backend)  # a missing backend fails here, before any compute
         options = dict(scale=scale, use_qk_l2norm=use_qk_l2norm, plan=plan, device_type=q.device.type, layout=layout)
-        o, final = chunk_delta_rule_fwd(q, k, v, beta, initial_state, **options)
-        ctx.save_for_backward(q, k, v, beta, initial_state)
+        o, final, t = chunk_delta_rule_fwd(q, k, v, beta, initial_state, **options)
+        ctx.save_for_backward(q, k, v, beta, initial_state, t)
         ctx.options = options
         return o, (final if output_final_state else None)
 
     @staticmethod
     def backward(ctx, do, dfinal):
-        q, k, v, beta, initial_state = ctx.saved_tensors
-        dq, dk, dv, dbeta, ds0 = chunk_delta_rule_bwd(q, k, v, beta, initial_state, do, dfinal, **ctx.options)
+        q, k, v, beta, initial_state, t = ctx.saved_tensors
+        dq, dk, dv, dbeta, ds0 = chunk_delta_rule_bwd(q, k, v, beta, initial_state, t, do, dfinal, **ctx.options)
         return dq, dk, dv, dbeta, ds0, None, None, None, None, None

@@ -134,16 +134,19 @@ def state_output_fwd(q: torch.Tensor, k: torch.Tensor, w: torch.Tensor, u: torch
 
 
 def forward_chunks(q, k, v, beta, s0, segments=None, *, scale, use_qk_l2norm, policy, stepping=None, backends=None):
-    """chunk.function.forward_chunks in two fused launches; returns (o chunks in q's dtype, final).
-    `stepping` and `backends` are accepted for the same signature and ignored."""
+    """chunk.function.forward_chunks in two fused launches; returns (o chunks in q's dtype, final, t),
+    t in the layout beta came in. `stepping` and `backends` are accepted for the same signature and
+    ignored."""
     if segments is not None:
         raise NotImplementedError("the fused forward does not take packed sequences yet")
     low = q.dtype
     check_tensors(q, k, v, beta, s0)
-    if beta.dim() == 5:  # grouped chunk layout [B, H, N/g, g, C]
+    groups = beta.shape[2:4] if beta.dim() == 5 else None  # grouped chunk layout [B, H, N/g, g, C]
+    if groups is not None:
         q, k, v, beta = (x.flatten(2, 3) for x in (q, k, v, beta))
     if use_qk_l2norm:
         q, k = l2norm(q.to(beta.dtype)), l2norm(k.to(beta.dtype))
     q, k, v, beta, s0 = (x.contiguous() for x in (q, k, v, beta.float(), s0))
-    _, w, u = solve_wy_fwd(k, v, beta, policy, low)
-    return state_output_fwd(q, k, w, u, s0, float(scale), policy, low)
+    t, w, u = solve_wy_fwd(k, v, beta, policy, low)
+    o, final = state_output_fwd(q, k, w, u, s0, float(scale), policy, low)
+    return o, final, t if groups is None else t.unflatten(2, groups)

@@ -32,13 +32,14 @@ def test_fused_forward_matches_the_stages_and_the_oracle(poisoned, shape, dtype,
     x = make_inputs(B, T, H, K, V, dtype=dtype, device=DEVICE, keys=keys, initial_state=True)
     chunks = _chunked(x, C)
     options = dict(scale=0.5, use_qk_l2norm=False, policy=policy, stepping=Stepping("loop", 1))
-    o, final = fused.forward_chunks(*chunks, **options)
+    o, final, t = fused.forward_chunks(*chunks, **options)
     assert o.dtype == dtype and final.dtype == torch.float32
     o_ref, s_ref = recurrent_delta_rule_ref(**x, scale=0.5, output_final_state=True)
     assert relative_error(from_chunks(o, T, dtype), o_ref) <= TOLERANCES[dtype]
     assert relative_error(final, s_ref) <= TOLERANCES[dtype]
     for backend in ("compiled", "triton"):
-        o_stages, final_stages = forward_chunks(*chunks, None, **options, backends=((backend, None),) * 4)
+        o_stages, final_stages, t_stages = forward_chunks(*chunks, None, **options, backends=((backend, None),) * 4)
+        assert t.shape == t_stages.shape and relative_error(t, t_stages) <= 1e-4, backend  # what backward reuses
         # the same products: outputs differ only where a bf16/fp16 rounding of o lands on the other side
         assert relative_error(o, o_stages.to(dtype)) <= (FP32_TOL if dtype == torch.float32 else 2e-4), backend
         assert relative_error(final, final_stages) <= (FP32_TOL if dtype == torch.float32 else 1e-4), backend
@@ -49,7 +50,7 @@ def test_fused_forward_with_l2norm_in_op():
     x["k"] = 0.5 * x["k"] + 0.1 * torch.randn_like(x["k"])
     chunks = _chunked(x, 16)
     options = dict(scale=0.25, use_qk_l2norm=True, policy="bf16x3", stepping=Stepping("loop", 1))
-    o, final = fused.forward_chunks(*chunks, **options)
+    o, final, _ = fused.forward_chunks(*chunks, **options)
     o_ref, s_ref = recurrent_delta_rule_ref(**x, scale=0.25, output_final_state=True, use_qk_l2norm=True)
     assert relative_error(from_chunks(o, 40, torch.bfloat16), o_ref) <= TOLERANCES[torch.bfloat16]
     assert relative_error(final, s_ref) <= 1e-4
