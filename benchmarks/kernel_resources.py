@@ -9,9 +9,10 @@ its resources. A kernel that fails to compile, spills, or needs more shared memo
 has (227 KiB on sm_90) is flagged. Run without TRITON_INTERPRET.
 
 With --mutations it checks instead what torch.compile believes each kernel writes (Inductor's
-analysis of the kernel's IR): exactly the buffers the op allocates, never its inputs. Where that
-analysis fails, Inductor silently assumes every argument is written, and an output it misses stays
-unwritten in the compiled graph (a gradient of zeros).
+analysis of the kernel's IR): every output of the op, never one of its inputs. Where that analysis
+fails, Inductor silently assumes every argument is written and clones them all (with torch 2.11
+that broke compiling graphs with Triton plans); where it missed a write, a compiled graph could
+reorder or reuse the buffer.
 """
 
 from __future__ import annotations

@@ -24,8 +24,8 @@ def test_every_kernel_compiles_for_sm90(float_arg):
 
 def test_torch_compile_sees_what_every_kernel_writes():
     """Inductor reads each kernel's IR to learn which arguments it writes; where that trace fails it
-    assumes every argument is written and clones them all, which on the H200 broke compiling graphs
-    with Triton plans and left gradients of zeros."""
+    assumes every argument is written and clones them all, which on the H200 (torch 2.11) broke
+    compiling graphs with Triton plans."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     run = subprocess.run([sys.executable, str(TOOL), "--mutations", "--dims", "32,100", "--chunk-sizes", "16,64"],
                          capture_output=True, text=True, env=env, timeout=600)
