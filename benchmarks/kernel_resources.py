@@ -36,7 +36,7 @@ _TRITON_DTYPES = {torch.bfloat16: "*bf16", torch.float16: "*fp16", torch.float32
 
 def op_calls(K: int, V: int, C: int, policy: str, low: torch.dtype):
     """(name, op, args) for every op at one shape, on meta tensors."""
-    from deltaflex.kernels import fused, output, solve, state, wy
+    from deltaflex.kernels import fused, output, recurrent_step, solve, state, wy
 
     B, H, N = 1, 1, 2
 
@@ -60,6 +60,9 @@ def op_calls(K: int, V: int, C: int, policy: str, low: torch.dtype):
         ("output_bwd", output.output_bwd, (q, k, u, st, do, 0.5, *p)),
         ("solve_wy_fwd", fused.solve_wy_fwd, (k, v, beta, *p)),
         ("state_output_fwd", fused.state_output_fwd, (q, k, w, u, s0, 0.5, *p)),
+        ("recurrent_step", recurrent_step.recurrent_step,  # decoding: tokens [B, T, H, D], T = 2
+         (t(B, 2, H, K, dtype=low), t(B, 2, H, K, dtype=low), t(B, 2, H, V, dtype=low), t(B, 2, H, dtype=low), s0,
+          0.5, False)),
     ]
 
 
@@ -69,7 +72,8 @@ def recorded_launches(op, args, outputs: list | None = None):
     from deltaflex import kernels
 
     calls = []
-    modules = (kernels.common, kernels.solve, kernels.wy, kernels.state, kernels.output, kernels.fused)
+    modules = (kernels.common, kernels.solve, kernels.wy, kernels.state, kernels.output, kernels.fused,
+               kernels.recurrent_step)
     saved = [m.launch for m in modules]
     for m in modules:
         m.launch = lambda kernel, grid, *a, **kw: calls.append((kernel, a, kw))
@@ -88,6 +92,8 @@ def compile_and_measure(kernel, args, kwargs, capability: int) -> dict:
     constexprs = {n: v for n, v in kwargs.items() if n not in options}
     signature, attrs = {}, {}
     for i, name in enumerate(kernel.arg_names):
+        if kernel.params[i].is_constexpr and name not in constexprs:  # a constexpr passed positionally
+            constexprs[name] = args[i]
         if name in constexprs:
             signature[name] = "constexpr"
         elif i < len(args):

@@ -6,8 +6,9 @@ Computes, per (batch, head) and for t = 0 .. T-1, with S [K, V] in float32:
 Grid: (cdiv(V, BV), B * H). A program owns the full K rows of a BV-wide column block of S (columns
 update independently), holds it in registers across the T tokens, and writes it once at the end.
 Blocks: BK = next power of two >= K (whole key dimension in one block), BV columns (16 or 32).
-Registered with torch.library (`deltaflex::recurrent_step`), so torch.compile traces it and CUDA graphs
-capture it. Forward only: decoding needs no gradient, and `delta_rule_step` refuses inputs that do.
+Registered with torch.library (`deltaflex::recurrent_step`, by common.define_op as the stage kernels
+are), so torch.compile traces it and CUDA graphs capture it. Forward only: decoding needs no
+gradient, and `delta_rule_step` refuses inputs that do.
 """
 
 from __future__ import annotations
@@ -15,9 +16,9 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from torch.library import triton_op, wrap_triton
 
 from ..reference import L2NORM_EPS
+from .common import define_op, launch
 
 
 @triton.jit
@@ -50,7 +51,11 @@ def _recurrent_step_kernel(
     tl.store(s1 + state_offsets, s, mask=m_s)
 
 
-@triton_op("deltaflex::recurrent_step", mutates_args=())
+def _recurrent_step_fake(q, k, v, beta, state, scale, use_qk_l2norm):
+    return torch.empty_like(v), torch.empty_like(state)
+
+
+@define_op("recurrent_step", _recurrent_step_fake)
 def recurrent_step(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torch.Tensor, state: torch.Tensor,
     scale: float, use_qk_l2norm: bool,
@@ -59,12 +64,8 @@ def recurrent_step(
     -> (o [B, T, H, V] in v's dtype, new float32 state)."""
     B, T, H, K = q.shape
     V = v.shape[-1]
-    o = torch.empty_like(v)
-    new_state = torch.empty_like(state)
+    o, new_state = _recurrent_step_fake(q, k, v, beta, state, scale, use_qk_l2norm)
     BV = 32 if B * H * triton.cdiv(V, 32) >= 256 else 16  # small batches: more, narrower programs
-    grid = (triton.cdiv(V, BV), B * H)
-    wrap_triton(_recurrent_step_kernel)[grid](
-        q, k, v, beta, state, o, new_state, scale, T, H, K, V,
-        BK=triton.next_power_of_2(K), BV=BV, USE_QK_L2NORM=use_qk_l2norm, EPS=L2NORM_EPS, num_warps=4,
-    )
+    launch(_recurrent_step_kernel, (triton.cdiv(V, BV), B * H), q, k, v, beta, state, o, new_state, scale, T, H, K,
+           V, BK=triton.next_power_of_2(K), BV=BV, USE_QK_L2NORM=use_qk_l2norm, EPS=L2NORM_EPS, num_warps=4)
     return o, new_state
