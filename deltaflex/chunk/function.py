@@ -88,6 +88,7 @@ def backward_chunks(q, k, v, beta, t, s0, do, ds_final, segments, *, scale, use_
         q, k = l2norm(q_raw), l2norm(k_raw)
     w, u = wy(t, k, v, beta, dot)  # recomputed, with the chunk states: kept, they would cost O(T H K)
     v_new, states, _ = state(k, w, u, s0, dot, stepping, segments)
+    del u  # not needed again: freed before the backward's peak where the stages run eagerly
 
     dq, dk_output, dv_local = output_bwd(q, k, v_new, states, do, scale, dot)
     dv_new, dw, dk_state, ds0 = state_bwd(
