@@ -3,8 +3,8 @@
 # `.whl` carried (../shared/tools/gpu-wheels.sh fills it):
 #   bash benchmarks/gpu_session.sh tests profile bench
 # Steps: tests (the whole suite, GPU tests included; -v, so tests.log says which test each xdist
-# worker ran before a failure; export CUDA_LAUNCH_BLOCKING=1 to pin a CUDA fault on its launch), profile (benchmarks/profile_plan.py at
-# $PROFILE_SHAPES for $PLANS), probe (benchmarks/probe_blocks.py), bench (deltaflex bench at $BENCH_SHAPES, or all of DESIGN.md's),
+# worker ran before a failure; export CUDA_LAUNCH_BLOCKING=1 to pin a CUDA fault on its launch),
+# profile (benchmarks/profile_plan.py at $PROFILE_SHAPES for $PLANS), probe (benchmarks/probe_blocks.py), bench (deltaflex bench at $BENCH_SHAPES, or all of DESIGN.md's),
 # tune (deltaflex tune --gpu at $TUNE_SHAPES, $TUNE_TRIALS trials / $TUNE_TIMEOUT s a shape; tuned plans exported to
 # $OUT/plans.json), compare (deltaflex compare at $COMPARE_SHAPES, table and plot under $OUT).
 # The plan cache and the tuner's studies live in .deltaflex-cache, so a warm machine's next call resumes them.
