@@ -141,8 +141,6 @@ def to_low(x, LOW: tl.constexpr):
         return x.to(tl.float32)
 
 
-
-
 @triton.jit
 def as_f32(x):
     """A float argument in float32: torch.compile passes Python floats to kernels as fp64, which
@@ -170,26 +168,18 @@ def mma(a, b, acc, A_EXACT: tl.constexpr, B_EXACT: tl.constexpr, POLICY: tl.cons
         acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="tf32x3")
     elif POLICY == 2 or (A_EXACT and B_EXACT):
         acc = dot_low(to_low(a, LOW), to_low(b, LOW), acc)
-    elif A_EXACT:
-        a_low = to_low(a, LOW)
-        b_hi = to_low(b, LOW)
-        b_lo = to_low(b - b_hi.to(tl.float32), LOW)
-        acc = dot_low(a_low, b_hi, acc)
-        acc = dot_low(a_low, b_lo, acc)
-    elif B_EXACT:
-        b_low = to_low(b, LOW)
+    else:  # SPLIT: the rounding error of each inexact operand, times the other's high part
         a_hi = to_low(a, LOW)
-        a_lo = to_low(a - a_hi.to(tl.float32), LOW)
-        acc = dot_low(a_hi, b_low, acc)
-        acc = dot_low(a_lo, b_low, acc)
-    else:
-        a_hi = to_low(a, LOW)
-        a_lo = to_low(a - a_hi.to(tl.float32), LOW)
+        if not A_EXACT:
+            a_lo = to_low(a - a_hi.to(tl.float32), LOW)
         b_hi = to_low(b, LOW)
-        b_lo = to_low(b - b_hi.to(tl.float32), LOW)
+        if not B_EXACT:
+            b_lo = to_low(b - b_hi.to(tl.float32), LOW)
         acc = dot_low(a_hi, b_hi, acc)
-        acc = dot_low(a_hi, b_lo, acc)
-        acc = dot_low(a_lo, b_hi, acc)
+        if not B_EXACT:
+            acc = dot_low(a_hi, b_lo, acc)
+        if not A_EXACT:
+            acc = dot_low(a_lo, b_hi, acc)
     return acc
 
 

@@ -92,6 +92,13 @@ def _store_states(ptr, s0, s1, s2, s3, iv, K: tl.constexpr, V: tl.constexpr, BK:
 
 
 @triton.jit
+def _sequence_state(ptr, seq_ptr, n, bh, K: tl.constexpr, V: tl.constexpr):
+    """The [K, V] state of the packed sequence chunk n belongs to, for head bh (B = 1: bh = h), in a
+    [S, H, K, V] tensor at ptr."""
+    return ptr + (tl.load(seq_ptr + n) * tl.num_programs(1) + bh) * K * V
+
+
+@triton.jit
 def _rows_times_state(acc, a_c, s0, s1, s2, s3, C: tl.constexpr, K: tl.constexpr, BK: tl.constexpr,
                       A_EXACT: tl.constexpr, POLICY: tl.constexpr, LOW: tl.constexpr):
     """acc + A S for a chunk's [C, K] rows A at a_c and a state in four [BK, BV] tiles (W S, K dS)."""
@@ -126,7 +133,6 @@ def state_fwd_kernel(k_ptr, w_ptr, u_ptr, s0_ptr, v_new_ptr, states_ptr, final_p
     iv, bh = tl.program_id(0), tl.program_id(1).to(tl.int64)
     # the state, as up to four [BK, BV] tiles (those past K stay zero and unused)
     if SEGMENTED:  # packed sequences (B = 1, bh = h): each loads its own s0[seq, h] at its first chunk
-        H = tl.num_programs(1)
         s0 = tl.zeros([BK, BV], tl.float32)
         s1, s2, s3 = s0, s0, s0
     else:
@@ -135,7 +141,7 @@ def state_fwd_kernel(k_ptr, w_ptr, u_ptr, s0_ptr, v_new_ptr, states_ptr, final_p
         chunk = bh * N + n
         if SEGMENTED:
             if tl.load(first_ptr + n) != 0:
-                s0, s1, s2, s3 = _load_states(s0_ptr + (tl.load(seq_ptr + n) * H + bh) * K * V, iv, K, V, BK, BV)
+                s0, s1, s2, s3 = _load_states(_sequence_state(s0_ptr, seq_ptr, n, bh, K, V), iv, K, V, BK, BV)
         k_c, w_c = k_ptr + chunk * C * K, w_ptr + chunk * C * K
         states_c = states_ptr + chunk * K * V
         _store_states(states_c, s0, s1, s2, s3, iv, K, V, BK, BV)
@@ -147,7 +153,7 @@ def state_fwd_kernel(k_ptr, w_ptr, u_ptr, s0_ptr, v_new_ptr, states_ptr, final_p
         s0, s1, s2, s3 = _state_plus_kt_x(s0, s1, s2, s3, k_c, v_new, C, K, BK, K_EXACT, POLICY, LOW)
         if SEGMENTED:
             if tl.load(last_ptr + n) != 0:
-                _store_states(final_ptr + (tl.load(seq_ptr + n) * H + bh) * K * V, s0, s1, s2, s3, iv, K, V, BK, BV)
+                _store_states(_sequence_state(final_ptr, seq_ptr, n, bh, K, V), s0, s1, s2, s3, iv, K, V, BK, BV)
     if not SEGMENTED:
         _store_states(final_ptr + bh * K * V, s0, s1, s2, s3, iv, K, V, BK, BV)
 
@@ -170,7 +176,6 @@ def state_bwd_kernel(q_ptr, k_ptr, w_ptr, do_ptr, dv_local_ptr, ds_final_ptr, dv
     iv, bh = tl.program_id(0), tl.program_id(1).to(tl.int64)
     scale = as_f32(scale)
     if SEGMENTED:  # packed sequences: each starts (in reverse) from its own ds_final[seq, h] at its last chunk
-        H = tl.num_programs(1)
         ds0 = tl.zeros([BK, BV], tl.float32)
         ds1, ds2, ds3 = ds0, ds0, ds0
     else:
@@ -180,8 +185,8 @@ def state_bwd_kernel(q_ptr, k_ptr, w_ptr, do_ptr, dv_local_ptr, ds_final_ptr, dv
         chunk = bh * N + n
         if SEGMENTED:
             if tl.load(last_ptr + n) != 0:
-                ds0, ds1, ds2, ds3 = _load_states(ds_final_ptr + (tl.load(seq_ptr + n) * H + bh) * K * V, iv, K, V,
-                                                  BK, BV)
+                ds0, ds1, ds2, ds3 = _load_states(_sequence_state(ds_final_ptr, seq_ptr, n, bh, K, V), iv, K, V, BK,
+                                                  BV)
         q_c, k_c, w_c = q_ptr + chunk * C * K, k_ptr + chunk * C * K, w_ptr + chunk * C * K
         ds_next_c = ds_next_ptr + chunk * K * V
         _store_states(ds_next_c, ds0, ds1, ds2, ds3, iv, K, V, BK, BV)
@@ -200,7 +205,7 @@ def state_bwd_kernel(q_ptr, k_ptr, w_ptr, do_ptr, dv_local_ptr, ds_final_ptr, dv
             ds3 = _ds_step(ds3, 3, q_c, w_c, do, dv_new, scale, C, K, BK, Q_EXACT, DO_EXACT, POLICY, LOW)
         if SEGMENTED:
             if tl.load(first_ptr + n) != 0:
-                _store_states(ds0_ptr + (tl.load(seq_ptr + n) * H + bh) * K * V, ds0, ds1, ds2, ds3, iv, K, V, BK, BV)
+                _store_states(_sequence_state(ds0_ptr, seq_ptr, n, bh, K, V), ds0, ds1, ds2, ds3, iv, K, V, BK, BV)
     if not SEGMENTED:
         _store_states(ds0_ptr + bh * K * V, ds0, ds1, ds2, ds3, iv, K, V, BK, BV)
 
