@@ -115,6 +115,12 @@ def solve_fwd(k: torch.Tensor, beta: torch.Tensor, policy: str, low: torch.dtype
     return t
 
 
+# NARROW_KEYS_FAULT: on the H200 (Triton 3.6, sm_90), solve_bwd_kernel with 8 warps and key blocks
+# narrower than 64 reads shared memory out of bounds: compute-sanitizer reports a 512-byte __shared__
+# read past the end in a tensor-core product (C=64 with K=16 or 32, C=128 with K=32 fault; K=48 and
+# 64, and 4 warps, run clean). Those launches take 4 warps (tests/kernels/test_kernel_stages.py).
+
+
 def _solve_bwd_fake(k, beta, t, dt, policy, low, num_warps=0, num_stages=0):
     return f32(*k.shape, like=k), f32(*beta.shape, like=k)
 
@@ -125,9 +131,12 @@ def solve_bwd(k: torch.Tensor, beta: torch.Tensor, t: torch.Tensor, dt: torch.Te
     B, H, N, C, K = k.shape
     dk, dbeta = _solve_bwd_fake(k, beta, t, dt, policy, low)
     POLICY, LOW = precision(policy, low)
-    launch(solve_bwd_kernel, (B * H * N,), k, beta, t, dt, dk, dbeta, K=K, C=C, BK=block(K),
-           K_EXACT=exact(k, low), POLICY=POLICY, LOW=LOW,
-           **launch_options(num_warps or (4 if C <= 32 else 8), num_stages))
+    BK = block(K)
+    num_warps = num_warps or (4 if C <= 32 else 8)
+    if BK < 64:  # Triton 3.6 miscompiles this kernel with 8 warps at BK 16/32 (NARROW_KEYS_FAULT)
+        num_warps = min(num_warps, 4)
+    launch(solve_bwd_kernel, (B * H * N,), k, beta, t, dt, dk, dbeta, K=K, C=C, BK=BK,
+           K_EXACT=exact(k, low), POLICY=POLICY, LOW=LOW, **launch_options(num_warps, num_stages))
     return dk, dbeta
 
 

@@ -7,6 +7,8 @@ left unwritten fails the comparison. Without a GPU this runs in Triton's interpr
 are tiny.
 """
 
+import functools
+
 import pytest
 import torch
 
@@ -75,10 +77,11 @@ def _calls(x):
     }
 
 
-def _compare_every_stage(x, tol):
+def _compare_every_stage(x, tol, config=None):
+    """Every Triton stage against the compiled one; `config`: the Triton stages' launch configuration."""
     for (stage, direction), call in _calls(x).items():
         ref = call(implementation(stage, "compiled")[direction])
-        out = call(implementation(stage, "triton")[direction])
+        out = call(functools.partial(implementation(stage, "triton")[direction], config=config))
         ref, out = (r if isinstance(r, tuple) else (r,) for r in (ref, out))
         assert len(out) == len(ref)
         for i, (o, r) in enumerate(zip(out, ref)):
@@ -94,6 +97,17 @@ def test_stages_at_every_shape(poisoned, shape, precision):
     dtype, policy = precision
     keys = "correlated" if dtype == torch.bfloat16 else "random"
     _compare_every_stage(_stage_inputs(shape, dtype, policy, keys), STAGE_TOL[policy])
+
+
+@pytest.mark.gpu  # launch configurations mean nothing to the interpreter
+@pytest.mark.parametrize("num_warps", [2, 4, 8])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_stages_at_every_warp_count(poisoned, shape, num_warps):
+    # every warp count the tuner may choose, with the narrowest and widest state tiles: Triton 3.6
+    # miscompiled solve_bwd with 8 warps at key blocks under 64 (solve.py, NARROW_KEYS_FAULT)
+    x = _stage_inputs(shape, torch.bfloat16, "bf16x3", "correlated")
+    for bv in (16, 64):
+        _compare_every_stage(x, STAGE_TOL["bf16x3"], config=((("BV", bv),), num_warps, 0))
 
 
 @pytest.mark.parametrize("precision", PRECISIONS, ids=["fp32", "bf16x3", "bf16", "fp16"])
