@@ -2,8 +2,9 @@
 # Everything one GPU call does, logs under $OUT, a short table last. Run through the device tool with
 # `.whl` carried (../shared/tools/gpu-wheels.sh fills it):
 #   bash benchmarks/gpu_session.sh tests profile bench
-# Steps: tests (the whole suite, GPU tests included; -v, so tests.log says which test each xdist
-# worker ran before a failure; export CUDA_LAUNCH_BLOCKING=1 to pin a CUDA fault on its launch),
+# Steps: tests (the whole suite, GPU tests included, or $TESTS_PATHS: on the H200 the whole suite
+# takes more than one call (78 % in 540 s with 16 workers); -v, so tests.log says which test each
+# xdist worker ran before a failure; export CUDA_LAUNCH_BLOCKING=1 to pin a CUDA fault on its launch),
 # profile (benchmarks/profile_plan.py at $PROFILE_SHAPES for $PLANS), probe (benchmarks/probe_blocks.py), bench (deltaflex bench at $BENCH_SHAPES, or all of DESIGN.md's),
 # tune (deltaflex tune --gpu at $TUNE_SHAPES, $TUNE_TRIALS trials / $TUNE_TIMEOUT s a shape; tuned plans exported to
 # $OUT/plans.json), compare (deltaflex compare at $COMPARE_SHAPES, table and plot under $OUT).
@@ -36,7 +37,7 @@ plan_args=(); for p in $PLANS; do plan_args+=(--plan "$p"); done
 for step in "$@"; do
   case "$step" in
     tests)
-      DELTAFLEX_FAILURE_LOG="$OUT/test_failures.log" timeout -k 10 "${TESTS_TIMEOUT:-300}" python3 -m pytest -v -n ${TESTS_WORKERS:-8} -p no:cacheprovider --durations=15 ${TESTS_K:+-k "$TESTS_K"} tests >"$OUT/tests.log" 2>&1
+      DELTAFLEX_FAILURE_LOG="$OUT/test_failures.log" timeout -k 10 "${TESTS_TIMEOUT:-300}" python3 -m pytest -v -n ${TESTS_WORKERS:-8} -p no:cacheprovider --durations=15 ${TESTS_K:+-k "$TESTS_K"} ${TESTS_PATHS:-tests} >"$OUT/tests.log" 2>&1
       grep -E "^(FAILED|ERROR)" "$OUT/tests.log" | head -20; tail -3 "$OUT/tests.log"
       grep "^== " "$OUT/test_failures.log" 2>/dev/null | head -30 ;;
     profile)
