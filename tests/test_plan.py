@@ -180,8 +180,10 @@ def test_describe():
 
 
 def test_triton_stages_refuse_float64_clearly():
-    # the Triton kernels take bf16/fp16/fp32 inputs; float64 is the compiled backend's
-    x = make_inputs(1, 8, 1, 4, dtype=torch.float64)
+    # the Triton kernels take bf16/fp16/fp32 inputs; float64 is the compiled backend's (on a device
+    # where the kernels run: CUDA, or the CPU under the tests' Triton interpreter)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    x = make_inputs(1, 8, 1, 4, dtype=torch.float64, device=device)
     with pytest.raises(TypeError, match="float64.*compiled backend"):
         delta_rule(**x, plan=Plan(state="triton", compile=False))
 
