@@ -37,9 +37,10 @@ plan_args=(); for p in $PLANS; do plan_args+=(--plan "$p"); done
 for step in "$@"; do
   case "$step" in
     tests)
-      DELTAFLEX_FAILURE_LOG="$OUT/test_failures.log" timeout -k 10 "${TESTS_TIMEOUT:-300}" python3 -m pytest -v -n ${TESTS_WORKERS:-8} -p no:cacheprovider --durations=15 ${TESTS_K:+-k "$TESTS_K"} ${TESTS_PATHS:-tests} >"$OUT/tests.log" 2>&1
+      DELTAFLEX_FAILURE_LOG="$OUT/test_failures.log" DELTAFLEX_DURATIONS_LOG="$OUT/test_durations.log" timeout -k 10 "${TESTS_TIMEOUT:-300}" python3 -m pytest -v -n ${TESTS_WORKERS:-8} -p no:cacheprovider --durations=15 ${TESTS_K:+-k "$TESTS_K"} ${TESTS_PATHS:-tests} >"$OUT/tests.log" 2>&1
       grep -E "^(FAILED|ERROR)" "$OUT/tests.log" | head -20; tail -3 "$OUT/tests.log"
-      grep "^== " "$OUT/test_failures.log" 2>/dev/null | head -30 ;;
+      grep "^== " "$OUT/test_failures.log" 2>/dev/null | head -30
+      sort -rn "$OUT/test_durations.log" 2>/dev/null | head -${TESTS_SLOWEST:-10} ;;
     profile)
       for shape in ${PROFILE_SHAPES:-4,4096,16,128}; do
         python3 benchmarks/profile_plan.py --shape "$shape" "${plan_args[@]}" ${PROFILE_FLAGS:-} --out "$OUT" 2>&1 \

@@ -61,3 +61,8 @@ def pytest_runtest_logreport(report):
     if path and report.failed:
         with open(path, "a") as f:
             f.write(f"== {report.nodeid} ({report.when})\n{report.longreprtext[-6000:]}\n\n")
+    # DELTAFLEX_DURATIONS_LOG: each test's call time as it finishes (--durations reports only at the end)
+    path = os.environ.get("DELTAFLEX_DURATIONS_LOG")
+    if path and report.when == "call":
+        with open(path, "a") as f:
+            f.write(f"{report.duration:.2f} {report.nodeid}\n")
