@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import (block, check_tensors, define_op, exact, f32, launch, launch_options, load_tile, mma, mma_f32,
+from .common import (FP32, block, check_tensors, define_op, exact, f32, launch, launch_options, load_tile, mma, mma_f32,
                      policy_of, precision, store_tile, warps_stages)
 
 
@@ -118,10 +118,10 @@ def solve_fwd(k: torch.Tensor, beta: torch.Tensor, policy: str, low: torch.dtype
 # NARROW_KEYS_FAULT: on the H200 (Triton 3.6, sm_90), solve_bwd_kernel under a bf16 policy with
 # chunks of 64 or 128 rows and key blocks narrower than 64 is miscompiled. With 8 warps it reads
 # shared memory out of bounds (compute-sanitizer: a 512-byte __shared__ read past the end in a
-# tensor-core product; C=64 with K=16 or 32 and C=128 with K=32 fault, K=48 and 64 run clean); with
-# 4 warps it runs but dk is wrong (relative error 17 at C=64, K=32); with 2 warps it matches the
-# compiled stage (tests/kernels/test_kernel_stages.py, test_stages_at_every_warp_count). Those
-# launches take 2 warps; at C=128 that is not yet checked on the GPU.
+# product of bf16 tiles; C=64 with K=16 or 32 and C=128 with K=32 fault, K=48 and 64 run clean);
+# with 4 warps it runs but dk is wrong (relative error 17 at C=64, K=32). Its float32 build (3xTF32
+# products, 8 warps) is right at both chunk sizes (test_stages_at_every_shape[fp32-...] on the
+# H200), so those launches take it: more accurate, and at head dims up to 32 its cost is small.
 
 
 def _solve_bwd_fake(k, beta, t, dt, policy, low, num_warps=0, num_stages=0):
@@ -136,8 +136,8 @@ def solve_bwd(k: torch.Tensor, beta: torch.Tensor, t: torch.Tensor, dt: torch.Te
     POLICY, LOW = precision(policy, low)
     BK = block(K)
     num_warps = num_warps or (4 if C <= 32 else 8)
-    if C >= 64 and BK < 64:  # NARROW_KEYS_FAULT
-        num_warps = 2
+    if C >= 64 and BK < 64 and POLICY != FP32:  # NARROW_KEYS_FAULT
+        POLICY, num_warps, num_stages = FP32, 8, 0
     launch(solve_bwd_kernel, (B * H * N,), k, beta, t, dt, dk, dbeta, K=K, C=C, BK=BK,
            K_EXACT=exact(k, low), POLICY=POLICY, LOW=LOW, **launch_options(num_warps, num_stages))
     return dk, dbeta
