@@ -27,7 +27,7 @@ def main() -> None:
     p.add_argument("--repeat", type=int, default=20)
     a = p.parse_args()
     dtype = getattr(torch, a.dtype)
-    for i in range(a.repeat):
+    for _ in range(a.repeat):
         k = torch.randn(1, 1, a.N, a.C, a.K, device="cuda").to(dtype)
         beta = torch.rand(1, 1, a.N, a.C, device="cuda")
         t = solve.solve_fwd(k, beta, a.policy, dtype, a.warps, a.stages)

@@ -139,6 +139,28 @@ def test_launch_configurations_reach_the_kernels(monkeypatch):
     assert all(w == 2 for name, w, _ in launches if not name.startswith("state_grads")), launches
 
 
+def test_narrow_key_solve_backward_takes_the_float32_build(monkeypatch):
+    """solve.py, NARROW_KEYS_FAULT: under a bf16 policy, solve_bwd at C >= 64 with a key block under
+    64 launches the kernel's float32 build with 8 warps, whatever was asked; other shapes keep both."""
+    from deltaflex.kernels import common, solve
+
+    launches = []
+    real_launch = solve.launch
+
+    def recording_launch(kernel, grid, *args, **kwargs):
+        launches.append(kwargs)
+        return real_launch(kernel, grid, *args, **kwargs)
+
+    monkeypatch.setattr(solve, "launch", recording_launch)
+    for C, K, expected in [(64, 32, (common.FP32, 8)), (32, 32, (common.SPLIT, 2)), (64, 64, (common.SPLIT, 2))]:
+        k = torch.nn.functional.normalize(torch.randn(1, 1, 1, C, K, device=DEVICE), dim=-1).bfloat16()
+        beta = torch.rand(1, 1, 1, C, device=DEVICE)
+        t = solve.solve_fwd(k, beta, "bf16x3", torch.bfloat16)
+        launches.clear()
+        solve.solve_bwd(k, beta, t, torch.randn_like(t).tril(-1), "bf16x3", torch.bfloat16, 2, 1)
+        assert (launches[-1]["POLICY"], launches[-1]["num_warps"]) == expected, (C, K)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_fused_forward_plan(dtype, monkeypatch):
     # the forward's two fused kernels; the backward is the four stages' (tested above)
