@@ -79,7 +79,7 @@ def tune(
     """
     from deltaflex.bench import Shape
     from deltaflex.tuning.cache import PlanCache
-    from deltaflex.tuning.tuner import TuningFailed
+    from deltaflex.tuning.tuner import DeviceFault, TuningFailed
     from deltaflex.tuning.tuner import tune as tune_shape
 
     dev = _target_device(gpu, cpu, device)
@@ -111,6 +111,9 @@ def tune(
                 results.append(tune_shape(s, device=dev, dtype=dt, mode=mode.value, trials=trials, timeout=timeout or None,
                                           seed=seed, compile=compile, max_autotune=max_autotune, cache=cache,
                                           on_trial=on_trial))
+            except DeviceFault as e:  # the GPU is unusable in this process: no further shape can run
+                failed.append(f"{s}: {e}")
+                break
             except TuningFailed as e:
                 failed.append(f"{s}: {e}")
     if results:

@@ -3,9 +3,11 @@
 Each trial builds a plan from the search space, checks it against the float64 oracle (check.py:
 a wrong plan is rejected, whatever its speed), then times it at the target shape (median of
 `do_bench` on CUDA, of a wall-clock loop on CPU). Plans that fail to compile, run out of memory or
-are wrong are pruned and the study goes on. The default plan is measured first as the baseline; at
-the end the best plan and the default are timed again, alternately, in this process, and the faster
-of the two is saved to the plan cache, so a saved plan is never slower than the default.
+are wrong are pruned and the study goes on; a plan that faults the GPU (a sticky CUDA error) ends
+the run, and the stored study skips it when the next run resumes. The default plan is measured
+first as the baseline; at the end the best plan and the default are timed again, alternately, in
+this process, and the faster of the two is saved to the plan cache, so a saved plan is never
+slower than the default.
 
 The study (seeded TPE) is stored in the cache directory, keyed like the plan cache, so running the
 same tuning again resumes it. optuna is imported here only, when a study starts.
@@ -36,10 +38,25 @@ from .key import CacheKey, device_environment
 from .space import SearchSpace
 
 MODES = ("fwd", "fwdbwd")
+FAULT = "fault"  # a stored trial's status when its plan faulted the GPU
 
 
 class TuningFailed(Exception):
     pass
+
+
+class DeviceFault(TuningFailed):
+    """A plan faulted the GPU: CUDA's error is sticky, so nothing more can run in this process. The
+    stored study remembers the plan, and a new run resumes the study without it."""
+
+
+# Messages of CUDA's sticky errors, after which every later call in the process fails too.
+STICKY_CUDA_ERRORS = ("illegal memory access", "misaligned address", "illegal instruction",
+                      "unspecified launch failure", "device-side assert")
+
+
+def is_device_fault(e: BaseException) -> bool:
+    return any(message in str(e) for message in STICKY_CUDA_ERRORS)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -126,7 +143,13 @@ class Evaluator:
             return Outcome("failed", None, error, "out of memory")
         except Exception as e:  # compile errors and the like: this plan is out, the study goes on
             message = str(e).strip().splitlines()
-            return Outcome("failed", None, error, f"{type(e).__name__}: {message[0] if message else ''}"[:200])
+            detail = f"{type(e).__name__}: {message[0] if message else ''}"[:200]
+            if is_device_fault(e):  # ... unless the GPU is left unusable
+                raise DeviceFault(
+                    f"plan {plan.describe()} faulted the GPU ({detail}); run the tuning again: the stored "
+                    "study resumes without this plan"
+                ) from e
+            return Outcome("failed", None, error, detail)
 
 
 @contextlib.contextmanager
@@ -238,14 +261,22 @@ def _run_study(evaluator, space, default, key, cache, trials, budget, seed, on_t
         study.enqueue_trial(params, skip_if_exists=True)
 
     statuses, failures, best = Counter(), Counter(), [None]
+    faulted = {t.user_attrs.get("plan") for t in study.trials if t.user_attrs.get("status") == FAULT}
 
     def objective(trial):
         plan = space.suggest(trial)
         repeat = plan in evaluator.outcomes
-        start = time.monotonic()
-        outcome = evaluator.evaluate(plan)
-        budget.record(time.monotonic() - start)
         trial.set_user_attr("plan", plan.to_json())
+        start = time.monotonic()
+        if plan.to_json() in faulted:  # not run again: it would take the GPU down with it
+            outcome = Outcome("failed", detail="faulted the GPU in an earlier run")
+        else:
+            try:
+                outcome = evaluator.evaluate(plan)
+            except DeviceFault:
+                trial.set_user_attr("status", FAULT)  # the trial fails, the study stores it, the run ends
+                raise
+        budget.record(time.monotonic() - start)
         trial.set_user_attr("status", outcome.status)
         if outcome.detail:
             trial.set_user_attr("detail", outcome.detail)

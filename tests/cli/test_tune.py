@@ -27,6 +27,22 @@ def test_tune_cpu_writes_a_plan_that_auto_then_uses(monkeypatch):
     assert seen == [entry.plan]
 
 
+def test_tune_stops_at_a_device_fault(monkeypatch):
+    # after a sticky CUDA error nothing can run in the process: the shapes after it are not tried
+    from deltaflex.tuning import tuner
+
+    calls = []
+
+    def faulting_tune(shape, **kwargs):
+        calls.append(shape)
+        raise tuner.DeviceFault(f"plan C16 faulted the GPU at {shape}")
+
+    monkeypatch.setattr(tuner, "tune", faulting_tune)
+    result = runner.invoke(app, ["tune", "--cpu", "--shape", "1,64,2,16", "--shape", "1,128,2,16", "--trials", "3"])
+    assert result.exit_code != 0 and "faulted the GPU" in result.output
+    assert len(calls) == 1
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
 @pytest.mark.parametrize("args", [["--gpu"], ["--device", "cuda:0"]])
 def test_tune_gpu_without_a_gpu_says_so(args):

@@ -13,7 +13,7 @@ from deltaflex.plan import default_plan
 from deltaflex.testing import make_inputs
 from deltaflex.tuning import check, tuner
 from deltaflex.tuning.cache import PlanCache
-from deltaflex.tuning.tuner import Evaluator, TuningFailed, tune
+from deltaflex.tuning.tuner import DeviceFault, Evaluator, TuningFailed, is_device_fault, tune
 
 SHAPE = Shape(1, 64, 2, 16, 16)
 DEFAULT = default_plan("cpu")  # eager, chunk 64
@@ -80,6 +80,27 @@ def test_failing_trials_are_pruned_and_the_study_goes_on(monkeypatch):
     assert failed == {16: "RuntimeError: compile failed: inductor error", 32: "out of memory"}
     assert result.entry.plan == Plan(chunk_size=128, compile=False)
     assert result.statuses["failed"] >= 2 and result.statuses["ok"] >= 2
+
+
+def test_a_plan_that_faults_the_gpu_ends_the_run_and_is_skipped_when_it_resumes(monkeypatch):
+    # CUDA's sticky errors leave the process unable to run anything: the run stops at once, naming
+    # the plan; the stored study remembers it, so the next run (a new process) does not run it again
+    fault = RuntimeError("Triton Error [CUDA]: an illegal memory access was encountered")
+    fake_times(monkeypatch, {16: fault, 32: 2.0, 64: 3.0, 128: 5.0})
+    with pytest.raises(DeviceFault, match="plan C16 .* faulted the GPU .*illegal memory access"):
+        run(trials=30)
+    fake_times(monkeypatch, {16: 0.5, 32: 2.0, 64: 3.0, 128: 5.0})
+    result, reports = run(trials=12)
+    at_16 = {r.outcome.detail for r in reports if r.plan.chunk_size == 16}
+    assert at_16 == {"faulted the GPU in an earlier run"}, "the resumed study should have sampled C16 again"
+    assert result.entry.plan == Plan(chunk_size=32, compile=False)
+
+
+def test_device_faults_are_told_from_other_errors():
+    assert is_device_fault(RuntimeError("CUDA error: an illegal memory access was encountered"))
+    assert is_device_fault(RuntimeError("CUDA error: device-side assert triggered"))
+    assert not is_device_fault(RuntimeError("compile failed: inductor error"))
+    assert not is_device_fault(torch.OutOfMemoryError("CUDA out of memory"))
 
 
 def test_a_run_resumes_the_stored_study(monkeypatch):
