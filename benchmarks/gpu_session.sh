@@ -37,6 +37,9 @@ plan_args=(); for p in $PLANS; do plan_args+=(--plan "$p"); done
 for step in "$@"; do
   case "$step" in
     tests)
+      # one CPU thread and one Inductor compile worker per xdist worker: by default each of the 16 workers
+      # takes every core for its CPU ops and compile pool (hundreds of threads on 16 cores)
+      OMP_NUM_THREADS=${TESTS_THREADS:-1} TORCHINDUCTOR_COMPILE_THREADS=${TESTS_THREADS:-1} \
       DELTAFLEX_FAILURE_LOG="$OUT/test_failures.log" DELTAFLEX_DURATIONS_LOG="$OUT/test_durations.log" timeout -k 10 "${TESTS_TIMEOUT:-300}" python3 -m pytest -v -n ${TESTS_WORKERS:-8} -p no:cacheprovider --durations=15 ${TESTS_K:+-k "$TESTS_K"} ${TESTS_PATHS:-tests} >"$OUT/tests.log" 2>&1
       grep -E "^(FAILED|ERROR)" "$OUT/tests.log" | head -20; tail -3 "$OUT/tests.log"
       grep "^== " "$OUT/test_failures.log" 2>/dev/null | head -30
