@@ -145,10 +145,7 @@ class Evaluator:
             message = str(e).strip().splitlines()
             detail = f"{type(e).__name__}: {message[0] if message else ''}"[:200]
             if is_device_fault(e):  # ... unless the GPU is left unusable
-                raise DeviceFault(
-                    f"plan {plan.describe()} faulted the GPU ({detail}); run the tuning again: the stored "
-                    "study resumes without this plan"
-                ) from e
+                raise DeviceFault(f"plan {plan.describe()} faulted the GPU ({detail})") from e
             return Outcome("failed", None, error, detail)
 
 
@@ -228,7 +225,10 @@ def tune(
 
     with on_device, static_compiles():
         evaluator = Evaluator(shape, device=device, dtype=dtype, mode=mode)
-        baseline = evaluator.evaluate(default)
+        try:
+            baseline = evaluator.evaluate(default)
+        except DeviceFault as e:
+            raise DeviceFault(f"the default plan failed at {shape}: {e}") from e
         if baseline.status != "ok":
             raise TuningFailed(f"the default plan ({default.describe()}) failed at {shape}: {baseline.detail}")
         budget.record(time.monotonic() - budget.start)
@@ -273,9 +273,9 @@ def _run_study(evaluator, space, default, key, cache, trials, budget, seed, on_t
         else:
             try:
                 outcome = evaluator.evaluate(plan)
-            except DeviceFault:
+            except DeviceFault as e:
                 trial.set_user_attr("status", FAULT)  # the trial fails, the study stores it, the run ends
-                raise
+                raise DeviceFault(f"{e}; run the tuning again: the stored study resumes without this plan") from e
         budget.record(time.monotonic() - start)
         trial.set_user_attr("status", outcome.status)
         if outcome.detail:

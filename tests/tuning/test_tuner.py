@@ -87,13 +87,19 @@ def test_a_plan_that_faults_the_gpu_ends_the_run_and_is_skipped_when_it_resumes(
     # the plan; the stored study remembers it, so the next run (a new process) does not run it again
     fault = RuntimeError("Triton Error [CUDA]: an illegal memory access was encountered")
     fake_times(monkeypatch, {16: fault, 32: 2.0, 64: 3.0, 128: 5.0})
-    with pytest.raises(DeviceFault, match="plan C16 .* faulted the GPU .*illegal memory access"):
+    with pytest.raises(DeviceFault, match="plan C16 .* faulted the GPU .*illegal memory access.*resumes without"):
         run(trials=30)
     fake_times(monkeypatch, {16: 0.5, 32: 2.0, 64: 3.0, 128: 5.0})
     result, reports = run(trials=12)
     at_16 = {r.outcome.detail for r in reports if r.plan.chunk_size == 16}
     assert at_16 == {"faulted the GPU in an earlier run"}, "the resumed study should have sampled C16 again"
     assert result.entry.plan == Plan(chunk_size=32, compile=False)
+
+
+def test_a_default_plan_that_faults_the_gpu_fails_the_tuning(monkeypatch):
+    fake_times(monkeypatch, {16: 1.0, 32: 1.0, 64: RuntimeError("CUDA error: misaligned address"), 128: 1.0})
+    with pytest.raises(DeviceFault, match="the default plan failed at 1x64x2x16: plan C64 .* faulted the GPU"):
+        run()
 
 
 def test_device_faults_are_told_from_other_errors():
