@@ -266,9 +266,10 @@ def _run_study(evaluator, space, default, key, cache, trials, budget, seed, on_t
     def objective(trial):
         plan = space.suggest(trial)
         repeat = plan in evaluator.outcomes
-        trial.set_user_attr("plan", plan.to_json())
+        plan_json = plan.to_json()
+        trial.set_user_attr("plan", plan_json)
         start = time.monotonic()
-        if plan.to_json() in faulted:  # not run again: it would take the GPU down with it
+        if plan_json in faulted:  # not run again: it would take the GPU down with it
             outcome = Outcome("failed", detail="faulted the GPU in an earlier run")
         else:
             try:

@@ -114,24 +114,33 @@ def test_packed_sequences(lengths, stages):
     check_packed(x, cu, _plan(stages))
 
 
-def test_launch_configurations_reach_the_kernels(monkeypatch):
-    """A plan's launch configuration for a stage is what its kernels launch with, and every one in
-    the registered spaces computes the same result."""
+def _record_launches(monkeypatch, modules):
+    """(kernel name, launch keywords) of every launch by the kernel modules named, as they run."""
     from deltaflex.kernels import common
 
     launches = []
     real_launch = common.launch
 
     def recording_launch(kernel, grid, *args, **kwargs):
-        launches.append((getattr(kernel, "__name__", str(kernel)), kwargs.get("num_warps"), kwargs.get("BV")))
+        launches.append((getattr(kernel, "__name__", str(kernel)), kwargs))
         return real_launch(kernel, grid, *args, **kwargs)
 
-    for module in ("solve", "wy", "state", "output"):
+    for module in modules:
         monkeypatch.setattr(f"deltaflex.kernels.{module}.launch", recording_launch)
+    return launches
+
+
+def test_launch_configurations_reach_the_kernels(monkeypatch):
+    """A plan's launch configuration for a stage is what its kernels launch with, and every one in
+    the registered spaces computes the same result."""
+    from deltaflex.kernels import common
+
+    recorded = _record_launches(monkeypatch, ("solve", "wy", "state", "output"))
     x = make_inputs(1, 40, 1, 16, 32, dtype=torch.float32, device=DEVICE, initial_state=True)
     configs = {f"{s}_kernel": KernelConfig({"BV": 16} if s == "state" else {}, num_warps=2, num_stages=1)
                for s in STAGES}
     check_against_oracle(x, chunk_size=16, plan=_plan(STAGES, **configs))
+    launches = [(name, kw.get("num_warps"), kw.get("BV")) for name, kw in recorded]
     passes = [(w, bv) for name, w, bv in launches if name.startswith(("state_fwd", "state_bwd"))]
     assert passes and all(w == 2 for w, _ in passes), launches
     if not common.INTERPRETED:  # the interpreter takes BV = 64 whatever the plan (program count is its cost)
@@ -144,21 +153,15 @@ def test_narrow_key_solve_backward_takes_the_float32_build(monkeypatch):
     64 launches the kernel's float32 build with 8 warps, whatever was asked; other shapes keep both."""
     from deltaflex.kernels import common, solve
 
-    launches = []
-    real_launch = solve.launch
-
-    def recording_launch(kernel, grid, *args, **kwargs):
-        launches.append(kwargs)
-        return real_launch(kernel, grid, *args, **kwargs)
-
-    monkeypatch.setattr(solve, "launch", recording_launch)
+    launches = _record_launches(monkeypatch, ("solve",))
     for C, K, expected in [(64, 32, (common.FP32, 8)), (32, 32, (common.SPLIT, 2)), (64, 64, (common.SPLIT, 2))]:
         k = torch.nn.functional.normalize(torch.randn(1, 1, 1, C, K, device=DEVICE), dim=-1).bfloat16()
         beta = torch.rand(1, 1, 1, C, device=DEVICE)
         t = solve.solve_fwd(k, beta, "bf16x3", torch.bfloat16)
         launches.clear()
         solve.solve_bwd(k, beta, t, torch.randn_like(t).tril(-1), "bf16x3", torch.bfloat16, 2, 1)
-        assert (launches[-1]["POLICY"], launches[-1]["num_warps"]) == expected, (C, K)
+        name, kwargs = launches[-1]
+        assert name == "solve_bwd_kernel" and (kwargs["POLICY"], kwargs["num_warps"]) == expected, (C, K)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
