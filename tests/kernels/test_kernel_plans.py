@@ -81,6 +81,13 @@ def test_triton_plan_precisions_with_bf16_inputs(precision, keys):
     check_against_oracle(x, chunk_size=32, scale=0.4, plan=_plan(STAGES, precision=precision))
 
 
+@pytest.mark.parametrize("chunk_size", [64, 128])
+def test_triton_plan_with_narrow_keys_in_bf16(chunk_size):
+    # key dims up to 32 at chunks of 64+: the solve backward's float32 build (solve.py, NARROW_KEYS_FAULT)
+    x = make_inputs(1, 150, 2, 32, 16, dtype=torch.bfloat16, device=DEVICE, keys="random", initial_state=True)
+    check_against_oracle(x, chunk_size=chunk_size, plan=_plan(STAGES, precision="bf16x3"))
+
+
 def test_triton_plan_in_float16():
     x = make_inputs(1, 50, 2, 24, 20, dtype=torch.float16, device=DEVICE, keys="correlated", initial_state=True)
     check_against_oracle(x, chunk_size=16, plan=_plan(STAGES, precision="bf16x3"))
