@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -19,6 +21,27 @@ def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
     if not torch.isfinite(out).all():
         return float("inf")
     return ((out - ref).norm() / ref.norm().clamp_min(1e-300)).item()
+
+
+def rounding_excess(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """How far a low-precision ``out`` lies from a float32 ``ref`` beyond rounding ``ref`` to out's dtype.
+
+    Each element may differ by half a unit in the last place of out's dtype; the largest excess over
+    that, relative to max(|ref|, rms(ref)), is what the two computations disagree on before rounding.
+    A norm of the rounded difference would instead count every element whose rounding flipped."""
+    if out.shape != ref.shape:
+        raise ValueError(f"shape mismatch: {tuple(out.shape)} vs {tuple(ref.shape)}")
+    mantissa_bits = round(-math.log2(torch.finfo(out.dtype).eps))  # 7 for bfloat16, 10 for float16
+    out, ref = out.detach().to(torch.float64), ref.detach().to(torch.float64)
+    if not torch.isfinite(out).all():
+        return float("inf")
+    # x = m * 2**e with 0.5 <= |m| < 1: an ulp of out's dtype there is 2**(e - 1 - mantissa_bits); the
+    # larger of |out| and |ref| sets the binade, as rounding up may cross into the next one
+    larger = torch.maximum(out.abs(), ref.abs())
+    half_ulp = torch.ldexp(torch.ones_like(ref), torch.frexp(larger).exponent - mantissa_bits - 2)
+    half_ulp = torch.where(larger == 0, 0.0, half_ulp)
+    scale = ref.abs().clamp_min(ref.pow(2).mean().sqrt().clamp_min(1e-300))
+    return ((out - ref).abs().sub(half_ulp).clamp_min(0) / scale).max().item()
 
 
 def make_inputs(

@@ -9,7 +9,7 @@ from deltaflex.chunk.layout import from_chunks, to_chunks
 from deltaflex.chunk.state import Stepping
 from deltaflex.kernels import fused
 from deltaflex.reference import recurrent_delta_rule_ref
-from deltaflex.testing import TOLERANCES, make_inputs, relative_error
+from deltaflex.testing import TOLERANCES, make_inputs, relative_error, rounding_excess
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 FP32_TOL = 1e-5 if DEVICE == "cpu" else 1e-4  # the GPU's float32 products: 3xTF32 against cuBLAS
@@ -40,8 +40,11 @@ def test_fused_forward_matches_the_stages_and_the_oracle(poisoned, shape, dtype,
     for backend in ("compiled", "triton"):
         o_stages, final_stages, t_stages = forward_chunks(*chunks, None, **options, backends=((backend, None),) * 4)
         assert t.shape == t_stages.shape and relative_error(t, t_stages) <= 1e-4, backend  # what backward reuses
-        # the same products: outputs differ only where a bf16/fp16 rounding of o lands on the other side
-        assert relative_error(o, o_stages.to(dtype)) <= (FP32_TOL if dtype == torch.float32 else 2e-4), backend
+        # the same products: o differs from the stages' float32 o by its own rounding and float32 noise
+        if dtype == torch.float32:
+            assert relative_error(o, o_stages) <= FP32_TOL, backend
+        else:
+            assert rounding_excess(o, o_stages) <= 10 * FP32_TOL, backend
         assert relative_error(final, final_stages) <= (FP32_TOL if dtype == torch.float32 else 1e-4), backend
 
 
