@@ -34,8 +34,9 @@ SMEM_LIMIT = {90: 232448, 80: 166912}
 _TRITON_DTYPES = {torch.bfloat16: "*bf16", torch.float16: "*fp16", torch.float32: "*fp32", torch.int32: "*i32"}
 
 
-def op_calls(K: int, V: int, C: int, policy: str, low: torch.dtype):
-    """(name, op, args) for every op at one shape, on meta tensors."""
+def op_calls(K: int, V: int, C: int, policy: str, low: torch.dtype, layout: str = "chunk"):
+    """(name, op, args, kwargs) for every op at one shape, on meta tensors; `layout` "tokens": the
+    inputs (q, k, v, beta, dO) in the token layout [B, T, H, D] with a ragged last chunk."""
     from deltaflex.kernels import fused, output, recurrent_step, solve, state, wy
 
     B, H, N = 1, 1, 2
@@ -43,13 +44,19 @@ def op_calls(K: int, V: int, C: int, policy: str, low: torch.dtype):
     def t(*shape, dtype=torch.float32):
         return torch.empty(*shape, dtype=dtype, device="meta")
 
-    q, k, v, do = t(B, H, N, C, K, dtype=low), t(B, H, N, C, K, dtype=low), t(B, H, N, C, V, dtype=low), t(
-        B, H, N, C, V, dtype=low)
-    beta, tt, w, u, st, s0 = t(B, H, N, C), t(B, H, N, C, C), t(B, H, N, C, K), t(B, H, N, C, V), t(
-        B, H, N, K, V), t(B, H, K, V)
+    tt, w, u, st, s0 = t(B, H, N, C, C), t(B, H, N, C, K), t(B, H, N, C, V), t(B, H, N, K, V), t(B, H, K, V)
+    if layout == "tokens":
+        T = N * C - 3
+        q, k, v, do, beta = t(B, T, H, K, dtype=low), t(B, T, H, K, dtype=low), t(B, T, H, V, dtype=low), t(
+            B, T, H, V, dtype=low), t(B, T, H)
+        kw = {"chunk_size": C}
+    else:
+        q, k, v, do, beta = t(B, H, N, C, K, dtype=low), t(B, H, N, C, K, dtype=low), t(B, H, N, C, V, dtype=low), t(
+            B, H, N, C, V, dtype=low), t(B, H, N, C)
+        kw = {}
     p = (policy, low)
     e = torch.empty(0, dtype=torch.int32, device="meta")  # no packed sequences
-    return [
+    calls = [
         ("solve_fwd", solve.solve_fwd, (k, beta, *p)),
         ("solve_bwd", solve.solve_bwd, (k, beta, tt, tt, *p)),
         ("wy_fwd", wy.wy_fwd, (tt, k, v, beta, *p)),
@@ -60,13 +67,16 @@ def op_calls(K: int, V: int, C: int, policy: str, low: torch.dtype):
         ("output_bwd", output.output_bwd, (q, k, u, st, do, 0.5, *p)),
         ("solve_wy_fwd", fused.solve_wy_fwd, (k, v, beta, *p)),
         ("state_output_fwd", fused.state_output_fwd, (q, k, w, u, s0, 0.5, *p)),
-        ("recurrent_step", recurrent_step.recurrent_step,  # decoding: tokens [B, T, H, D], T = 2
-         (t(B, 2, H, K, dtype=low), t(B, 2, H, K, dtype=low), t(B, 2, H, V, dtype=low), t(B, 2, H, dtype=low), s0,
-          0.5, False)),
     ]
+    calls = [(name, op, args, kw) for name, op, args in calls]
+    if layout == "chunk":  # decoding reads tokens [B, T, H, D] (T = 2) whatever the chunk stages' layout
+        calls.append(("recurrent_step", recurrent_step.recurrent_step,
+                      (t(B, 2, H, K, dtype=low), t(B, 2, H, K, dtype=low), t(B, 2, H, V, dtype=low),
+                       t(B, 2, H, dtype=low), s0, 0.5, False), {}))
+    return calls
 
 
-def recorded_launches(op, args, outputs: list | None = None):
+def recorded_launches(op, args, outputs: list | None = None, kwargs: dict | None = None):
     """The (kernel, args, kwargs) an op launches, recorded instead of run (what it returns appended to
     `outputs`)."""
     from deltaflex import kernels
@@ -78,7 +88,7 @@ def recorded_launches(op, args, outputs: list | None = None):
     for m in modules:
         m.launch = lambda kernel, grid, *a, **kw: calls.append((kernel, a, kw))
     try:
-        result = op.launcher(*args)
+        result = op.launcher(*args, **(kwargs or {}))
         if outputs is not None:
             outputs.append(result)
     finally:
@@ -136,10 +146,10 @@ def inductor_writes(kernel, args, kwargs, capability: int) -> list:
     return [named[n] for n in names if n in named and isinstance(named[n], torch.Tensor)]
 
 
-def check_writes(op, op_args, capability: int) -> list[str]:
+def check_writes(op, op_args, op_kwargs, capability: int) -> list[str]:
     """What is wrong with Inductor's view of an op's writes: an input written, an output not."""
     outputs = []
-    calls = recorded_launches(op, op_args, outputs)
+    calls = recorded_launches(op, op_args, outputs, op_kwargs)
     written = [t for kernel, a, kw in calls for t in inductor_writes(kernel, a, kw, capability)]
     returned = outputs[0] if isinstance(outputs[0], (tuple, list)) else (outputs[0],)
     problems = [f"input {i} written" for i, t in enumerate(op_args) if any(t is w for w in written)]
@@ -154,6 +164,8 @@ def main():
     parser.add_argument("--float-arg", default="fp32", choices=["fp32", "fp64"],
                         help="type of float arguments (scale): fp64 is what torch.compile passes")
     parser.add_argument("--ops", default="", help="comma-separated op names (default: all)")
+    parser.add_argument("--layouts", default="chunk,tokens",
+                        help="where the ops read their inputs: chunk (padded chunk layout), tokens (the caller's)")
     parser.add_argument("--capability", type=int, default=90)
     parser.add_argument("--mutations", action="store_true",
                         help="check torch.compile's view of what each kernel writes instead")
@@ -164,28 +176,28 @@ def main():
         raise SystemExit("unset TRITON_INTERPRET: this compiles the kernels")
     low = torch.float32 if args.policy == "fp32" else torch.bfloat16
     bad = 0
-    for C in map(int, args.chunk_sizes.split(",")):
-        for D in map(int, args.dims.split(",")):
-            for name, op, op_args in op_calls(D, D, C, args.policy, low):
-                if args.ops and name not in args.ops.split(","):
-                    continue
-                if args.mutations:
-                    problems = check_writes(op, op_args, args.capability)
-                    bad += bool(problems)
-                    print(f"C={C:<4}D={D:<4}{name:<18}" + ("; ".join(problems) + " FAILED" if problems else "ok"),
-                          flush=True)
-                    continue
-                for kernel, a, kw in recorded_launches(op, op_args):
-                    try:
-                        r = compile_and_measure(kernel, a, kw, args.capability)
-                        flags = [f for f, on in (("SPILLS", r["spill_bytes"] > 0),
-                                                 ("SHARED>LIMIT", r["shared"] > SMEM_LIMIT.get(args.capability, 1 << 30)))
-                                 if on]
-                    except Exception as e:  # a kernel that does not compile is what this tool is for
-                        r, flags = {"error": f"{type(e).__name__}: {str(e)[:300]}"}, ["FAILED"]
-                    bad += bool(flags)
-                    print(f"C={C:<4}D={D:<4}{name:<18}{kernel.fn.__name__ if hasattr(kernel, 'fn') else kernel.__name__:<22}"
-                          f"{r} {' '.join(flags)}", flush=True)
+    calls = [(C, D, layout, call) for C in map(int, args.chunk_sizes.split(",")) for D in map(int, args.dims.split(","))
+             for layout in args.layouts.split(",") for call in op_calls(D, D, C, args.policy, low, layout)]
+    for C, D, layout, (name, op, op_args, op_kwargs) in calls:
+        if args.ops and name not in args.ops.split(","):
+            continue
+        where = f"C={C:<4}D={D:<4}{layout[0]} {name:<18}"
+        if args.mutations:
+            problems = check_writes(op, op_args, op_kwargs, args.capability)
+            bad += bool(problems)
+            print(where + ("; ".join(problems) + " FAILED" if problems else "ok"), flush=True)
+            continue
+        for kernel, a, kw in recorded_launches(op, op_args, kwargs=op_kwargs):
+            try:
+                r = compile_and_measure(kernel, a, kw, args.capability)
+                flags = [f for f, on in (("SPILLS", r["spill_bytes"] > 0),
+                                         ("SHARED>LIMIT", r["shared"] > SMEM_LIMIT.get(args.capability, 1 << 30)))
+                         if on]
+            except Exception as e:  # a kernel that does not compile is what this tool is for
+                r, flags = {"error": f"{type(e).__name__}: {str(e)[:300]}"}, ["FAILED"]
+            bad += bool(flags)
+            print(f"{where}{kernel.fn.__name__ if hasattr(kernel, 'fn') else kernel.__name__:<22}{r} {' '.join(flags)}",
+                  flush=True)
     raise SystemExit(1 if bad else 0)
 
 

@@ -31,7 +31,8 @@ def rounding_excess(out: torch.Tensor, ref: torch.Tensor) -> float:
     A norm of the rounded difference would instead count every element whose rounding flipped."""
     if out.shape != ref.shape:
         raise ValueError(f"shape mismatch: {tuple(out.shape)} vs {tuple(ref.shape)}")
-    mantissa_bits = round(-math.log2(torch.finfo(out.dtype).eps))  # 7 for bfloat16, 10 for float16
+    finfo = torch.finfo(out.dtype)
+    mantissa_bits = round(-math.log2(finfo.eps))  # 7 for bfloat16, 10 for float16
     out, ref = out.detach().to(torch.float64), ref.detach().to(torch.float64)
     if not torch.isfinite(out).all():
         return float("inf")
@@ -39,7 +40,7 @@ def rounding_excess(out: torch.Tensor, ref: torch.Tensor) -> float:
     # larger of |out| and |ref| sets the binade, as rounding up may cross into the next one
     larger = torch.maximum(out.abs(), ref.abs())
     half_ulp = torch.ldexp(torch.ones_like(ref), torch.frexp(larger).exponent - mantissa_bits - 2)
-    half_ulp = torch.where(larger == 0, 0.0, half_ulp)
+    half_ulp = half_ulp.clamp_min(finfo.tiny * finfo.eps / 2)  # subnormals are evenly spaced
     scale = ref.abs().clamp_min(ref.pow(2).mean().sqrt().clamp_min(1e-300))
     return ((out - ref).abs().sub(half_ulp).clamp_min(0) / scale).max().item()
 

@@ -14,7 +14,8 @@ def test_rounding_excess_forgives_exactly_the_rounding(dtype):
     # a float32 disagreement of 1e-3 before rounding shows through, though most roundings agree
     shifted = ref + 1e-3 * ref.abs().max() * torch.sign(torch.randn_like(ref))
     excess = rounding_excess(shifted.to(dtype), ref)
-    assert 1e-4 < excess <= 1e-3 * ref.abs().max() / ref.pow(2).mean().sqrt()
+    # (at most the shift over the smallest scale, rms(ref); 1% for the float32 sums of that bound)
+    assert 1e-4 < excess <= 1.01e-3 * ref.abs().max() / ref.pow(2).mean().sqrt()
 
 
 def test_rounding_excess_refuses_mismatched_shapes_and_flags_nan():

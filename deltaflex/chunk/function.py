@@ -37,8 +37,12 @@ def _low_dtype(dtype: torch.dtype) -> torch.dtype:
     return dtype if dtype in (torch.bfloat16, torch.float16) else state_dtype(dtype)
 
 
-def _chunked(x: torch.Tensor, plan: Plan, layout: PackedLayout | None, dtype: torch.dtype | None = None):
+def _chunked(x: torch.Tensor, plan: Plan, layout: PackedLayout | None, dtype: torch.dtype | None = None,
+             tokens: bool = False):
+    """x [B, T, H, *D] as the stages take it: in the chunk layout, or as it is where `tokens`."""
     dtype = _low_dtype(x.dtype) if dtype is None else dtype
+    if tokens:
+        return x.to(dtype).contiguous()
     if layout is None:
         return to_chunks(x, plan.chunk_size, dtype, plan.state_group)
     return to_chunks_packed(x, layout, plan.chunk_size, dtype, plan.state_group)
@@ -56,35 +60,42 @@ def _initial_state(initial_state, q, v, layout: PackedLayout | None):
     return initial_state.to(state_dtype(q.dtype))
 
 
-def forward_chunks(q, k, v, beta, s0, segments, *, scale, use_qk_l2norm, policy, stepping, backends):
+def forward_chunks(q, k, v, beta, s0, segments, *, scale, use_qk_l2norm, policy, stepping, backends, chunk_size=0):
     """The forward on grouped chunk-layout tensors: q, k [B, H, N/g, g, C, K], v [..., C, V] (in
     their low dtype), beta [B, H, N/g, g, C] and s0 [B, H, K, V] (state dtype); returns
     (o [B, H, N, C, V], final, t [B, H, N/g, g, C, C]: the inverses, which backward reuses).
     `backends` names each stage's implementation (and launch
     configuration, see `_implementations`), in STAGES order;
-    `segments` places packed sequences (None: B independent sequences)."""
-    solve, wy, state, output = (forward for forward, _ in _implementations(backends))
-    groups = q.shape[2:4]
-    q, k, v, beta = (x.flatten(2, 3) for x in (q, k, v, beta))
+    `segments` places packed sequences (None: B independent sequences).
+    chunk_size > 0: q, k, v, beta are the caller's token-layout tensors ([B, T, H, D], chunks of
+    chunk_size rows; every stage on the Triton backend, g = 1, see `token_layout`) and t is [B, H, N, C, C]."""
+    solve, wy, state, output = (forward for forward, _ in _implementations(backends, chunk_size))
+    if not chunk_size:
+        groups = q.shape[2:4]
+        q, k, v, beta = (x.flatten(2, 3) for x in (q, k, v, beta))
     dot = make_dot(policy, q.dtype)
     if use_qk_l2norm:
-        q, k = l2norm(q.to(beta.dtype)), l2norm(k.to(beta.dtype))
+        q, k = l2norm(q.to(s0.dtype)), l2norm(k.to(s0.dtype))
     t = solve(k, beta, dot)
     w, u = wy(t, k, v, beta, dot)
     v_new, states, final = state(k, w, u, s0, dot, stepping, segments)
-    return output(q, k, v_new, states, scale, dot), final, t.unflatten(2, groups)
+    return output(q, k, v_new, states, scale, dot), final, t if chunk_size else t.unflatten(2, groups)
 
 
 def backward_chunks(q, k, v, beta, t, s0, do, ds_final, segments, *, scale, use_qk_l2norm, policy, stepping,
-                    backends):
+                    backends, chunk_size=0):
     """Gradients of `forward_chunks` given its inverses t, do (chunk layout, low dtype) and the final
-    state's gradient; returns (dq, dk, dv, dbeta, ds0) in chunk layout, float32 (float64)."""
-    (_, solve_bwd), (wy, wy_bwd), (state, state_bwd), (_, output_bwd) = _implementations(backends)
-    q, k, v, beta, t, do = (x.flatten(2, 3) for x in (q, k, v, beta, t, do))
+    state's gradient; returns (dq, dk, dv, dbeta, ds0) in chunk layout, float32 (float64).
+    chunk_size > 0: the inputs and do in the token layout, as `forward_chunks` takes them; dq and dk
+    are then the gradients of the normalised q and k where use_qk_l2norm (the caller takes them
+    through l2norm's backward in the token layout)."""
+    (_, solve_bwd), (wy, wy_bwd), (state, state_bwd), (_, output_bwd) = _implementations(backends, chunk_size)
+    if not chunk_size:
+        q, k, v, beta, t, do = (x.flatten(2, 3) for x in (q, k, v, beta, t, do))
     dot = make_dot(policy, q.dtype)
     q_raw, k_raw = q, k
     if use_qk_l2norm:
-        q_raw, k_raw = q.to(beta.dtype), k.to(beta.dtype)
+        q_raw, k_raw = q.to(s0.dtype), k.to(s0.dtype)
         q, k = l2norm(q_raw), l2norm(k_raw)
     w, u = wy(t, k, v, beta, dot)  # recomputed, with the chunk states: kept, they would cost O(T H K)
     v_new, states, _ = state(k, w, u, s0, dot, stepping, segments)
@@ -98,31 +109,45 @@ def backward_chunks(q, k, v, beta, t, s0, do, ds_final, segments, *, scale, use_
     dk_solve, dbeta_solve = solve_bwd(k, beta, t, dt, dot)
     dk = dk_output + dk_state + dk_wy + dk_solve
     dbeta = dbeta_wy + dbeta_solve
-    if use_qk_l2norm:
+    if use_qk_l2norm and not chunk_size:
         dq, dk = l2norm_backward(q_raw, dq), l2norm_backward(k_raw, dk)
     return dq, dk, dv, dbeta, ds0
 
 
-def _implementations(backends):
+def _implementations(backends, chunk_size: int = 0):
     """(forward, backward) of every stage, in STAGES order, from `backends`: (backend, launch) pairs,
     where a launch (a hand-written stage's launch configuration as plain tuples, so that compiled
-    graphs see constants) is passed to the stage as `config`."""
+    graphs see constants) is passed to the stage as `config`; chunk_size > 0 (token-layout inputs,
+    which only the hand-written stages read) likewise."""
     out = []
     for stage, (backend, launch) in zip(STAGES, backends):
         forward, backward = implementation(stage, backend)
-        if launch is not None:
-            forward, backward = functools.partial(forward, config=launch), functools.partial(backward, config=launch)
+        keywords = {} if launch is None else {"config": launch}
+        if chunk_size:
+            if backend != "triton":
+                raise ValueError(f"token-layout inputs need every stage on the triton backend, got {stage}={backend}")
+            keywords["chunk_size"] = chunk_size
+        if keywords:
+            forward, backward = functools.partial(forward, **keywords), functools.partial(backward, **keywords)
         out.append((forward, backward))
     return out
+
+
+def token_layout(plan: Plan, layout: PackedLayout | None) -> bool:
+    """Whether the stages read the caller's [B, T, H, D] tensors as they are (masking the rows of a
+    ragged last chunk) rather than a padded chunk-layout copy: when every stage is hand-written, the
+    state pass is one-level and the sequences are not packed (packing pads each sequence)."""
+    return layout is None and plan.state_group == 1 and all(b == "triton" for b in plan.backends().values())
 
 
 def _launch(config) -> tuple | None:
     return None if config is None else (config.blocks, config.num_warps, config.num_stages)
 
 
-def _chunk_options(plan: Plan, device_type: str, scale: float, use_qk_l2norm: bool) -> dict:
+def _chunk_options(plan: Plan, device_type: str, scale: float, use_qk_l2norm: bool, tokens: bool = False) -> dict:
     backends = tuple((plan.backends()[stage], _launch(getattr(plan, f"{stage}_kernel"))) for stage in STAGES)
-    return dict(scale=scale, use_qk_l2norm=use_qk_l2norm, policy=plan.precision_for(device_type), backends=backends)
+    return dict(scale=scale, use_qk_l2norm=use_qk_l2norm, policy=plan.precision_for(device_type), backends=backends,
+                chunk_size=plan.chunk_size if tokens else 0)
 
 
 def _forward_for(plan: Plan, layout):
@@ -138,11 +163,14 @@ def _forward_for(plan: Plan, layout):
 def chunk_delta_rule_fwd(q, k, v, beta, initial_state, *, scale, use_qk_l2norm, plan, device_type, layout=None):
     """Returns (o [B, T, H, V] in q's dtype, final state [N, H, K, V] in the state dtype, the chunks'
     inverses for chunk_delta_rule_bwd)."""
-    chunks = (*(_chunked(x, plan, layout) for x in (q, k, v)), _chunked(beta, plan, layout, state_dtype(q.dtype)))
+    tokens = token_layout(plan, layout)
+    chunks = (*(_chunked(x, plan, layout, tokens=tokens) for x in (q, k, v)),
+              _chunked(beta, plan, layout, state_dtype(q.dtype), tokens))
     s0 = _initial_state(initial_state, q, v, layout)
     segments = None if layout is None else layout.segments
-    options = _chunk_options(plan, device_type, scale, use_qk_l2norm)
-    o, final, t = _run(_forward_for(plan, layout), plan, (*chunks, s0, segments), options)
+    options = _chunk_options(plan, device_type, scale, use_qk_l2norm, tokens)
+    o, final, t = _run(_forward_for(plan, layout), plan, (*chunks, s0, segments), options,
+                       token_inputs=(0, 1, 2, 3) if tokens else ())
     # a CUDA-graph replay's outputs are its own buffers: copy out what outlives the call
     return _unchunked(o, q.shape[1], q.dtype, layout), final.clone(), t.clone() if plan.cuda_graph else t
 
@@ -151,15 +179,24 @@ def chunk_delta_rule_bwd(
     q, k, v, beta, initial_state, t, do, dfinal, *, scale, use_qk_l2norm, plan, device_type, layout=None
 ):
     """Returns (dq, dk, dv, dbeta, d initial_state or None), each in its input's dtype."""
-    chunks = (*(_chunked(x, plan, layout) for x in (q, k, v)), _chunked(beta, plan, layout, state_dtype(q.dtype)))
+    tokens = token_layout(plan, layout)
+    chunks = (*(_chunked(x, plan, layout, tokens=tokens) for x in (q, k, v)),
+              _chunked(beta, plan, layout, state_dtype(q.dtype), tokens))
+    doc = _chunked(do.to(q.dtype), plan, layout, tokens=tokens)
     s0 = _initial_state(initial_state, q, v, layout)
-    doc = _chunked(do.to(q.dtype), plan, layout)
     ds_final = torch.zeros_like(s0) if dfinal is None else dfinal.to(s0.dtype)
     segments = None if layout is None else layout.segments
-    options = _chunk_options(plan, device_type, scale, use_qk_l2norm)
-    dq, dk, dv, dbeta, ds0 = _run(backward_chunks, plan, (*chunks, t, s0, doc, ds_final, segments), options)
+    options = _chunk_options(plan, device_type, scale, use_qk_l2norm, tokens)
+    dq, dk, dv, dbeta, ds0 = _run(backward_chunks, plan, (*chunks, t, s0, doc, ds_final, segments), options,
+                                  token_inputs=(0, 1, 2, 3, 6) if tokens else ())
     T = q.shape[1]
-    grads = tuple(_unchunked(g, T, x.dtype, layout) for g, x in zip((dq, dk, dv, dbeta), (q, k, v, beta)))
+    if tokens and use_qk_l2norm:  # l2norm's backward, left to the token layout by backward_chunks
+        dq = l2norm_backward(q.to(s0.dtype), from_chunks(dq, T, s0.dtype))
+        dk = l2norm_backward(k.to(s0.dtype), from_chunks(dk, T, s0.dtype))
+        grads = (dq.to(q.dtype), dk.to(k.dtype), _unchunked(dv, T, v.dtype, layout),
+                 _unchunked(dbeta, T, beta.dtype, layout))
+    else:
+        grads = tuple(_unchunked(g, T, x.dtype, layout) for g, x in zip((dq, dk, dv, dbeta), (q, k, v, beta)))
     return (*grads, None if initial_state is None else ds0.to(initial_state.dtype, copy=True))
 
 
@@ -180,8 +217,9 @@ def _compiled(fn, mode, dynamic: bool = True):
     return run
 
 
-def _run(fn, plan: Plan, tensors: tuple[torch.Tensor, ...], options: dict):
-    """fn(*tensors, **options) on grouped chunk-layout tensors, compiled as the plan says.
+def _run(fn, plan: Plan, tensors: tuple, options: dict, token_inputs: tuple[int, ...] = ()):
+    """fn(*tensors, **options) on grouped chunk-layout tensors (those at `token_inputs` in the token
+    layout), compiled as the plan says.
 
     Our own compiled graph marks B (dim 0) and N/g (dim 2 of chunk tensors) dynamic and scans over
     chunks: one graph for every batch size and sequence length. (The chunking happens outside the
@@ -196,10 +234,13 @@ def _run(fn, plan: Plan, tensors: tuple[torch.Tensor, ...], options: dict):
         # to have been codegen-ed"), whether we mark sizes dynamic or a recompile does.
         dynamic = not plan.unroll and not (plan.state_group > 1 and tensors[0].is_cuda)
         if dynamic:
-            for x in (t for t in torch.utils._pytree.tree_leaves(tensors) if isinstance(t, torch.Tensor)):
-                torch._dynamo.maybe_mark_dynamic(x, 0)
-                if x.dim() >= 5:  # chunk layout: N/g, besides B
-                    torch._dynamo.maybe_mark_dynamic(x, 2)
+            for i, arg in enumerate(tensors):
+                for x in (t for t in torch.utils._pytree.tree_leaves(arg) if isinstance(t, torch.Tensor)):
+                    torch._dynamo.maybe_mark_dynamic(x, 0)
+                    if i in token_inputs:  # token layout: T, besides B
+                        torch._dynamo.maybe_mark_dynamic(x, 1)
+                    elif x.dim() >= 5:  # chunk layout: N/g, besides B
+                        torch._dynamo.maybe_mark_dynamic(x, 2)
         options = dict(options, stepping=_stepping(plan, not plan.unroll))
         compiled = _compiled(fn, plan.compile_mode, dynamic)
         if plan.cuda_graph and tensors[0].is_cuda:

@@ -4,7 +4,8 @@ Public tensors are token-major, [B, T, H, D] (fla's layout). The chunk stages wo
 [B, H, N, C, D]: N = ceil(T / C) chunks of C rows, batched over (B, H, N); `to_chunks` hands them
 out as [B, H, N/g, g, C, D] so a compiled graph sees N/g as an input size (state.py says why). A ragged last chunk is
 zero-padded; zero keys and zero beta make padded rows exact no-ops for the state, and their outputs
-are dropped by `from_chunks`. Each conversion is one copy.
+are dropped by `from_chunks`. Each conversion is one copy. Plans whose every stage is hand-written
+skip `to_chunks`: the kernels read the caller's tensors and mask the rows past T (function.token_layout).
 """
 
 from __future__ import annotations

@@ -18,7 +18,9 @@ its steps (`state.Stepping`: loop or scan, one or two levels), which other backe
 `segments` (`layout.Segments` or None) places packed sequences: s0 and final are then per sequence.
 The "compiled" backend is the blocked PyTorch ops of this package; hand-written Triton kernels
 register as "triton" when `deltaflex.kernels` is imported, and also take a keyword `config`: the
-plan's launch configuration for the stage (deltaflex.kernels says what it holds).
+plan's launch configuration for the stage (deltaflex.kernels says what it holds), and a keyword
+`chunk_size`: when nonzero, q, k, v, beta and do come in the caller's token layout [B, T, H, D]
+instead (what they output stays in the chunk layout).
 """
 
 from __future__ import annotations

@@ -14,6 +14,8 @@ IEEE float32 dot runs on the CUDA cores with register tiles too large for these 
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import triton
 import triton.language as tl
@@ -106,6 +108,32 @@ def define_op(name: str, fake):
         return op
 
     return register
+
+
+class Geometry(NamedTuple):
+    """How an op's inputs are chunked: B sequences of T tokens, H heads, N chunks of C rows; `tokens`:
+    the inputs are in the caller's token layout [B, T, H, D], else in the chunk layout [B, H, N, C, D]."""
+
+    B: int
+    H: int
+    N: int
+    C: int
+    T: int
+    tokens: bool
+
+    def kernel_args(self) -> tuple:
+        """(N, H, T): the runtime arguments of `chunk_rows`."""
+        return self.N, self.H, self.T
+
+
+def geometry(x: torch.Tensor, chunk_size: int = 0) -> Geometry:
+    """The Geometry of an op's input x: token layout [B, T, H, D] with chunks of `chunk_size` rows, or
+    (chunk_size 0) chunk layout [B, H, N, C, D]."""
+    if chunk_size:
+        B, T, H = x.shape[:3]
+        return Geometry(B, H, (T + chunk_size - 1) // chunk_size, chunk_size, T, True)
+    B, H, N, C = x.shape[:4]
+    return Geometry(B, H, N, C, N * C, False)
 
 
 def f32(*shape, like: torch.Tensor) -> torch.Tensor:
@@ -213,4 +241,39 @@ def store_tile(ptr, x, i, j, ROWS: tl.constexpr, COLS: tl.constexpr, BR: tl.cons
         tl.store(ptr + off, x)
     else:
         tl.store(ptr + off, x, mask=(r < ROWS)[:, None] & (c < COLS)[None, :])
+
+
+# Inputs (q, k, v, beta, dO) are read where the caller put them: the token layout [B, T, H, D]
+# (TOKENS) or the chunk layout [B, H, N, C, D]. Programs number chunks (b, h, n) row-major in both,
+# and find a chunk's rows with `chunk_rows`; in the token layout the rows of a last, ragged chunk
+# past T are masked (loaded as zeros, exactly the zero padding of the chunk layout), so no padded
+# copy of an input is ever made. Everything the kernels write stays in the chunk layout.
+
+
+@triton.jit
+def chunk_rows(chunk, N, H, T, C: tl.constexpr, D: tl.constexpr, TOKENS: tl.constexpr):
+    """(offset of the chunk's first row, row stride, rows it has) of a D-wide input; `chunk` in int64.
+    D = 1 for beta ([B, T, H] or [B, H, N, C])."""
+    if TOKENS:
+        n = chunk % N
+        bh = chunk // N
+        return ((bh // H * T + n * C) * H + bh % H) * D, H * D, T - n * C
+    else:
+        return chunk * C * D, D, C
+
+
+@triton.jit
+def load_rows(ptr, stride, rows, i, j, COLS: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr):
+    """Block (i, j), [BR, BC], of a chunk's rows at ptr (`stride` apart, `rows` of them, COLS wide);
+    zeros past either."""
+    r = i * BR + tl.arange(0, BR)
+    c = j * BC + tl.arange(0, BC)
+    return tl.load(ptr + r[:, None] * stride + c[None, :], mask=(r < rows)[:, None] & (c < COLS)[None, :], other=0.0)
+
+
+@triton.jit
+def load_column(ptr, stride, rows, C: tl.constexpr):
+    """A chunk's C values of a one-wide input (beta) in float32; zeros past `rows`."""
+    r = tl.arange(0, C)
+    return tl.load(ptr + r * stride, mask=r < rows, other=0.0).to(tl.float32)
 

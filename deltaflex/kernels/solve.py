@@ -10,6 +10,9 @@ where power series in A do not (DESIGN.md).
 Backward (`solve_bwd_kernel`): dA = tril(-T^T dT T^T, -1), then dbeta = rowsum(dA * K K^T) and
 dK = (diag(beta) dA) K + (diag(beta) dA)^T K over BK-blocks of keys.
 
+Layouts: k and beta are read in the chunk layout or the caller's token layout (common.chunk_rows);
+everything written is in the chunk layout.
+
 Grid: (B*H*N,). Blocks: 16-row blocks of the chunk (C / 16 of them, unrolled), the whole C x C
 matrix as one tile, BK <= 64 over keys. Products of float32 factors (T, dT, A) run as 3xTF32
 whatever the policy (near float32 accuracy on the tensor cores; see common.py).
@@ -21,8 +24,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import (FP32, block, check_tensors, define_op, exact, f32, launch, launch_options, load_tile, mma, mma_f32,
-                     policy_of, precision, store_tile, warps_stages)
+from .common import (FP32, block, check_tensors, chunk_rows, define_op, exact, f32, geometry, launch, launch_options,
+                     load_column, load_rows, load_tile, mma, mma_f32, policy_of, precision, store_tile, warps_stages)
 
 
 @triton.jit
@@ -38,20 +41,21 @@ def _invert_unit_lower_16(a):
 
 
 @triton.jit
-def solve_chunk(k_c, beta_c, t_c, K: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, K_EXACT: tl.constexpr,
-                POLICY: tl.constexpr, LOW: tl.constexpr):
-    """Writes T = (I + A)^-1 of the chunk whose keys, betas and T start at k_c, beta_c, t_c; on return
-    every thread of the program sees all of T."""
+def solve_chunk(k_c, k_stride, beta_c, beta_stride, n_rows, t_c, K: tl.constexpr, C: tl.constexpr,
+                BK: tl.constexpr, K_EXACT: tl.constexpr, POLICY: tl.constexpr, LOW: tl.constexpr):
+    """Writes T = (I + A)^-1 of the chunk whose keys, betas (`n_rows` rows, common.chunk_rows) and T
+    start at k_c, beta_c, t_c; on return every thread of the program sees all of T."""
     rc, r16 = tl.arange(0, C), tl.arange(0, 16)
     for i in tl.static_range(C // 16):
         rows = i * 16 + r16
         a = tl.zeros([16, C], tl.float32)  # rows of K K^T
         a_ii = tl.zeros([16, 16], tl.float32)  # its diagonal block
         for j in range(0, tl.cdiv(K, BK)):
-            k_i = load_tile(k_c, i, j, C, K, 16, BK)
-            a = mma(k_i, tl.trans(load_tile(k_c, 0, j, C, K, C, BK)), a, K_EXACT, K_EXACT, POLICY, LOW)
+            k_i = load_rows(k_c, k_stride, n_rows, i, j, K, 16, BK)
+            a = mma(k_i, tl.trans(load_rows(k_c, k_stride, n_rows, 0, j, K, C, BK)), a, K_EXACT, K_EXACT, POLICY,
+                    LOW)
             a_ii = mma(k_i, tl.trans(k_i), a_ii, K_EXACT, K_EXACT, POLICY, LOW)
-        beta = tl.load(beta_c + rows)
+        beta = tl.load(beta_c + rows * beta_stride, mask=rows < n_rows, other=0.0).to(tl.float32)
         a = tl.where(rc[None, :] < rows[:, None], a * beta[:, None], 0.0)
         x = _invert_unit_lower_16(tl.where(r16[None, :] < r16[:, None], a_ii * beta[:, None], 0.0))
         if i > 0:
@@ -69,19 +73,24 @@ def solve_chunk(k_c, beta_c, t_c, K: tl.constexpr, C: tl.constexpr, BK: tl.const
 
 
 @triton.jit
-def solve_fwd_kernel(k_ptr, beta_ptr, t_ptr,
+def solve_fwd_kernel(k_ptr, beta_ptr, t_ptr, N, H, T,
                      K: tl.constexpr, C: tl.constexpr, BK: tl.constexpr,
-                     K_EXACT: tl.constexpr, POLICY: tl.constexpr, LOW: tl.constexpr):
+                     K_EXACT: tl.constexpr, POLICY: tl.constexpr, LOW: tl.constexpr, TOKENS: tl.constexpr):
     chunk = tl.program_id(0).to(tl.int64)
-    solve_chunk(k_ptr + chunk * C * K, beta_ptr + chunk * C, t_ptr + chunk * C * C, K, C, BK, K_EXACT, POLICY, LOW)
+    k_off, k_stride, n_rows = chunk_rows(chunk, N, H, T, C, K, TOKENS)
+    beta_off, beta_stride, _ = chunk_rows(chunk, N, H, T, C, 1, TOKENS)
+    solve_chunk(k_ptr + k_off, k_stride, beta_ptr + beta_off, beta_stride, n_rows, t_ptr + chunk * C * C, K, C, BK,
+                K_EXACT, POLICY, LOW)
 
 
 @triton.jit
-def solve_bwd_kernel(k_ptr, beta_ptr, t_ptr, dt_ptr, dk_ptr, dbeta_ptr,
+def solve_bwd_kernel(k_ptr, beta_ptr, t_ptr, dt_ptr, dk_ptr, dbeta_ptr, N, H, T,
                      K: tl.constexpr, C: tl.constexpr, BK: tl.constexpr,
-                     K_EXACT: tl.constexpr, POLICY: tl.constexpr, LOW: tl.constexpr):
+                     K_EXACT: tl.constexpr, POLICY: tl.constexpr, LOW: tl.constexpr, TOKENS: tl.constexpr):
     chunk = tl.program_id(0).to(tl.int64)
-    k_c = k_ptr + chunk * C * K
+    k_off, k_stride, n_rows = chunk_rows(chunk, N, H, T, C, K, TOKENS)
+    beta_off, beta_stride, _ = chunk_rows(chunk, N, H, T, C, 1, TOKENS)
+    k_c = k_ptr + k_off
     rc = tl.arange(0, C)
     t = load_tile(t_ptr + chunk * C * C, 0, 0, C, C, C, C)
     m = mma_f32(tl.trans(t), load_tile(dt_ptr + chunk * C * C, 0, 0, C, C, C, C), tl.zeros([C, C], tl.float32))
@@ -89,29 +98,32 @@ def solve_bwd_kernel(k_ptr, beta_ptr, t_ptr, dt_ptr, dk_ptr, dbeta_ptr,
     da = tl.where(rc[:, None] > rc[None, :], da, 0.0)
     kkt = tl.zeros([C, C], tl.float32)
     for j in range(0, tl.cdiv(K, BK)):
-        k = load_tile(k_c, 0, j, C, K, C, BK)
+        k = load_rows(k_c, k_stride, n_rows, 0, j, K, C, BK)
         kkt = mma(k, tl.trans(k), kkt, K_EXACT, K_EXACT, POLICY, LOW)
     tl.store(dbeta_ptr + chunk * C + rc, tl.sum(da * kkt, 1))
-    dab = tl.load(beta_ptr + chunk * C + rc)[:, None] * da
+    dab = load_column(beta_ptr + beta_off, beta_stride, n_rows, C)[:, None] * da
     for j in range(0, tl.cdiv(K, BK)):
-        k = load_tile(k_c, 0, j, C, K, C, BK)
+        k = load_rows(k_c, k_stride, n_rows, 0, j, K, C, BK)
         dk = mma(dab, k, mma(tl.trans(dab), k, tl.zeros([C, BK], tl.float32), False, K_EXACT, POLICY, LOW),
                  False, K_EXACT, POLICY, LOW)
         store_tile(dk_ptr + chunk * C * K, dk, 0, j, C, K, C, BK)
 
 
-def _solve_fwd_fake(k, beta, policy, low, num_warps=0, num_stages=0):
-    return f32(*k.shape[:-1], k.shape[-2], like=k)
+def _solve_fwd_fake(k, beta, policy, low, num_warps=0, num_stages=0, chunk_size=0):
+    B, H, N, C, _, _ = geometry(k, chunk_size)
+    return f32(B, H, N, C, C, like=k)
 
 
 @define_op("solve_fwd", _solve_fwd_fake)
 def solve_fwd(k: torch.Tensor, beta: torch.Tensor, policy: str, low: torch.dtype, num_warps: int = 0,
-              num_stages: int = 0) -> torch.Tensor:
-    B, H, N, C, K = k.shape
-    t = _solve_fwd_fake(k, beta, policy, low)
+              num_stages: int = 0, chunk_size: int = 0) -> torch.Tensor:
+    """k, beta in the chunk layout, or (chunk_size > 0) in the token layout (common.chunk_rows)."""
+    g, K = geometry(k, chunk_size), k.shape[-1]
+    t = _solve_fwd_fake(k, beta, policy, low, chunk_size=chunk_size)
     POLICY, LOW = precision(policy, low)
-    launch(solve_fwd_kernel, (B * H * N,), k, beta, t, K=K, C=C, BK=block(K), K_EXACT=exact(k, low),
-           POLICY=POLICY, LOW=LOW, num_warps=num_warps or (4 if C <= 64 else 8), num_stages=num_stages or 1)
+    launch(solve_fwd_kernel, (g.B * g.H * g.N,), k, beta, t, *g.kernel_args(), K=K, C=g.C, BK=block(K),
+           K_EXACT=exact(k, low), POLICY=POLICY, LOW=LOW, TOKENS=g.tokens,
+           num_warps=num_warps or (4 if g.C <= 64 else 8), num_stages=num_stages or 1)
     return t
 
 
@@ -124,35 +136,39 @@ def solve_fwd(k: torch.Tensor, beta: torch.Tensor, policy: str, low: torch.dtype
 # H200), so those launches take it: more accurate, and at head dims up to 32 its cost is small.
 
 
-def _solve_bwd_fake(k, beta, t, dt, policy, low, num_warps=0, num_stages=0):
-    return f32(*k.shape, like=k), f32(*beta.shape, like=k)
+def _solve_bwd_fake(k, beta, t, dt, policy, low, num_warps=0, num_stages=0, chunk_size=0):
+    B, H, N, C, _, _ = geometry(k, chunk_size)
+    return f32(B, H, N, C, k.shape[-1], like=k), f32(B, H, N, C, like=k)
 
 
 @define_op("solve_bwd", _solve_bwd_fake)
 def solve_bwd(k: torch.Tensor, beta: torch.Tensor, t: torch.Tensor, dt: torch.Tensor, policy: str,
-              low: torch.dtype, num_warps: int = 0, num_stages: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    B, H, N, C, K = k.shape
-    dk, dbeta = _solve_bwd_fake(k, beta, t, dt, policy, low)
+              low: torch.dtype, num_warps: int = 0, num_stages: int = 0, chunk_size: int = 0
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+    """k, beta in either layout (as solve_fwd); t, dt, and dk, dbeta in the chunk layout."""
+    g, K = geometry(k, chunk_size), k.shape[-1]
+    dk, dbeta = _solve_bwd_fake(k, beta, t, dt, policy, low, chunk_size=chunk_size)
     POLICY, LOW = precision(policy, low)
     BK = block(K)
-    num_warps = num_warps or (4 if C <= 32 else 8)
-    if C >= 64 and BK < 64 and POLICY != FP32:  # NARROW_KEYS_FAULT
+    num_warps = num_warps or (4 if g.C <= 32 else 8)
+    if g.C >= 64 and BK < 64 and POLICY != FP32:  # NARROW_KEYS_FAULT
         POLICY, num_warps, num_stages = FP32, 8, 0
-    launch(solve_bwd_kernel, (B * H * N,), k, beta, t, dt, dk, dbeta, K=K, C=C, BK=BK,
-           K_EXACT=exact(k, low), POLICY=POLICY, LOW=LOW, **launch_options(num_warps, num_stages))
+    launch(solve_bwd_kernel, (g.B * g.H * g.N,), k, beta, t, dt, dk, dbeta, *g.kernel_args(), K=K, C=g.C, BK=BK,
+           K_EXACT=exact(k, low), POLICY=POLICY, LOW=LOW, TOKENS=g.tokens, **launch_options(num_warps, num_stages))
     return dk, dbeta
 
 
-def solve_forward(k, beta, dot, config=None):
-    """The registered `solve` stage: T [B, H, N, C, C], float32."""
+def solve_forward(k, beta, dot, config=None, chunk_size=0):
+    """The registered `solve` stage: T [B, H, N, C, C], float32. chunk_size > 0: k and beta are in
+    the token layout (deltaflex.kernels says when)."""
     check_tensors(k, beta)
     policy, low = policy_of(dot)
-    return solve_fwd(k.contiguous(), beta.float().contiguous(), policy, low, *warps_stages(config))
+    return solve_fwd(k.contiguous(), beta.contiguous(), policy, low, *warps_stages(config), chunk_size)
 
 
-def solve_backward(k, beta, t, dt, dot, config=None):
-    """The registered `solve_backward` stage: (dk, dbeta), float32."""
+def solve_backward(k, beta, t, dt, dot, config=None, chunk_size=0):
+    """The registered `solve_backward` stage: (dk, dbeta), float32, in the chunk layout."""
     check_tensors(k, beta, t, dt)
     policy, low = policy_of(dot)
-    return solve_bwd(k.contiguous(), beta.float().contiguous(), t.contiguous(), dt.contiguous(), policy, low,
-                     *warps_stages(config))
+    return solve_bwd(k.contiguous(), beta.contiguous(), t.contiguous(), dt.contiguous(), policy, low,
+                     *warps_stages(config), chunk_size)

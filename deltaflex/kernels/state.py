@@ -8,6 +8,9 @@ Backward (`state_bwd_kernel`): the same grid walks the chunks in reverse with dS
 then `state_grads_kernel`, one program per (chunk, block of BK key columns), forms
 dK_n = V_new_n ds_next[n]^T and dW_n = -dV_new_n states[n]^T over blocks of BV values.
 
+Layouts: q, k and dO are read in the chunk layout or the caller's token layout (common.chunk_rows);
+everything written is in the chunk layout.
+
 Grid: (cdiv(V, BV), B*H) for the passes, (cdiv(K, BK), B*H*N) for the gradients. Blocks: in the
 passes the state is up to four [BK, BV] tiles, BK <= 64 (K <= 256), BV from `pass_config`; C (the
 chunk size) is one tile; masks cover head dims that are not powers of two. ds_next is materialised
@@ -20,8 +23,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import (FP32, INTERPRETED, as_f32, block, check_tensors, define_op, exact, f32, launch, load_tile, mma,
-                     policy_of, precision, store_tile, warps_stages)
+from .common import (FP32, INTERPRETED, as_f32, block, check_tensors, chunk_rows, define_op, exact, f32, geometry,
+                     launch, load_rows, load_tile, mma, policy_of, precision, store_tile, warps_stages)
 
 
 # Launch parameters (BV, num_warps, num_stages) of the passes over chunks by key dim (<= 64, <= 128,
@@ -99,37 +102,40 @@ def _sequence_state(ptr, seq_ptr, n, bh, K: tl.constexpr, V: tl.constexpr):
 
 
 @triton.jit
-def _rows_times_state(acc, a_c, s0, s1, s2, s3, C: tl.constexpr, K: tl.constexpr, BK: tl.constexpr,
-                      A_EXACT: tl.constexpr, POLICY: tl.constexpr, LOW: tl.constexpr):
-    """acc + A S for a chunk's [C, K] rows A at a_c and a state in four [BK, BV] tiles (W S, K dS)."""
-    acc = mma(load_tile(a_c, 0, 0, C, K, C, BK), s0, acc, A_EXACT, False, POLICY, LOW)
+def _rows_times_state(acc, a_c, a_stride, n_rows, s0, s1, s2, s3, C: tl.constexpr, K: tl.constexpr,
+                      BK: tl.constexpr, A_EXACT: tl.constexpr, POLICY: tl.constexpr, LOW: tl.constexpr):
+    """acc + A S for a chunk's [C, K] rows A at a_c (`a_stride` apart, `n_rows` of them) and a state in
+    four [BK, BV] tiles (W S, K dS)."""
+    acc = mma(load_rows(a_c, a_stride, n_rows, 0, 0, K, C, BK), s0, acc, A_EXACT, False, POLICY, LOW)
     if BK < K:
-        acc = mma(load_tile(a_c, 0, 1, C, K, C, BK), s1, acc, A_EXACT, False, POLICY, LOW)
+        acc = mma(load_rows(a_c, a_stride, n_rows, 0, 1, K, C, BK), s1, acc, A_EXACT, False, POLICY, LOW)
     if 2 * BK < K:
-        acc = mma(load_tile(a_c, 0, 2, C, K, C, BK), s2, acc, A_EXACT, False, POLICY, LOW)
+        acc = mma(load_rows(a_c, a_stride, n_rows, 0, 2, K, C, BK), s2, acc, A_EXACT, False, POLICY, LOW)
     if 3 * BK < K:
-        acc = mma(load_tile(a_c, 0, 3, C, K, C, BK), s3, acc, A_EXACT, False, POLICY, LOW)
+        acc = mma(load_rows(a_c, a_stride, n_rows, 0, 3, K, C, BK), s3, acc, A_EXACT, False, POLICY, LOW)
     return acc
 
 
 @triton.jit
-def _state_plus_kt_x(s0, s1, s2, s3, k_c, x, C: tl.constexpr, K: tl.constexpr, BK: tl.constexpr,
+def _state_plus_kt_x(s0, s1, s2, s3, k_c, k_stride, n_rows, x, C: tl.constexpr, K: tl.constexpr, BK: tl.constexpr,
                      K_EXACT: tl.constexpr, POLICY: tl.constexpr, LOW: tl.constexpr):
-    """S + K^T X, tile by tile, for a chunk's keys at k_c and X [C, BV] (the state update)."""
-    s0 = mma(tl.trans(load_tile(k_c, 0, 0, C, K, C, BK)), x, s0, K_EXACT, False, POLICY, LOW)
+    """S + K^T X, tile by tile, for a chunk's keys at k_c (common.chunk_rows) and X [C, BV] (the
+    state update)."""
+    s0 = mma(tl.trans(load_rows(k_c, k_stride, n_rows, 0, 0, K, C, BK)), x, s0, K_EXACT, False, POLICY, LOW)
     if BK < K:
-        s1 = mma(tl.trans(load_tile(k_c, 0, 1, C, K, C, BK)), x, s1, K_EXACT, False, POLICY, LOW)
+        s1 = mma(tl.trans(load_rows(k_c, k_stride, n_rows, 0, 1, K, C, BK)), x, s1, K_EXACT, False, POLICY, LOW)
     if 2 * BK < K:
-        s2 = mma(tl.trans(load_tile(k_c, 0, 2, C, K, C, BK)), x, s2, K_EXACT, False, POLICY, LOW)
+        s2 = mma(tl.trans(load_rows(k_c, k_stride, n_rows, 0, 2, K, C, BK)), x, s2, K_EXACT, False, POLICY, LOW)
     if 3 * BK < K:
-        s3 = mma(tl.trans(load_tile(k_c, 0, 3, C, K, C, BK)), x, s3, K_EXACT, False, POLICY, LOW)
+        s3 = mma(tl.trans(load_rows(k_c, k_stride, n_rows, 0, 3, K, C, BK)), x, s3, K_EXACT, False, POLICY, LOW)
     return s0, s1, s2, s3
 
 
 @triton.jit
 def state_fwd_kernel(k_ptr, w_ptr, u_ptr, s0_ptr, v_new_ptr, states_ptr, final_ptr, seq_ptr, first_ptr, last_ptr, N,
-                     K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-                     K_EXACT: tl.constexpr, POLICY: tl.constexpr, LOW: tl.constexpr, SEGMENTED: tl.constexpr):
+                     H, T, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+                     K_EXACT: tl.constexpr, POLICY: tl.constexpr, LOW: tl.constexpr, SEGMENTED: tl.constexpr,
+                     TOKENS: tl.constexpr):
     iv, bh = tl.program_id(0), tl.program_id(1).to(tl.int64)
     # the state, as up to four [BK, BV] tiles (those past K stay zero and unused)
     if SEGMENTED:  # packed sequences (B = 1, bh = h): each loads its own s0[seq, h] at its first chunk
@@ -142,15 +148,17 @@ def state_fwd_kernel(k_ptr, w_ptr, u_ptr, s0_ptr, v_new_ptr, states_ptr, final_p
         if SEGMENTED:
             if tl.load(first_ptr + n) != 0:
                 s0, s1, s2, s3 = _load_states(_sequence_state(s0_ptr, seq_ptr, n, bh, K, V), iv, K, V, BK, BV)
-        k_c, w_c = k_ptr + chunk * C * K, w_ptr + chunk * C * K
+        k_off, k_stride, n_rows = chunk_rows(chunk, N, H, T, C, K, TOKENS)
         states_c = states_ptr + chunk * K * V
         _store_states(states_c, s0, s1, s2, s3, iv, K, V, BK, BV)
         # V_new = U - W S
-        ws = _rows_times_state(tl.zeros([C, BV], tl.float32), w_c, s0, s1, s2, s3, C, K, BK, False, POLICY, LOW)
+        ws = _rows_times_state(tl.zeros([C, BV], tl.float32), w_ptr + chunk * C * K, K, C, s0, s1, s2, s3, C, K, BK,
+                               False, POLICY, LOW)
         v_new = load_tile(u_ptr + chunk * C * V, 0, iv, C, V, C, BV) - ws
         store_tile(v_new_ptr + chunk * C * V, v_new, 0, iv, C, V, C, BV)
         # S <- S + K^T V_new
-        s0, s1, s2, s3 = _state_plus_kt_x(s0, s1, s2, s3, k_c, v_new, C, K, BK, K_EXACT, POLICY, LOW)
+        s0, s1, s2, s3 = _state_plus_kt_x(s0, s1, s2, s3, k_ptr + k_off, k_stride, n_rows, v_new, C, K, BK, K_EXACT,
+                                          POLICY, LOW)
         if SEGMENTED:
             if tl.load(last_ptr + n) != 0:
                 _store_states(_sequence_state(final_ptr, seq_ptr, n, bh, K, V), s0, s1, s2, s3, iv, K, V, BK, BV)
@@ -159,20 +167,21 @@ def state_fwd_kernel(k_ptr, w_ptr, u_ptr, s0_ptr, v_new_ptr, states_ptr, final_p
 
 
 @triton.jit
-def _ds_step(ds, i: tl.constexpr, q_c, w_c, do, dv_new, scale, C: tl.constexpr, K: tl.constexpr, BK: tl.constexpr,
-             Q_EXACT: tl.constexpr, DO_EXACT: tl.constexpr, POLICY: tl.constexpr, LOW: tl.constexpr):
+def _ds_step(ds, i: tl.constexpr, q_c, q_stride, n_rows, w_c, do, dv_new, scale, C: tl.constexpr, K: tl.constexpr,
+             BK: tl.constexpr, Q_EXACT: tl.constexpr, DO_EXACT: tl.constexpr, POLICY: tl.constexpr,
+             LOW: tl.constexpr):
     """Tile i of dS + scale Q^T dO - W^T dV_new."""
-    qdo = mma(tl.trans(load_tile(q_c, 0, i, C, K, C, BK)), do, tl.zeros(ds.shape, tl.float32), Q_EXACT, DO_EXACT,
-              POLICY, LOW)
+    qdo = mma(tl.trans(load_rows(q_c, q_stride, n_rows, 0, i, K, C, BK)), do, tl.zeros(ds.shape, tl.float32),
+              Q_EXACT, DO_EXACT, POLICY, LOW)
     return mma(tl.trans(load_tile(w_c, 0, i, C, K, C, BK)), -dv_new, ds + scale * qdo, False, False, POLICY, LOW)
 
 
 @triton.jit
 def state_bwd_kernel(q_ptr, k_ptr, w_ptr, do_ptr, dv_local_ptr, ds_final_ptr, dv_new_ptr, ds_next_ptr, ds0_ptr,
-                     seq_ptr, first_ptr, last_ptr, scale, N,
+                     seq_ptr, first_ptr, last_ptr, scale, N, H, T,
                      K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
                      Q_EXACT: tl.constexpr, K_EXACT: tl.constexpr, DO_EXACT: tl.constexpr,
-                     POLICY: tl.constexpr, LOW: tl.constexpr, SEGMENTED: tl.constexpr):
+                     POLICY: tl.constexpr, LOW: tl.constexpr, SEGMENTED: tl.constexpr, TOKENS: tl.constexpr):
     iv, bh = tl.program_id(0), tl.program_id(1).to(tl.int64)
     scale = as_f32(scale)
     if SEGMENTED:  # packed sequences: each starts (in reverse) from its own ds_final[seq, h] at its last chunk
@@ -187,22 +196,28 @@ def state_bwd_kernel(q_ptr, k_ptr, w_ptr, do_ptr, dv_local_ptr, ds_final_ptr, dv
             if tl.load(last_ptr + n) != 0:
                 ds0, ds1, ds2, ds3 = _load_states(_sequence_state(ds_final_ptr, seq_ptr, n, bh, K, V), iv, K, V, BK,
                                                   BV)
-        q_c, k_c, w_c = q_ptr + chunk * C * K, k_ptr + chunk * C * K, w_ptr + chunk * C * K
+        qk_off, qk_stride, n_rows = chunk_rows(chunk, N, H, T, C, K, TOKENS)
+        do_off, do_stride, _ = chunk_rows(chunk, N, H, T, C, V, TOKENS)
+        q_c, k_c, w_c = q_ptr + qk_off, k_ptr + qk_off, w_ptr + chunk * C * K
         ds_next_c = ds_next_ptr + chunk * K * V
         _store_states(ds_next_c, ds0, ds1, ds2, ds3, iv, K, V, BK, BV)
         # dV_new = dV_local + K dS
-        dv_new = _rows_times_state(load_tile(dv_local_ptr + chunk * C * V, 0, iv, C, V, C, BV), k_c, ds0, ds1, ds2,
-                                   ds3, C, K, BK, K_EXACT, POLICY, LOW)
+        dv_new = _rows_times_state(load_tile(dv_local_ptr + chunk * C * V, 0, iv, C, V, C, BV), k_c, qk_stride, n_rows,
+                                   ds0, ds1, ds2, ds3, C, K, BK, K_EXACT, POLICY, LOW)
         store_tile(dv_new_ptr + chunk * C * V, dv_new, 0, iv, C, V, C, BV)
         # dS <- dS + scale Q^T dO - W^T dV_new
-        do = load_tile(do_ptr + chunk * C * V, 0, iv, C, V, C, BV)
-        ds0 = _ds_step(ds0, 0, q_c, w_c, do, dv_new, scale, C, K, BK, Q_EXACT, DO_EXACT, POLICY, LOW)
+        do = load_rows(do_ptr + do_off, do_stride, n_rows, 0, iv, V, C, BV)
+        ds0 = _ds_step(ds0, 0, q_c, qk_stride, n_rows, w_c, do, dv_new, scale, C, K, BK, Q_EXACT, DO_EXACT, POLICY,
+                       LOW)
         if BK < K:
-            ds1 = _ds_step(ds1, 1, q_c, w_c, do, dv_new, scale, C, K, BK, Q_EXACT, DO_EXACT, POLICY, LOW)
+            ds1 = _ds_step(ds1, 1, q_c, qk_stride, n_rows, w_c, do, dv_new, scale, C, K, BK, Q_EXACT, DO_EXACT,
+                           POLICY, LOW)
         if 2 * BK < K:
-            ds2 = _ds_step(ds2, 2, q_c, w_c, do, dv_new, scale, C, K, BK, Q_EXACT, DO_EXACT, POLICY, LOW)
+            ds2 = _ds_step(ds2, 2, q_c, qk_stride, n_rows, w_c, do, dv_new, scale, C, K, BK, Q_EXACT, DO_EXACT,
+                           POLICY, LOW)
         if 3 * BK < K:
-            ds3 = _ds_step(ds3, 3, q_c, w_c, do, dv_new, scale, C, K, BK, Q_EXACT, DO_EXACT, POLICY, LOW)
+            ds3 = _ds_step(ds3, 3, q_c, qk_stride, n_rows, w_c, do, dv_new, scale, C, K, BK, Q_EXACT, DO_EXACT,
+                           POLICY, LOW)
         if SEGMENTED:
             if tl.load(first_ptr + n) != 0:
                 _store_states(_sequence_state(ds0_ptr, seq_ptr, n, bh, K, V), ds0, ds1, ds2, ds3, iv, K, V, BK, BV)
@@ -228,8 +243,8 @@ def state_grads_kernel(v_new_ptr, dv_new_ptr, states_ptr, ds_next_ptr, dk_ptr, d
     store_tile(dw_ptr + chunk * C * K, dw, 0, ik, C, K, C, BK)
 
 
-def _state_fwd_fake(k, w, u, s0, seq, first, last, policy, low, bv=0, num_warps=0, num_stages=0):
-    B, H, N, C, K = k.shape
+def _state_fwd_fake(k, w, u, s0, seq, first, last, policy, low, bv=0, num_warps=0, num_stages=0, chunk_size=0):
+    B, H, N, C, K = w.shape
     V = u.shape[-1]
     return f32(B, H, N, C, V, like=k), f32(B, H, N, K, V, like=k), f32(*s0.shape, like=k)
 
@@ -237,23 +252,23 @@ def _state_fwd_fake(k, w, u, s0, seq, first, last, policy, low, bv=0, num_warps=
 @define_op("state_fwd", _state_fwd_fake)
 def state_fwd(k: torch.Tensor, w: torch.Tensor, u: torch.Tensor, s0: torch.Tensor, seq: torch.Tensor,
               first: torch.Tensor, last: torch.Tensor, policy: str, low: torch.dtype, bv: int = 0, num_warps: int = 0,
-              num_stages: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+              num_stages: int = 0, chunk_size: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """seq, first, last: [N] int32 chunk -> sequence, starts-it, ends-it of packed sequences, or empty
-    (B independent sequences)."""
-    B, H, N, C, K = k.shape
-    V = u.shape[-1]
+    (B independent sequences). k in the chunk layout, or (chunk_size > 0) in the token layout (not with
+    packed sequences); the rest in the chunk layout."""
+    g, K, V = geometry(k, chunk_size), k.shape[-1], u.shape[-1]
     v_new, states, final = _state_fwd_fake(k, w, u, s0, seq, first, last, policy, low)
     POLICY, LOW = precision(policy, low)
-    cfg = pass_config(K, V, C, POLICY, "forward", bv, num_warps, num_stages)
-    grid = (triton.cdiv(V, cfg["BV"]), B * H)
-    launch(state_fwd_kernel, grid, k, w, u, s0, v_new, states, final, seq, first, last, N, K=K, V=V, C=C,
-           K_EXACT=exact(k, low), POLICY=POLICY, LOW=LOW, SEGMENTED=seq.numel() > 0, **cfg)
+    cfg = pass_config(K, V, g.C, POLICY, "forward", bv, num_warps, num_stages)
+    grid = (triton.cdiv(V, cfg["BV"]), g.B * g.H)
+    launch(state_fwd_kernel, grid, k, w, u, s0, v_new, states, final, seq, first, last, *g.kernel_args(), K=K, V=V,
+           C=g.C, K_EXACT=exact(k, low), POLICY=POLICY, LOW=LOW, SEGMENTED=seq.numel() > 0, TOKENS=g.tokens, **cfg)
     return v_new, states, final
 
 
 def _state_bwd_fake(q, k, w, v_new, states, do, dv_local, ds_final, seq, first, last, scale, policy, low, bv=0,
-                    num_warps=0, num_stages=0):
-    B, H, N, C, K = k.shape
+                    num_warps=0, num_stages=0, chunk_size=0):
+    B, H, N, C, K = w.shape
     V = v_new.shape[-1]
     return (f32(B, H, N, C, V, like=k), f32(B, H, N, C, K, like=k), f32(B, H, N, C, K, like=k),
             f32(*ds_final.shape, like=k))
@@ -263,20 +278,22 @@ def _state_bwd_fake(q, k, w, v_new, states, do, dv_local, ds_final, seq, first, 
 def state_bwd(q: torch.Tensor, k: torch.Tensor, w: torch.Tensor, v_new: torch.Tensor, states: torch.Tensor,
               do: torch.Tensor, dv_local: torch.Tensor, ds_final: torch.Tensor, seq: torch.Tensor, first: torch.Tensor,
               last: torch.Tensor, scale: float, policy: str, low: torch.dtype, bv: int = 0, num_warps: int = 0,
-              num_stages: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    B, H, N, C, K = k.shape
-    V = v_new.shape[-1]
+              num_stages: int = 0, chunk_size: int = 0
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """q, k, do in either layout (as state_fwd's k); the rest in the chunk layout."""
+    g, K, V = geometry(k, chunk_size), k.shape[-1], v_new.shape[-1]
     dv_new, dw, dk, ds0 = _state_bwd_fake(q, k, w, v_new, states, do, dv_local, ds_final, seq, first, last, scale,
                                           policy, low)
-    ds_next = f32(B, H, N, K, V, like=k)
+    ds_next = f32(g.B, g.H, g.N, K, V, like=k)
     POLICY, LOW = precision(policy, low)
-    cfg = pass_config(K, V, C, POLICY, "backward", bv, num_warps, num_stages)
-    launch(state_bwd_kernel, (triton.cdiv(V, cfg["BV"]), B * H), q, k, w, do, dv_local, ds_final, dv_new, ds_next,
-           ds0, seq, first, last, scale, N, K=K, V=V, C=C, Q_EXACT=exact(q, low), K_EXACT=exact(k, low),
-           DO_EXACT=exact(do, low), POLICY=POLICY, LOW=LOW, SEGMENTED=seq.numel() > 0, **cfg)
+    cfg = pass_config(K, V, g.C, POLICY, "backward", bv, num_warps, num_stages)
+    launch(state_bwd_kernel, (triton.cdiv(V, cfg["BV"]), g.B * g.H), q, k, w, do, dv_local, ds_final, dv_new,
+           ds_next, ds0, seq, first, last, scale, *g.kernel_args(), K=K, V=V, C=g.C, Q_EXACT=exact(q, low),
+           K_EXACT=exact(k, low), DO_EXACT=exact(do, low), POLICY=POLICY, LOW=LOW, SEGMENTED=seq.numel() > 0,
+           TOKENS=g.tokens, **cfg)
     BK = block(K)
-    launch(state_grads_kernel, (triton.cdiv(K, BK), B * H * N), v_new, dv_new, states, ds_next, dk, dw,
-           K=K, V=V, C=C, BK=BK, BV=block(V), POLICY=POLICY, LOW=LOW, num_warps=4 if C <= 64 else 8)
+    launch(state_grads_kernel, (triton.cdiv(K, BK), g.B * g.H * g.N), v_new, dv_new, states, ds_next, dk, dw,
+           K=K, V=V, C=g.C, BK=BK, BV=block(V), POLICY=POLICY, LOW=LOW, num_warps=4 if g.C <= 64 else 8)
     return dv_new, dw, dk, ds0
 
 
@@ -288,6 +305,12 @@ def _segment_args(segments, like: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
     return tuple(x.flatten().to(torch.int32) for x in (segments.seq, segments.first, segments.last))
 
 
+def _check_layout(segments, chunk_size: int) -> None:
+    if chunk_size and segments is not None:
+        raise ValueError("packed sequences come in the chunk layout: the state pass takes no token-layout inputs "
+                         "with them (chunk_size must be 0)")
+
+
 def _launch_args(config) -> tuple[int, int, int]:
     """(BV, num_warps, num_stages) of a launch configuration (blocks, num_warps, num_stages) of the
     passes over chunks; 0: the table's (pass_config)."""
@@ -295,25 +318,30 @@ def _launch_args(config) -> tuple[int, int, int]:
     return (bv, *warps_stages(config))
 
 
-def state_forward(k, w, u, s0, dot, impl=None, segments=None, config=None):
+def state_forward(k, w, u, s0, dot, impl=None, segments=None, config=None, chunk_size=0):
     """The registered `state` stage: (v_new, states, final); `impl` is the compiled backend's stepping
-    (one launch walks every chunk here); with `segments`, s0 and final are per packed sequence."""
+    (one launch walks every chunk here); with `segments`, s0 and final are per packed sequence.
+    chunk_size > 0: k is in the token layout."""
     check_tensors(k, w, u, s0)
+    _check_layout(segments, chunk_size)
     policy, low = policy_of(dot)
     v_new, states, final = state_fwd(k.contiguous(), w.contiguous(), u.contiguous(), s0.contiguous(),
-                                     *_segment_args(segments, k), policy, low, *_launch_args(config))
+                                     *_segment_args(segments, k), policy, low, *_launch_args(config), chunk_size)
     if segments is not None:  # a sequence with no tokens keeps its initial state
         final = torch.where(segments.empty[:, None, None, None], s0, final)
     return v_new, states, final
 
 
-def state_backward(q, k, w, v_new, states, do, dv_local, ds_final, scale, dot, impl=None, segments=None, config=None):
-    """The registered `state_backward` stage: (dv_new, dw, dk, ds0)."""
+def state_backward(q, k, w, v_new, states, do, dv_local, ds_final, scale, dot, impl=None, segments=None, config=None,
+                   chunk_size=0):
+    """The registered `state_backward` stage: (dv_new, dw, dk, ds0). chunk_size > 0: q, k, do are in
+    the token layout."""
     check_tensors(q, k, w, v_new, states, do, dv_local, ds_final)
+    _check_layout(segments, chunk_size)
     policy, low = policy_of(dot)
     args = (q, k, w, v_new, states, do, dv_local, ds_final)
     dv_new, dw, dk, ds0 = state_bwd(*(x.contiguous() for x in args), *_segment_args(segments, k), float(scale),
-                                    policy, low, *_launch_args(config))
+                                    policy, low, *_launch_args(config), chunk_size)
     if segments is not None:
         ds0 = torch.where(segments.empty[:, None, None, None], ds_final, ds0)
     return dv_new, dw, dk, ds0

@@ -40,9 +40,12 @@ def test_fused_forward_matches_the_stages_and_the_oracle(poisoned, shape, dtype,
     for backend in ("compiled", "triton"):
         o_stages, final_stages, t_stages = forward_chunks(*chunks, None, **options, backends=((backend, None),) * 4)
         assert t.shape == t_stages.shape and relative_error(t, t_stages) <= 1e-4, backend  # what backward reuses
-        # the same products: o differs from the stages' float32 o by its own rounding and float32 noise
+        # the same products: o differs from the stages' float32 o by its own rounding and float32 noise,
+        # and under the bf16 policy by a flipped rounding of an intermediate operand (of order eps)
         if dtype == torch.float32:
             assert relative_error(o, o_stages) <= FP32_TOL, backend
+        elif policy == "bf16":
+            assert rounding_excess(o, o_stages) <= 4 * torch.finfo(dtype).eps, backend
         else:
             assert rounding_excess(o, o_stages) <= 10 * FP32_TOL, backend
         assert relative_error(final, final_stages) <= (FP32_TOL if dtype == torch.float32 else 1e-4), backend

@@ -40,9 +40,11 @@ LOOP = Stepping("loop", 1)
 
 
 def _stage_inputs(shape, dtype, policy, keys):
+    """Every stage's inputs in the chunk layout; "tokens": q, k, v, beta, do in the caller's layout."""
     B, H, T, K, V, C = shape
     x = make_inputs(B, T, H, K, V, dtype=dtype, device=DEVICE, keys=keys)
-    q, k, v = (to_chunks(x[n], C, dtype).flatten(2, 3) for n in "qkv")
+    x["beta"], x["do"] = x["beta"].float(), torch.randn(B, T, H, V, device=DEVICE).to(dtype)
+    q, k, v, do = (to_chunks(x[n], C, dtype).flatten(2, 3) for n in ("q", "k", "v", "do"))
     beta = to_chunks(x["beta"], C, torch.float32).flatten(2, 3)
     dot = make_dot(policy, dtype)
     solve, wy, state = (implementation(s, "compiled")[0] for s in ("solve", "wy", "state"))
@@ -54,11 +56,13 @@ def _stage_inputs(shape, dtype, policy, keys):
         "dt": torch.randn_like(t).tril(-1),
         "dw": torch.randn_like(w),
         "du": torch.randn_like(u),
-        "do": torch.randn_like(v_new).to(dtype),
+        "do": do,
         "dv_local": torch.randn_like(v_new),
         "ds_final": torch.randn_like(s0),
     }
-    return dict(q=q, k=k, v=v, beta=beta, t=t, w=w, u=u, s0=s0, v_new=v_new, states=states, dot=dot, **grads)
+    tokens = {n: x[n] for n in ("q", "k", "v", "beta", "do")}
+    return dict(q=q, k=k, v=v, beta=beta, t=t, w=w, u=u, s0=s0, v_new=v_new, states=states, dot=dot, **grads,
+                tokens=tokens)
 
 
 def _calls(x):
@@ -137,3 +141,25 @@ def test_solve_is_the_inverse_with_correlated_keys(poisoned):
     a = torch.tril(x["beta"].double()[..., None] * (k @ k.transpose(-1, -2)), -1)
     eye = torch.eye(128, dtype=torch.float64, device=t.device)
     assert relative_error((eye + a) @ t, eye.expand_as(t)) < STAGE_TOL["fp32"]
+
+
+@pytest.mark.parametrize("shape", [SHAPES[0], SHAPES[3], SHAPES[4]], ids=lambda s: "x".join(map(str, s)))
+def test_stages_read_the_callers_layout(poisoned, shape):
+    """Given q, k, v, beta, dO as the caller holds them ([B, T, H, D], chunk_size: the rows of a ragged
+    last chunk masked, never read: the bounds check of tests/interpreter_bounds.py), every Triton
+    stage gives what it gives on the zero-padded chunk layout."""
+    x = _stage_inputs(shape, torch.bfloat16, "bf16x3", "correlated")
+    tokens = dict(x, **x["tokens"])
+    assert tokens["k"].shape[1] % shape[-1] != 0  # a ragged last chunk
+    mismatches = []
+    for (stage, direction), padded in _calls(x).items():
+        ref = padded(implementation(stage, "triton")[direction])
+        out = _calls(tokens)[stage, direction](
+            functools.partial(implementation(stage, "triton")[direction], chunk_size=shape[-1]))
+        ref, out = (r if isinstance(r, tuple) else (r,) for r in (ref, out))
+        for i, (o, r) in enumerate(zip(out, ref, strict=True)):
+            err = relative_error(o, r) if o.shape == r.shape else float("inf")
+            if not err <= 1e-6:  # the same products, so the same values up to the order of float32 sums
+                mismatches.append(f"{stage}{'_backward' if direction else ''}[{i}]: {err:.2e}")
+    assert not mismatches, "; ".join(mismatches)
+
