@@ -37,3 +37,25 @@ def test_fullgraph_compile_of_a_function_calling_a_triton_plan(plan):
     assert relative_error(loss, loss_ref) < 1e-5
     for n in grads:
         assert relative_error(grads[n], grads_ref[n]) < 1e-4, n
+
+
+def test_triton_plan_under_dynamic_shapes():
+    """A caller's graph with a symbolic T: the Triton plan reads its tensors as they are (the ops'
+    chunk count an expression of T), and one graph serves two sequence lengths."""
+    torch._dynamo.reset()
+    graphs = []
+
+    def counting_backend(gm, example_inputs):
+        graphs.append(gm)
+        return torch._dynamo.lookup_backend(BACKEND)(gm, example_inputs)
+
+    compiled = torch.compile(lambda **t: _loss(**t, plan="triton"), fullgraph=True, backend=counting_backend,
+                             dynamic=True)
+    for T in (40, 57):
+        x = make_inputs(1, T, 2, 16, 8, dtype=torch.float32, device=DEVICE, initial_state=True)
+        loss, grads = _grads(compiled, x)
+        loss_ref, grads_ref = _grads(lambda **t: _loss(**t, plan="eager"), x)
+        assert relative_error(loss, loss_ref) < 1e-5, T
+        for n in grads:
+            assert relative_error(grads[n], grads_ref[n]) < 1e-4, (T, n)
+    assert len(graphs) == 1
