@@ -68,8 +68,9 @@ def forward_chunks(q, k, v, beta, s0, segments, *, scale, use_qk_l2norm, policy,
     configuration, see `_implementations`), in STAGES order;
     `segments` places packed sequences (None: B independent sequences).
     chunk_size > 0: q, k, v, beta are the caller's token-layout tensors ([B, T, H, D], chunks of
-    chunk_size rows; every stage on the Triton backend, g = 1, see `token_layout`) and t is [B, H, N, C, C]."""
-    solve, wy, state, output = (forward for forward, _ in _implementations(backends, chunk_size))
+    chunk_size rows, packed sequences placed by segments.rows; every stage on the Triton backend,
+    g = 1, see `token_layout`) and t is [B, H, N, C, C]."""
+    solve, wy, state, output = (forward for forward, _ in _implementations(backends, chunk_size, segments))
     if not chunk_size:
         groups = q.shape[2:4]
         q, k, v, beta = (x.flatten(2, 3) for x in (q, k, v, beta))
@@ -89,7 +90,8 @@ def backward_chunks(q, k, v, beta, t, s0, do, ds_final, segments, *, scale, use_
     chunk_size > 0: the inputs and do in the token layout, as `forward_chunks` takes them; dq and dk
     are then the gradients of the normalised q and k where use_qk_l2norm (the caller takes them
     through l2norm's backward in the token layout)."""
-    (_, solve_bwd), (wy, wy_bwd), (state, state_bwd), (_, output_bwd) = _implementations(backends, chunk_size)
+    (_, solve_bwd), (wy, wy_bwd), (state, state_bwd), (_, output_bwd) = _implementations(backends, chunk_size,
+                                                                                         segments)
     if not chunk_size:
         q, k, v, beta, t, do = (x.flatten(2, 3) for x in (q, k, v, beta, t, do))
     dot = make_dot(policy, q.dtype)
@@ -114,11 +116,11 @@ def backward_chunks(q, k, v, beta, t, s0, do, ds_final, segments, *, scale, use_
     return dq, dk, dv, dbeta, ds0
 
 
-def _implementations(backends, chunk_size: int = 0):
+def _implementations(backends, chunk_size: int = 0, segments=None):
     """(forward, backward) of every stage, in STAGES order, from `backends`: (backend, launch) pairs,
     where a launch (a hand-written stage's launch configuration as plain tuples, so that compiled
     graphs see constants) is passed to the stage as `config`; chunk_size > 0 (token-layout inputs,
-    which only the hand-written stages read) likewise."""
+    which only the hand-written stages read) likewise, with packed sequences' chunk table."""
     out = []
     for stage, (backend, launch) in zip(STAGES, backends):
         forward, backward = implementation(stage, backend)
@@ -127,17 +129,19 @@ def _implementations(backends, chunk_size: int = 0):
             if backend != "triton":
                 raise ValueError(f"token-layout inputs need every stage on the triton backend, got {stage}={backend}")
             keywords["chunk_size"] = chunk_size
+            if segments is not None:
+                keywords["chunk_table"] = segments.rows
         if keywords:
             forward, backward = functools.partial(forward, **keywords), functools.partial(backward, **keywords)
         out.append((forward, backward))
     return out
 
 
-def token_layout(plan: Plan, layout: PackedLayout | None) -> bool:
+def token_layout(plan: Plan) -> bool:
     """Whether the stages read the caller's [B, T, H, D] tensors as they are (masking the rows of a
-    ragged last chunk) rather than a padded chunk-layout copy: when every stage is hand-written, the
-    state pass is one-level and the sequences are not packed (packing pads each sequence)."""
-    return layout is None and plan.state_group == 1 and all(b == "triton" for b in plan.backends().values())
+    ragged last chunk, of every packed sequence) rather than a padded chunk-layout copy: when every
+    stage is hand-written and the state pass is one-level."""
+    return plan.state_group == 1 and all(b == "triton" for b in plan.backends().values())
 
 
 def _launch(config) -> tuple | None:
@@ -163,7 +167,7 @@ def _forward_for(plan: Plan, layout):
 def chunk_delta_rule_fwd(q, k, v, beta, initial_state, *, scale, use_qk_l2norm, plan, device_type, layout=None):
     """Returns (o [B, T, H, V] in q's dtype, final state [N, H, K, V] in the state dtype, the chunks'
     inverses for chunk_delta_rule_bwd)."""
-    tokens = token_layout(plan, layout)
+    tokens = token_layout(plan)
     chunks = (*(_chunked(x, plan, layout, tokens=tokens) for x in (q, k, v)),
               _chunked(beta, plan, layout, state_dtype(q.dtype), tokens))
     s0 = _initial_state(initial_state, q, v, layout)
@@ -179,7 +183,7 @@ def chunk_delta_rule_bwd(
     q, k, v, beta, initial_state, t, do, dfinal, *, scale, use_qk_l2norm, plan, device_type, layout=None
 ):
     """Returns (dq, dk, dv, dbeta, d initial_state or None), each in its input's dtype."""
-    tokens = token_layout(plan, layout)
+    tokens = token_layout(plan)
     chunks = (*(_chunked(x, plan, layout, tokens=tokens) for x in (q, k, v)),
               _chunked(beta, plan, layout, state_dtype(q.dtype), tokens))
     doc = _chunked(do.to(q.dtype), plan, layout, tokens=tokens)
@@ -191,8 +195,8 @@ def chunk_delta_rule_bwd(
                                   token_inputs=(0, 1, 2, 3, 6) if tokens else ())
     T = q.shape[1]
     if tokens and use_qk_l2norm:  # l2norm's backward, left to the token layout by backward_chunks
-        dq = l2norm_backward(q.to(s0.dtype), from_chunks(dq, T, s0.dtype))
-        dk = l2norm_backward(k.to(s0.dtype), from_chunks(dk, T, s0.dtype))
+        dq = l2norm_backward(q.to(s0.dtype), _unchunked(dq, T, s0.dtype, layout))
+        dk = l2norm_backward(k.to(s0.dtype), _unchunked(dk, T, s0.dtype, layout))
         grads = (dq.to(q.dtype), dk.to(k.dtype), _unchunked(dv, T, v.dtype, layout),
                  _unchunked(dbeta, T, beta.dtype, layout))
     else:

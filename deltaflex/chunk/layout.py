@@ -5,11 +5,13 @@ Public tensors are token-major, [B, T, H, D] (fla's layout). The chunk stages wo
 out as [B, H, N/g, g, C, D] so a compiled graph sees N/g as an input size (state.py says why). A ragged last chunk is
 zero-padded; zero keys and zero beta make padded rows exact no-ops for the state, and their outputs
 are dropped by `from_chunks`. Each conversion is one copy. Plans whose every stage is hand-written
-skip `to_chunks`: the kernels read the caller's tensors and mask the rows past T (function.token_layout).
+skip `to_chunks` (and `to_chunks_packed`): the kernels read the caller's tensors and mask the rows
+past T, or past each packed sequence's end (function.token_layout, Segments.rows).
 """
 
 from __future__ import annotations
 
+import itertools
 from typing import NamedTuple
 
 import torch
@@ -51,6 +53,9 @@ class Segments(NamedTuple):
     first_chunk: torch.Tensor  # [S] int64: every sequence's first chunk (0 if it is empty)
     last_chunk: torch.Tensor  # [S] int64: every sequence's last chunk (0 if it is empty)
     empty: torch.Tensor  # [S] bool: the sequence has no tokens
+    # [N, 2] int64: every chunk's first token among the packed T and its token count, for kernels that
+    # read the packed tensors as they are (kernels.common.chunk_rows)
+    rows: torch.Tensor | None = None
 
 
 class PackedLayout(NamedTuple):
@@ -78,8 +83,12 @@ def packed_layout(lengths: list[int], chunk_size: int, group: int, device) -> Pa
     last_chunk = torch.tensor([0 if n == 0 else s + n - 1 for n, s in zip(chunks, starts)])
     first[first_chunk[~empty]] = True
     last[last_chunk[~empty]] = True
+    token_starts, T = [0, *itertools.accumulate(lengths)][:-1], sum(lengths)
+    rows = torch.tensor([[min(t0 + j * chunk_size, T), max(0, min(chunk_size, n - j * chunk_size))]
+                         for n, t0, c in zip(lengths, token_starts, chunks) for j in range(c)],
+                        dtype=torch.long).view(N, 2)
     grouped = (seq.view(-1, group), first.view(-1, group), last.view(-1, group))
-    segments = Segments(*(t.to(device) for t in (*grouped, first_chunk, last_chunk, empty)))
+    segments = Segments(*(t.to(device) for t in (*grouped, first_chunk, last_chunk, empty, rows)))
     return PackedLayout(slots.long().to(device), segments, N)
 
 

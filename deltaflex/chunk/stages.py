@@ -20,7 +20,8 @@ The "compiled" backend is the blocked PyTorch ops of this package; hand-written 
 register as "triton" when `deltaflex.kernels` is imported, and also take a keyword `config`: the
 plan's launch configuration for the stage (deltaflex.kernels says what it holds), and a keyword
 `chunk_size`: when nonzero, q, k, v, beta and do come in the caller's token layout [B, T, H, D]
-instead (what they output stays in the chunk layout).
+instead (what they output stays in the chunk layout), packed sequences with a keyword `chunk_table`
+(layout.Segments.rows).
 """
 
 from __future__ import annotations

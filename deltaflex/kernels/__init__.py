@@ -5,7 +5,8 @@ plans and the tuner) when this package is imported. Each op is also a torch.libr
 
 They take bf16/fp16/fp32 inputs on CUDA (float64 raises: use a compiled stage), q, k, v, beta and dO
 either in the chunk layout or, given `chunk_size`, where the caller has them ([B, T, H, D]: the rows
-of a ragged last chunk masked, common.chunk_rows; chunk.function.token_layout says when); with
+of a ragged last chunk masked; packed sequences placed by a `chunk_table`; common.chunk_rows;
+chunk.function.token_layout says when); with
 TRITON_INTERPRET=1 set before this import they run on the CPU in Triton's interpreter (tests).
 A stage's KernelConfig (num_warps, num_stages; BV, the value columns of a state tile, for the state
 pass) applies to its forward and backward kernels; a plan without one uses the kernels' own

@@ -111,29 +111,37 @@ def define_op(name: str, fake):
 
 
 class Geometry(NamedTuple):
-    """How an op's inputs are chunked: B sequences of T tokens, H heads, N chunks of C rows; `tokens`:
-    the inputs are in the caller's token layout [B, T, H, D], else in the chunk layout [B, H, N, C, D]."""
+    """How an op's inputs are chunked: B sequences of T tokens, H heads, N chunks of C rows, read in
+    `layout` (CHUNKS, TOKENS or PACKED, placed by `table`; see chunk_rows)."""
 
     B: int
     H: int
     N: int
     C: int
     T: int
-    tokens: bool
+    layout: int
+    table: torch.Tensor
 
     def kernel_args(self) -> tuple:
-        """(N, H, T): the runtime arguments of `chunk_rows`."""
-        return self.N, self.H, self.T
+        """(N, H, T, table): the runtime arguments of `chunk_rows`."""
+        return self.N, self.H, self.T, self.table
 
 
-def geometry(x: torch.Tensor, chunk_size: int = 0) -> Geometry:
-    """The Geometry of an op's input x: token layout [B, T, H, D] with chunks of `chunk_size` rows, or
-    (chunk_size 0) chunk layout [B, H, N, C, D]."""
-    if chunk_size:
-        B, T, H = x.shape[:3]
-        return Geometry(B, H, (T + chunk_size - 1) // chunk_size, chunk_size, T, True)
-    B, H, N, C = x.shape[:4]
-    return Geometry(B, H, N, C, N * C, False)
+def geometry(x: torch.Tensor, chunk_size: int = 0, chunk_table: torch.Tensor | None = None) -> Geometry:
+    """The Geometry of an op's input x: (chunk_size 0) the chunk layout [B, H, N, C, D]; else the
+    token layout [B, T, H, D] in chunks of `chunk_size` rows, or, given `chunk_table` ([N, 2] int64:
+    each chunk's first token and token count), packed sequences [1, T, H, D]."""
+    if not chunk_size:
+        B, H, N, C = x.shape[:4]
+        return Geometry(B, H, N, C, N * C, CHUNKS, _no_table(x))
+    B, T, H = x.shape[:3]
+    if chunk_table is not None:
+        return Geometry(B, H, chunk_table.shape[0], chunk_size, T, PACKED, chunk_table)
+    return Geometry(B, H, (T + chunk_size - 1) // chunk_size, chunk_size, T, TOKENS, _no_table(x))
+
+
+def _no_table(x: torch.Tensor) -> torch.Tensor:
+    return torch.empty(0, dtype=torch.int64, device=x.device)
 
 
 def f32(*shape, like: torch.Tensor) -> torch.Tensor:
@@ -243,21 +251,27 @@ def store_tile(ptr, x, i, j, ROWS: tl.constexpr, COLS: tl.constexpr, BR: tl.cons
         tl.store(ptr + off, x, mask=(r < ROWS)[:, None] & (c < COLS)[None, :])
 
 
-# Inputs (q, k, v, beta, dO) are read where the caller put them: the token layout [B, T, H, D]
-# (TOKENS) or the chunk layout [B, H, N, C, D]. Programs number chunks (b, h, n) row-major in both,
-# and find a chunk's rows with `chunk_rows`; in the token layout the rows of a last, ragged chunk
-# past T are masked (loaded as zeros, exactly the zero padding of the chunk layout), so no padded
-# copy of an input is ever made. Everything the kernels write stays in the chunk layout.
+# Inputs (q, k, v, beta, dO) are read where the caller put them. LAYOUT says where that is:
+# CHUNKS, the padded chunk layout [B, H, N, C, D]; TOKENS, the token layout [B, T, H, D]; PACKED,
+# packed sequences [1, T, H, D], each split into chunks of its own, which a table [N, 2] of (first
+# token, token count) places. Programs number chunks (b, h, n) row-major, and find a chunk's rows
+# with `chunk_rows`; rows past a chunk's tokens are masked (loaded as zeros, exactly the zero padding
+# of the chunk layout), so no padded copy of an input is ever made. Everything the kernels write stays
+# in the chunk layout.
+CHUNKS, TOKENS, PACKED = 0, 1, 2
 
 
 @triton.jit
-def chunk_rows(chunk, N, H, T, C: tl.constexpr, D: tl.constexpr, TOKENS: tl.constexpr):
+def chunk_rows(chunk, N, H, T, table_ptr, C: tl.constexpr, D: tl.constexpr, LAYOUT: tl.constexpr):
     """(offset of the chunk's first row, row stride, rows it has) of a D-wide input; `chunk` in int64.
     D = 1 for beta ([B, T, H] or [B, H, N, C])."""
-    if TOKENS:
+    if LAYOUT == 1:
         n = chunk % N
         bh = chunk // N
         return ((bh // H * T + n * C) * H + bh % H) * D, H * D, T - n * C
+    elif LAYOUT == 2:  # B = 1
+        n = chunk % N
+        return (tl.load(table_ptr + 2 * n) * H + chunk // N) * D, H * D, tl.load(table_ptr + 2 * n + 1)
     else:
         return chunk * C * D, D, C
 

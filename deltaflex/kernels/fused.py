@@ -34,14 +34,14 @@ from .state import _load_states, _state_plus_kt_x, _store_states, pass_config
 
 
 @triton.jit
-def solve_wy_kernel(k_ptr, v_ptr, beta_ptr, t_ptr, w_ptr, u_ptr, N, H, T,
+def solve_wy_kernel(k_ptr, v_ptr, beta_ptr, t_ptr, w_ptr, u_ptr, N, H, T, table_ptr,
                     K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
                     K_EXACT: tl.constexpr, V_EXACT: tl.constexpr, POLICY: tl.constexpr, LOW: tl.constexpr,
-                    TOKENS: tl.constexpr):
+                    LAYOUT: tl.constexpr):
     chunk = tl.program_id(0).to(tl.int64)
-    k_off, k_stride, n_rows = chunk_rows(chunk, N, H, T, C, K, TOKENS)
-    v_off, v_stride, _ = chunk_rows(chunk, N, H, T, C, V, TOKENS)
-    beta_off, beta_stride, _ = chunk_rows(chunk, N, H, T, C, 1, TOKENS)
+    k_off, k_stride, n_rows = chunk_rows(chunk, N, H, T, table_ptr, C, K, LAYOUT)
+    v_off, v_stride, _ = chunk_rows(chunk, N, H, T, table_ptr, C, V, LAYOUT)
+    beta_off, beta_stride, _ = chunk_rows(chunk, N, H, T, table_ptr, C, 1, LAYOUT)
     k_c, v_c, beta_c, t_c = k_ptr + k_off, v_ptr + v_off, beta_ptr + beta_off, t_ptr + chunk * C * C
     solve_chunk(k_c, k_stride, beta_c, beta_stride, n_rows, t_c, K, C, BK, K_EXACT, POLICY, LOW)
     tb = load_tile(t_c, 0, 0, C, C, C, C) * load_column(beta_c, beta_stride, n_rows, C)[None, :]
@@ -69,17 +69,17 @@ def _state_products(acc_ws, acc_qs, scores, i: tl.constexpr, q_c, k_c, qk_stride
 
 
 @triton.jit
-def state_output_kernel(q_ptr, k_ptr, w_ptr, u_ptr, s0_ptr, o_ptr, final_ptr, scale, N, H, T,
+def state_output_kernel(q_ptr, k_ptr, w_ptr, u_ptr, s0_ptr, o_ptr, final_ptr, scale, N, H, T, table_ptr,
                         K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
                         Q_EXACT: tl.constexpr, K_EXACT: tl.constexpr, POLICY: tl.constexpr, LOW: tl.constexpr,
-                        TOKENS: tl.constexpr):
+                        LAYOUT: tl.constexpr):
     iv, bh = tl.program_id(0), tl.program_id(1).to(tl.int64)
     scale = as_f32(scale)
     rc = tl.arange(0, C)
     s0, s1, s2, s3 = _load_states(s0_ptr + bh * K * V, iv, K, V, BK, BV)
     for n in range(N):
         chunk = bh * N + n
-        qk_off, qk_stride, n_rows = chunk_rows(chunk, N, H, T, C, K, TOKENS)
+        qk_off, qk_stride, n_rows = chunk_rows(chunk, N, H, T, table_ptr, C, K, LAYOUT)
         q_c, k_c, w_c = q_ptr + qk_off, k_ptr + qk_off, w_ptr + chunk * C * K
         ws = tl.zeros([C, BV], tl.float32)
         qs = tl.zeros([C, BV], tl.float32)
@@ -109,7 +109,7 @@ def _alloc(*shape, dtype, like):
 
 
 def _solve_wy_fake(k, v, beta, policy, low, chunk_size=0):
-    B, H, N, C, _, _ = geometry(k, chunk_size)
+    B, H, N, C = geometry(k, chunk_size)[:4]
     return (_alloc(B, H, N, C, C, dtype=torch.float32, like=k),
             _alloc(B, H, N, C, k.shape[-1], dtype=torch.float32, like=k),
             _alloc(B, H, N, C, v.shape[-1], dtype=torch.float32, like=k))
@@ -123,7 +123,7 @@ def solve_wy_fwd(k: torch.Tensor, v: torch.Tensor, beta: torch.Tensor, policy: s
     t, w, u = _solve_wy_fake(k, v, beta, policy, low, chunk_size)
     POLICY, LOW = precision(policy, low)
     launch(solve_wy_kernel, (g.B * g.H * g.N,), k, v, beta, t, w, u, *g.kernel_args(), K=K, V=V, C=g.C, BK=block(K),
-           BV=block(V), K_EXACT=exact(k, low), V_EXACT=exact(v, low), POLICY=POLICY, LOW=LOW, TOKENS=g.tokens,
+           BV=block(V), K_EXACT=exact(k, low), V_EXACT=exact(v, low), POLICY=POLICY, LOW=LOW, LAYOUT=g.layout,
            num_warps=4 if g.C <= 32 else 8, num_stages=1)
     return t, w, u
 
@@ -144,7 +144,7 @@ def state_output_fwd(q: torch.Tensor, k: torch.Tensor, w: torch.Tensor, u: torch
     cfg = pass_config(K, V, g.C, POLICY, "state_output", bv, num_warps, num_stages)
     launch(state_output_kernel, (triton.cdiv(V, cfg["BV"]), g.B * g.H), q, k, w, u, s0, o, final, scale,
            *g.kernel_args(), K=K, V=V, C=g.C, Q_EXACT=exact(q, low), K_EXACT=exact(k, low), POLICY=POLICY, LOW=LOW,
-           TOKENS=g.tokens, **cfg)
+           LAYOUT=g.layout, **cfg)
     return o, final
 
 

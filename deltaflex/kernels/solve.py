@@ -20,6 +20,8 @@ whatever the policy (near float32 accuracy on the tensor cores; see common.py).
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import triton
 import triton.language as tl
@@ -73,23 +75,23 @@ def solve_chunk(k_c, k_stride, beta_c, beta_stride, n_rows, t_c, K: tl.constexpr
 
 
 @triton.jit
-def solve_fwd_kernel(k_ptr, beta_ptr, t_ptr, N, H, T,
+def solve_fwd_kernel(k_ptr, beta_ptr, t_ptr, N, H, T, table_ptr,
                      K: tl.constexpr, C: tl.constexpr, BK: tl.constexpr,
-                     K_EXACT: tl.constexpr, POLICY: tl.constexpr, LOW: tl.constexpr, TOKENS: tl.constexpr):
+                     K_EXACT: tl.constexpr, POLICY: tl.constexpr, LOW: tl.constexpr, LAYOUT: tl.constexpr):
     chunk = tl.program_id(0).to(tl.int64)
-    k_off, k_stride, n_rows = chunk_rows(chunk, N, H, T, C, K, TOKENS)
-    beta_off, beta_stride, _ = chunk_rows(chunk, N, H, T, C, 1, TOKENS)
+    k_off, k_stride, n_rows = chunk_rows(chunk, N, H, T, table_ptr, C, K, LAYOUT)
+    beta_off, beta_stride, _ = chunk_rows(chunk, N, H, T, table_ptr, C, 1, LAYOUT)
     solve_chunk(k_ptr + k_off, k_stride, beta_ptr + beta_off, beta_stride, n_rows, t_ptr + chunk * C * C, K, C, BK,
                 K_EXACT, POLICY, LOW)
 
 
 @triton.jit
-def solve_bwd_kernel(k_ptr, beta_ptr, t_ptr, dt_ptr, dk_ptr, dbeta_ptr, N, H, T,
+def solve_bwd_kernel(k_ptr, beta_ptr, t_ptr, dt_ptr, dk_ptr, dbeta_ptr, N, H, T, table_ptr,
                      K: tl.constexpr, C: tl.constexpr, BK: tl.constexpr,
-                     K_EXACT: tl.constexpr, POLICY: tl.constexpr, LOW: tl.constexpr, TOKENS: tl.constexpr):
+                     K_EXACT: tl.constexpr, POLICY: tl.constexpr, LOW: tl.constexpr, LAYOUT: tl.constexpr):
     chunk = tl.program_id(0).to(tl.int64)
-    k_off, k_stride, n_rows = chunk_rows(chunk, N, H, T, C, K, TOKENS)
-    beta_off, beta_stride, _ = chunk_rows(chunk, N, H, T, C, 1, TOKENS)
+    k_off, k_stride, n_rows = chunk_rows(chunk, N, H, T, table_ptr, C, K, LAYOUT)
+    beta_off, beta_stride, _ = chunk_rows(chunk, N, H, T, table_ptr, C, 1, LAYOUT)
     k_c = k_ptr + k_off
     rc = tl.arange(0, C)
     t = load_tile(t_ptr + chunk * C * C, 0, 0, C, C, C, C)
@@ -109,20 +111,20 @@ def solve_bwd_kernel(k_ptr, beta_ptr, t_ptr, dt_ptr, dk_ptr, dbeta_ptr, N, H, T,
         store_tile(dk_ptr + chunk * C * K, dk, 0, j, C, K, C, BK)
 
 
-def _solve_fwd_fake(k, beta, policy, low, num_warps=0, num_stages=0, chunk_size=0):
-    B, H, N, C, _, _ = geometry(k, chunk_size)
+def _solve_fwd_fake(k, beta, policy, low, num_warps=0, num_stages=0, chunk_size=0, chunk_table=None):
+    B, H, N, C = geometry(k, chunk_size, chunk_table)[:4]
     return f32(B, H, N, C, C, like=k)
 
 
 @define_op("solve_fwd", _solve_fwd_fake)
 def solve_fwd(k: torch.Tensor, beta: torch.Tensor, policy: str, low: torch.dtype, num_warps: int = 0,
-              num_stages: int = 0, chunk_size: int = 0) -> torch.Tensor:
+              num_stages: int = 0, chunk_size: int = 0, chunk_table: Optional[torch.Tensor] = None) -> torch.Tensor:
     """k, beta in the chunk layout, or (chunk_size > 0) in the token layout (common.chunk_rows)."""
-    g, K = geometry(k, chunk_size), k.shape[-1]
-    t = _solve_fwd_fake(k, beta, policy, low, chunk_size=chunk_size)
+    g, K = geometry(k, chunk_size, chunk_table), k.shape[-1]
+    t = _solve_fwd_fake(k, beta, policy, low, chunk_size=chunk_size, chunk_table=chunk_table)
     POLICY, LOW = precision(policy, low)
     launch(solve_fwd_kernel, (g.B * g.H * g.N,), k, beta, t, *g.kernel_args(), K=K, C=g.C, BK=block(K),
-           K_EXACT=exact(k, low), POLICY=POLICY, LOW=LOW, TOKENS=g.tokens,
+           K_EXACT=exact(k, low), POLICY=POLICY, LOW=LOW, LAYOUT=g.layout,
            num_warps=num_warps or (4 if g.C <= 64 else 8), num_stages=num_stages or 1)
     return t
 
@@ -136,39 +138,39 @@ def solve_fwd(k: torch.Tensor, beta: torch.Tensor, policy: str, low: torch.dtype
 # H200), so those launches take it: more accurate, and at head dims up to 32 its cost is small.
 
 
-def _solve_bwd_fake(k, beta, t, dt, policy, low, num_warps=0, num_stages=0, chunk_size=0):
-    B, H, N, C, _, _ = geometry(k, chunk_size)
+def _solve_bwd_fake(k, beta, t, dt, policy, low, num_warps=0, num_stages=0, chunk_size=0, chunk_table=None):
+    B, H, N, C = geometry(k, chunk_size, chunk_table)[:4]
     return f32(B, H, N, C, k.shape[-1], like=k), f32(B, H, N, C, like=k)
 
 
 @define_op("solve_bwd", _solve_bwd_fake)
 def solve_bwd(k: torch.Tensor, beta: torch.Tensor, t: torch.Tensor, dt: torch.Tensor, policy: str,
-              low: torch.dtype, num_warps: int = 0, num_stages: int = 0, chunk_size: int = 0
+              low: torch.dtype, num_warps: int = 0, num_stages: int = 0, chunk_size: int = 0, chunk_table: Optional[torch.Tensor] = None
               ) -> tuple[torch.Tensor, torch.Tensor]:
     """k, beta in either layout (as solve_fwd); t, dt, and dk, dbeta in the chunk layout."""
-    g, K = geometry(k, chunk_size), k.shape[-1]
-    dk, dbeta = _solve_bwd_fake(k, beta, t, dt, policy, low, chunk_size=chunk_size)
+    g, K = geometry(k, chunk_size, chunk_table), k.shape[-1]
+    dk, dbeta = _solve_bwd_fake(k, beta, t, dt, policy, low, chunk_size=chunk_size, chunk_table=chunk_table)
     POLICY, LOW = precision(policy, low)
     BK = block(K)
     num_warps = num_warps or (4 if g.C <= 32 else 8)
     if g.C >= 64 and BK < 64 and POLICY != FP32:  # NARROW_KEYS_FAULT
         POLICY, num_warps, num_stages = FP32, 8, 0
     launch(solve_bwd_kernel, (g.B * g.H * g.N,), k, beta, t, dt, dk, dbeta, *g.kernel_args(), K=K, C=g.C, BK=BK,
-           K_EXACT=exact(k, low), POLICY=POLICY, LOW=LOW, TOKENS=g.tokens, **launch_options(num_warps, num_stages))
+           K_EXACT=exact(k, low), POLICY=POLICY, LOW=LOW, LAYOUT=g.layout, **launch_options(num_warps, num_stages))
     return dk, dbeta
 
 
-def solve_forward(k, beta, dot, config=None, chunk_size=0):
+def solve_forward(k, beta, dot, config=None, chunk_size=0, chunk_table=None):
     """The registered `solve` stage: T [B, H, N, C, C], float32. chunk_size > 0: k and beta are in
     the token layout (deltaflex.kernels says when)."""
     check_tensors(k, beta)
     policy, low = policy_of(dot)
-    return solve_fwd(k.contiguous(), beta.contiguous(), policy, low, *warps_stages(config), chunk_size)
+    return solve_fwd(k.contiguous(), beta.contiguous(), policy, low, *warps_stages(config), chunk_size, chunk_table)
 
 
-def solve_backward(k, beta, t, dt, dot, config=None, chunk_size=0):
+def solve_backward(k, beta, t, dt, dot, config=None, chunk_size=0, chunk_table=None):
     """The registered `solve_backward` stage: (dk, dbeta), float32, in the chunk layout."""
     check_tensors(k, beta, t, dt)
     policy, low = policy_of(dot)
     return solve_bwd(k.contiguous(), beta.contiguous(), t.contiguous(), dt.contiguous(), policy, low,
-                     *warps_stages(config), chunk_size)
+                     *warps_stages(config), chunk_size, chunk_table)

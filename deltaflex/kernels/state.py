@@ -19,6 +19,8 @@ only inside the backward stage's call (float32, transient).
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import triton
 import triton.language as tl
@@ -133,9 +135,9 @@ def _state_plus_kt_x(s0, s1, s2, s3, k_c, k_stride, n_rows, x, C: tl.constexpr, 
 
 @triton.jit
 def state_fwd_kernel(k_ptr, w_ptr, u_ptr, s0_ptr, v_new_ptr, states_ptr, final_ptr, seq_ptr, first_ptr, last_ptr, N,
-                     H, T, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+                     H, T, table_ptr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
                      K_EXACT: tl.constexpr, POLICY: tl.constexpr, LOW: tl.constexpr, SEGMENTED: tl.constexpr,
-                     TOKENS: tl.constexpr):
+                     LAYOUT: tl.constexpr):
     iv, bh = tl.program_id(0), tl.program_id(1).to(tl.int64)
     # the state, as up to four [BK, BV] tiles (those past K stay zero and unused)
     if SEGMENTED:  # packed sequences (B = 1, bh = h): each loads its own s0[seq, h] at its first chunk
@@ -148,7 +150,7 @@ def state_fwd_kernel(k_ptr, w_ptr, u_ptr, s0_ptr, v_new_ptr, states_ptr, final_p
         if SEGMENTED:
             if tl.load(first_ptr + n) != 0:
                 s0, s1, s2, s3 = _load_states(_sequence_state(s0_ptr, seq_ptr, n, bh, K, V), iv, K, V, BK, BV)
-        k_off, k_stride, n_rows = chunk_rows(chunk, N, H, T, C, K, TOKENS)
+        k_off, k_stride, n_rows = chunk_rows(chunk, N, H, T, table_ptr, C, K, LAYOUT)
         states_c = states_ptr + chunk * K * V
         _store_states(states_c, s0, s1, s2, s3, iv, K, V, BK, BV)
         # V_new = U - W S
@@ -178,10 +180,10 @@ def _ds_step(ds, i: tl.constexpr, q_c, q_stride, n_rows, w_c, do, dv_new, scale,
 
 @triton.jit
 def state_bwd_kernel(q_ptr, k_ptr, w_ptr, do_ptr, dv_local_ptr, ds_final_ptr, dv_new_ptr, ds_next_ptr, ds0_ptr,
-                     seq_ptr, first_ptr, last_ptr, scale, N, H, T,
+                     seq_ptr, first_ptr, last_ptr, scale, N, H, T, table_ptr,
                      K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
                      Q_EXACT: tl.constexpr, K_EXACT: tl.constexpr, DO_EXACT: tl.constexpr,
-                     POLICY: tl.constexpr, LOW: tl.constexpr, SEGMENTED: tl.constexpr, TOKENS: tl.constexpr):
+                     POLICY: tl.constexpr, LOW: tl.constexpr, SEGMENTED: tl.constexpr, LAYOUT: tl.constexpr):
     iv, bh = tl.program_id(0), tl.program_id(1).to(tl.int64)
     scale = as_f32(scale)
     if SEGMENTED:  # packed sequences: each starts (in reverse) from its own ds_final[seq, h] at its last chunk
@@ -196,8 +198,8 @@ def state_bwd_kernel(q_ptr, k_ptr, w_ptr, do_ptr, dv_local_ptr, ds_final_ptr, dv
             if tl.load(last_ptr + n) != 0:
                 ds0, ds1, ds2, ds3 = _load_states(_sequence_state(ds_final_ptr, seq_ptr, n, bh, K, V), iv, K, V, BK,
                                                   BV)
-        qk_off, qk_stride, n_rows = chunk_rows(chunk, N, H, T, C, K, TOKENS)
-        do_off, do_stride, _ = chunk_rows(chunk, N, H, T, C, V, TOKENS)
+        qk_off, qk_stride, n_rows = chunk_rows(chunk, N, H, T, table_ptr, C, K, LAYOUT)
+        do_off, do_stride, _ = chunk_rows(chunk, N, H, T, table_ptr, C, V, LAYOUT)
         q_c, k_c, w_c = q_ptr + qk_off, k_ptr + qk_off, w_ptr + chunk * C * K
         ds_next_c = ds_next_ptr + chunk * K * V
         _store_states(ds_next_c, ds0, ds1, ds2, ds3, iv, K, V, BK, BV)
@@ -243,7 +245,7 @@ def state_grads_kernel(v_new_ptr, dv_new_ptr, states_ptr, ds_next_ptr, dk_ptr, d
     store_tile(dw_ptr + chunk * C * K, dw, 0, ik, C, K, C, BK)
 
 
-def _state_fwd_fake(k, w, u, s0, seq, first, last, policy, low, bv=0, num_warps=0, num_stages=0, chunk_size=0):
+def _state_fwd_fake(k, w, u, s0, seq, first, last, policy, low, bv=0, num_warps=0, num_stages=0, chunk_size=0, chunk_table=None):
     B, H, N, C, K = w.shape
     V = u.shape[-1]
     return f32(B, H, N, C, V, like=k), f32(B, H, N, K, V, like=k), f32(*s0.shape, like=k)
@@ -252,22 +254,22 @@ def _state_fwd_fake(k, w, u, s0, seq, first, last, policy, low, bv=0, num_warps=
 @define_op("state_fwd", _state_fwd_fake)
 def state_fwd(k: torch.Tensor, w: torch.Tensor, u: torch.Tensor, s0: torch.Tensor, seq: torch.Tensor,
               first: torch.Tensor, last: torch.Tensor, policy: str, low: torch.dtype, bv: int = 0, num_warps: int = 0,
-              num_stages: int = 0, chunk_size: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+              num_stages: int = 0, chunk_size: int = 0, chunk_table: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """seq, first, last: [N] int32 chunk -> sequence, starts-it, ends-it of packed sequences, or empty
-    (B independent sequences). k in the chunk layout, or (chunk_size > 0) in the token layout (not with
-    packed sequences); the rest in the chunk layout."""
-    g, K, V = geometry(k, chunk_size), k.shape[-1], u.shape[-1]
+    (B independent sequences). k in the chunk layout, or (chunk_size > 0) in the token layout (packed
+    sequences: placed by chunk_table, common.geometry); the rest in the chunk layout."""
+    g, K, V = geometry(k, chunk_size, chunk_table), k.shape[-1], u.shape[-1]
     v_new, states, final = _state_fwd_fake(k, w, u, s0, seq, first, last, policy, low)
     POLICY, LOW = precision(policy, low)
     cfg = pass_config(K, V, g.C, POLICY, "forward", bv, num_warps, num_stages)
     grid = (triton.cdiv(V, cfg["BV"]), g.B * g.H)
     launch(state_fwd_kernel, grid, k, w, u, s0, v_new, states, final, seq, first, last, *g.kernel_args(), K=K, V=V,
-           C=g.C, K_EXACT=exact(k, low), POLICY=POLICY, LOW=LOW, SEGMENTED=seq.numel() > 0, TOKENS=g.tokens, **cfg)
+           C=g.C, K_EXACT=exact(k, low), POLICY=POLICY, LOW=LOW, SEGMENTED=seq.numel() > 0, LAYOUT=g.layout, **cfg)
     return v_new, states, final
 
 
 def _state_bwd_fake(q, k, w, v_new, states, do, dv_local, ds_final, seq, first, last, scale, policy, low, bv=0,
-                    num_warps=0, num_stages=0, chunk_size=0):
+                    num_warps=0, num_stages=0, chunk_size=0, chunk_table=None):
     B, H, N, C, K = w.shape
     V = v_new.shape[-1]
     return (f32(B, H, N, C, V, like=k), f32(B, H, N, C, K, like=k), f32(B, H, N, C, K, like=k),
@@ -278,10 +280,10 @@ def _state_bwd_fake(q, k, w, v_new, states, do, dv_local, ds_final, seq, first, 
 def state_bwd(q: torch.Tensor, k: torch.Tensor, w: torch.Tensor, v_new: torch.Tensor, states: torch.Tensor,
               do: torch.Tensor, dv_local: torch.Tensor, ds_final: torch.Tensor, seq: torch.Tensor, first: torch.Tensor,
               last: torch.Tensor, scale: float, policy: str, low: torch.dtype, bv: int = 0, num_warps: int = 0,
-              num_stages: int = 0, chunk_size: int = 0
+              num_stages: int = 0, chunk_size: int = 0, chunk_table: Optional[torch.Tensor] = None
               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """q, k, do in either layout (as state_fwd's k); the rest in the chunk layout."""
-    g, K, V = geometry(k, chunk_size), k.shape[-1], v_new.shape[-1]
+    g, K, V = geometry(k, chunk_size, chunk_table), k.shape[-1], v_new.shape[-1]
     dv_new, dw, dk, ds0 = _state_bwd_fake(q, k, w, v_new, states, do, dv_local, ds_final, seq, first, last, scale,
                                           policy, low)
     ds_next = f32(g.B, g.H, g.N, K, V, like=k)
@@ -290,7 +292,7 @@ def state_bwd(q: torch.Tensor, k: torch.Tensor, w: torch.Tensor, v_new: torch.Te
     launch(state_bwd_kernel, (triton.cdiv(V, cfg["BV"]), g.B * g.H), q, k, w, do, dv_local, ds_final, dv_new,
            ds_next, ds0, seq, first, last, scale, *g.kernel_args(), K=K, V=V, C=g.C, Q_EXACT=exact(q, low),
            K_EXACT=exact(k, low), DO_EXACT=exact(do, low), POLICY=POLICY, LOW=LOW, SEGMENTED=seq.numel() > 0,
-           TOKENS=g.tokens, **cfg)
+           LAYOUT=g.layout, **cfg)
     BK = block(K)
     launch(state_grads_kernel, (triton.cdiv(K, BK), g.B * g.H * g.N), v_new, dv_new, states, ds_next, dk, dw,
            K=K, V=V, C=g.C, BK=BK, BV=block(V), POLICY=POLICY, LOW=LOW, num_warps=4 if g.C <= 64 else 8)
@@ -305,10 +307,10 @@ def _segment_args(segments, like: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
     return tuple(x.flatten().to(torch.int32) for x in (segments.seq, segments.first, segments.last))
 
 
-def _check_layout(segments, chunk_size: int) -> None:
-    if chunk_size and segments is not None:
-        raise ValueError("packed sequences come in the chunk layout: the state pass takes no token-layout inputs "
-                         "with them (chunk_size must be 0)")
+def _check_layout(segments, chunk_size: int, chunk_table) -> None:
+    if chunk_size and (segments is None) != (chunk_table is None):
+        raise ValueError("packed sequences (segments) read in the token layout need their chunk_table, and a "
+                         "chunk_table needs the segments")
 
 
 def _launch_args(config) -> tuple[int, int, int]:
@@ -318,30 +320,30 @@ def _launch_args(config) -> tuple[int, int, int]:
     return (bv, *warps_stages(config))
 
 
-def state_forward(k, w, u, s0, dot, impl=None, segments=None, config=None, chunk_size=0):
+def state_forward(k, w, u, s0, dot, impl=None, segments=None, config=None, chunk_size=0, chunk_table=None):
     """The registered `state` stage: (v_new, states, final); `impl` is the compiled backend's stepping
     (one launch walks every chunk here); with `segments`, s0 and final are per packed sequence.
     chunk_size > 0: k is in the token layout."""
     check_tensors(k, w, u, s0)
-    _check_layout(segments, chunk_size)
+    _check_layout(segments, chunk_size, chunk_table)
     policy, low = policy_of(dot)
     v_new, states, final = state_fwd(k.contiguous(), w.contiguous(), u.contiguous(), s0.contiguous(),
-                                     *_segment_args(segments, k), policy, low, *_launch_args(config), chunk_size)
+                                     *_segment_args(segments, k), policy, low, *_launch_args(config), chunk_size, chunk_table)
     if segments is not None:  # a sequence with no tokens keeps its initial state
         final = torch.where(segments.empty[:, None, None, None], s0, final)
     return v_new, states, final
 
 
 def state_backward(q, k, w, v_new, states, do, dv_local, ds_final, scale, dot, impl=None, segments=None, config=None,
-                   chunk_size=0):
+                   chunk_size=0, chunk_table=None):
     """The registered `state_backward` stage: (dv_new, dw, dk, ds0). chunk_size > 0: q, k, do are in
     the token layout."""
     check_tensors(q, k, w, v_new, states, do, dv_local, ds_final)
-    _check_layout(segments, chunk_size)
+    _check_layout(segments, chunk_size, chunk_table)
     policy, low = policy_of(dot)
     args = (q, k, w, v_new, states, do, dv_local, ds_final)
     dv_new, dw, dk, ds0 = state_bwd(*(x.contiguous() for x in args), *_segment_args(segments, k), float(scale),
-                                    policy, low, *_launch_args(config), chunk_size)
+                                    policy, low, *_launch_args(config), chunk_size, chunk_table)
     if segments is not None:
         ds0 = torch.where(segments.empty[:, None, None, None], ds_final, ds0)
     return dv_new, dw, dk, ds0

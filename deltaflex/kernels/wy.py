@@ -15,6 +15,8 @@ Grid: (cdiv(K, BK) + cdiv(V, BV) [+ 1 backward], B*H*N). Blocks: C is one tile; 
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import triton
 import triton.language as tl
@@ -31,34 +33,34 @@ def _tb(t_c, beta, C: tl.constexpr):
 
 
 @triton.jit
-def wy_fwd_kernel(t_ptr, k_ptr, v_ptr, beta_ptr, w_ptr, u_ptr, N, H, T,
+def wy_fwd_kernel(t_ptr, k_ptr, v_ptr, beta_ptr, w_ptr, u_ptr, N, H, T, table_ptr,
                   K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
                   K_EXACT: tl.constexpr, V_EXACT: tl.constexpr, POLICY: tl.constexpr, LOW: tl.constexpr,
-                  TOKENS: tl.constexpr):
+                  LAYOUT: tl.constexpr):
     role, chunk = tl.program_id(0), tl.program_id(1).to(tl.int64)
-    beta_off, beta_stride, n_rows = chunk_rows(chunk, N, H, T, C, 1, TOKENS)
+    beta_off, beta_stride, n_rows = chunk_rows(chunk, N, H, T, table_ptr, C, 1, LAYOUT)
     tb, t = _tb(t_ptr + chunk * C * C, load_column(beta_ptr + beta_off, beta_stride, n_rows, C), C)
     NK: tl.constexpr = (K + BK - 1) // BK
     if role < NK:  # block `role` of W
-        k_off, k_stride, _ = chunk_rows(chunk, N, H, T, C, K, TOKENS)
+        k_off, k_stride, _ = chunk_rows(chunk, N, H, T, table_ptr, C, K, LAYOUT)
         k = load_rows(k_ptr + k_off, k_stride, n_rows, 0, role, K, C, BK)
         w = mma(tb, k, tl.zeros([C, BK], tl.float32), False, K_EXACT, POLICY, LOW)
         store_tile(w_ptr + chunk * C * K, w, 0, role, C, K, C, BK)
     else:  # block `role - NK` of U
-        v_off, v_stride, _ = chunk_rows(chunk, N, H, T, C, V, TOKENS)
+        v_off, v_stride, _ = chunk_rows(chunk, N, H, T, table_ptr, C, V, LAYOUT)
         v = load_rows(v_ptr + v_off, v_stride, n_rows, 0, role - NK, V, C, BV)
         u = mma(tb, v, tl.zeros([C, BV], tl.float32), False, V_EXACT, POLICY, LOW)
         store_tile(u_ptr + chunk * C * V, u, 0, role - NK, C, V, C, BV)
 
 
 @triton.jit
-def wy_bwd_kernel(t_ptr, k_ptr, v_ptr, beta_ptr, dw_ptr, du_ptr, dt_ptr, dk_ptr, dv_ptr, dbeta_ptr, N, H, T,
+def wy_bwd_kernel(t_ptr, k_ptr, v_ptr, beta_ptr, dw_ptr, du_ptr, dt_ptr, dk_ptr, dv_ptr, dbeta_ptr, N, H, T, table_ptr,
                   K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
                   K_EXACT: tl.constexpr, V_EXACT: tl.constexpr, POLICY: tl.constexpr, LOW: tl.constexpr,
-                  TOKENS: tl.constexpr):
+                  LAYOUT: tl.constexpr):
     role, chunk = tl.program_id(0), tl.program_id(1).to(tl.int64)
     dw_c, du_c = dw_ptr + chunk * C * K, du_ptr + chunk * C * V
-    beta_off, beta_stride, n_rows = chunk_rows(chunk, N, H, T, C, 1, TOKENS)
+    beta_off, beta_stride, n_rows = chunk_rows(chunk, N, H, T, table_ptr, C, 1, LAYOUT)
     beta = load_column(beta_ptr + beta_off, beta_stride, n_rows, C)
     tb, t = _tb(t_ptr + chunk * C * C, beta, C)
     NK: tl.constexpr = (K + BK - 1) // BK
@@ -72,8 +74,8 @@ def wy_bwd_kernel(t_ptr, k_ptr, v_ptr, beta_ptr, dw_ptr, du_ptr, dt_ptr, dk_ptr,
                  False, POLICY, LOW)
         store_tile(dv_ptr + chunk * C * V, dv, 0, role - NK, C, V, C, BV)
     else:  # dTb = dW K^T + dU V^T -> dT, dbeta
-        k_off, k_stride, _ = chunk_rows(chunk, N, H, T, C, K, TOKENS)
-        v_off, v_stride, _ = chunk_rows(chunk, N, H, T, C, V, TOKENS)
+        k_off, k_stride, _ = chunk_rows(chunk, N, H, T, table_ptr, C, K, LAYOUT)
+        v_off, v_stride, _ = chunk_rows(chunk, N, H, T, table_ptr, C, V, LAYOUT)
         dtb = tl.zeros([C, C], tl.float32)
         for j in range(0, NK):
             k = load_rows(k_ptr + k_off, k_stride, n_rows, 0, j, K, C, BK)
@@ -85,28 +87,28 @@ def wy_bwd_kernel(t_ptr, k_ptr, v_ptr, beta_ptr, dw_ptr, du_ptr, dt_ptr, dk_ptr,
         tl.store(dbeta_ptr + chunk * C + tl.arange(0, C), tl.sum(dtb * t, 0))
 
 
-def _wy_fwd_fake(t, k, v, beta, policy, low, num_warps=0, num_stages=0, chunk_size=0):
-    B, H, N, C, _, _ = geometry(k, chunk_size)
+def _wy_fwd_fake(t, k, v, beta, policy, low, num_warps=0, num_stages=0, chunk_size=0, chunk_table=None):
+    B, H, N, C = geometry(k, chunk_size, chunk_table)[:4]
     return f32(B, H, N, C, k.shape[-1], like=k), f32(B, H, N, C, v.shape[-1], like=k)
 
 
 @define_op("wy_fwd", _wy_fwd_fake)
 def wy_fwd(t: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torch.Tensor, policy: str,
-           low: torch.dtype, num_warps: int = 0, num_stages: int = 0, chunk_size: int = 0
+           low: torch.dtype, num_warps: int = 0, num_stages: int = 0, chunk_size: int = 0, chunk_table: Optional[torch.Tensor] = None
            ) -> tuple[torch.Tensor, torch.Tensor]:
     """k, v, beta in the chunk layout, or (chunk_size > 0) in the token layout; t, w, u in the chunk layout."""
-    g, K, V = geometry(k, chunk_size), k.shape[-1], v.shape[-1]
-    w, u = _wy_fwd_fake(t, k, v, beta, policy, low, chunk_size=chunk_size)
+    g, K, V = geometry(k, chunk_size, chunk_table), k.shape[-1], v.shape[-1]
+    w, u = _wy_fwd_fake(t, k, v, beta, policy, low, chunk_size=chunk_size, chunk_table=chunk_table)
     POLICY, LOW = precision(policy, low)
     BK, BV = block(K), block(V)
     launch(wy_fwd_kernel, (triton.cdiv(K, BK) + triton.cdiv(V, BV), g.B * g.H * g.N), t, k, v, beta, w, u,
            *g.kernel_args(), K=K, V=V, C=g.C, BK=BK, BV=BV, K_EXACT=exact(k, low), V_EXACT=exact(v, low),
-           POLICY=POLICY, LOW=LOW, TOKENS=g.tokens, **launch_options(num_warps or (4 if g.C <= 64 else 8), num_stages))
+           POLICY=POLICY, LOW=LOW, LAYOUT=g.layout, **launch_options(num_warps or (4 if g.C <= 64 else 8), num_stages))
     return w, u
 
 
-def _wy_bwd_fake(t, k, v, beta, dw, du, policy, low, num_warps=0, num_stages=0, chunk_size=0):
-    B, H, N, C, _, _ = geometry(k, chunk_size)
+def _wy_bwd_fake(t, k, v, beta, dw, du, policy, low, num_warps=0, num_stages=0, chunk_size=0, chunk_table=None):
+    B, H, N, C = geometry(k, chunk_size, chunk_table)[:4]
     return (f32(*t.shape, like=k), f32(B, H, N, C, k.shape[-1], like=k), f32(B, H, N, C, v.shape[-1], like=k),
             f32(B, H, N, C, like=k))
 
@@ -114,29 +116,29 @@ def _wy_bwd_fake(t, k, v, beta, dw, du, policy, low, num_warps=0, num_stages=0, 
 @define_op("wy_bwd", _wy_bwd_fake)
 def wy_bwd(t: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torch.Tensor, dw: torch.Tensor,
            du: torch.Tensor, policy: str, low: torch.dtype, num_warps: int = 0, num_stages: int = 0,
-           chunk_size: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    g, K, V = geometry(k, chunk_size), k.shape[-1], v.shape[-1]
-    dt, dk, dv, dbeta = _wy_bwd_fake(t, k, v, beta, dw, du, policy, low, chunk_size=chunk_size)
+           chunk_size: int = 0, chunk_table: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    g, K, V = geometry(k, chunk_size, chunk_table), k.shape[-1], v.shape[-1]
+    dt, dk, dv, dbeta = _wy_bwd_fake(t, k, v, beta, dw, du, policy, low, chunk_size=chunk_size, chunk_table=chunk_table)
     POLICY, LOW = precision(policy, low)
     BK, BV = block(K), block(V)
     launch(wy_bwd_kernel, (triton.cdiv(K, BK) + triton.cdiv(V, BV) + 1, g.B * g.H * g.N), t, k, v, beta, dw, du, dt,
            dk, dv, dbeta, *g.kernel_args(), K=K, V=V, C=g.C, BK=BK, BV=BV, K_EXACT=exact(k, low),
-           V_EXACT=exact(v, low), POLICY=POLICY, LOW=LOW, TOKENS=g.tokens,
+           V_EXACT=exact(v, low), POLICY=POLICY, LOW=LOW, LAYOUT=g.layout,
            **launch_options(num_warps or (4 if g.C <= 64 else 8), num_stages))
     return dt, dk, dv, dbeta
 
 
-def wy_forward(t, k, v, beta, dot, config=None, chunk_size=0):
+def wy_forward(t, k, v, beta, dot, config=None, chunk_size=0, chunk_table=None):
     """The registered `wy` stage: (w, u), float32. chunk_size > 0: k, v, beta in the token layout."""
     check_tensors(t, k, v, beta)
     policy, low = policy_of(dot)
     return wy_fwd(t.contiguous(), k.contiguous(), v.contiguous(), beta.contiguous(), policy, low,
-                  *warps_stages(config), chunk_size)
+                  *warps_stages(config), chunk_size, chunk_table)
 
 
-def wy_backward(t, k, v, beta, dw, du, dot, config=None, chunk_size=0):
+def wy_backward(t, k, v, beta, dw, du, dot, config=None, chunk_size=0, chunk_table=None):
     """The registered `wy_backward` stage: (dt, dk, dv, dbeta), float32, in the chunk layout."""
     check_tensors(t, k, v, beta, dw, du)
     policy, low = policy_of(dot)
     return wy_bwd(t.contiguous(), k.contiguous(), v.contiguous(), beta.contiguous(), dw.contiguous(),
-                  du.contiguous(), policy, low, *warps_stages(config), chunk_size)
+                  du.contiguous(), policy, low, *warps_stages(config), chunk_size, chunk_table)

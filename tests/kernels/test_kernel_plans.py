@@ -174,16 +174,19 @@ def test_narrow_key_solve_backward_takes_the_float32_build(monkeypatch):
 @pytest.mark.parametrize("fused_forward", [False, True], ids=["stages", "fused"])
 def test_triton_plan_reads_the_callers_tensors(fused_forward, monkeypatch):
     """Every stage on Triton: the kernels read q, k, v, beta, dO where the caller has them, masking the
-    rows of a ragged last chunk, and make no padded chunk-layout copy of them (issue 4); a plan with a
-    compiled stage, or packed sequences, still chunks them."""
+    rows of a ragged last chunk (of every packed sequence), and make no padded chunk-layout copy of
+    them (issue 4); a plan with a compiled stage still chunks them."""
     from deltaflex.chunk import function
 
     chunked = []
-    real = function.to_chunks
-    monkeypatch.setattr(function, "to_chunks", lambda x, *a, **kw: chunked.append(x.shape) or real(x, *a, **kw))
+    for name in ("to_chunks", "to_chunks_packed"):
+        real = getattr(function, name)
+        monkeypatch.setattr(function, name, lambda x, *a, real=real, **kw: chunked.append(x.shape) or real(x, *a, **kw))
     x = make_inputs(2, 45, 2, 20, 12, dtype=torch.bfloat16, device=DEVICE, initial_state=True)
     plan = _plan(STAGES, fused_forward=fused_forward, precision="bf16x3")
     check_against_oracle(x, chunk_size=16, use_qk_l2norm=True, plan=plan)
+    packed, cu = _packed([7, 0, 16, 21], torch.float32, keys="correlated", device=DEVICE)
+    check_packed(packed, cu, plan)
     assert not chunked
     check_against_oracle(x, chunk_size=16, plan=_plan(("solve", "wy", "output")))
     assert chunked

@@ -12,7 +12,7 @@ import functools
 import pytest
 import torch
 
-from deltaflex.chunk.layout import to_chunks
+from deltaflex.chunk.layout import packed_layout, to_chunks, to_chunks_packed
 from deltaflex.chunk.matmul import make_dot
 from deltaflex.chunk.stages import implementation
 from deltaflex.chunk.state import Stepping
@@ -39,19 +39,28 @@ PRECISIONS = [(torch.float32, "fp32"), (torch.bfloat16, "bf16x3"), (torch.bfloat
 LOOP = Stepping("loop", 1)
 
 
-def _stage_inputs(shape, dtype, policy, keys):
-    """Every stage's inputs in the chunk layout; "tokens": q, k, v, beta, do in the caller's layout."""
+def _stage_inputs(shape, dtype, policy, keys, lengths=None):
+    """Every stage's inputs in the chunk layout; "tokens": q, k, v, beta, do in the caller's layout.
+    `lengths`: B = 1 holds packed sequences of these lengths (their initial states in s0)."""
     B, H, T, K, V, C = shape
     x = make_inputs(B, T, H, K, V, dtype=dtype, device=DEVICE, keys=keys)
     x["beta"], x["do"] = x["beta"].float(), torch.randn(B, T, H, V, device=DEVICE).to(dtype)
-    q, k, v, do = (to_chunks(x[n], C, dtype).flatten(2, 3) for n in ("q", "k", "v", "do"))
-    beta = to_chunks(x["beta"], C, torch.float32).flatten(2, 3)
+    if lengths is None:
+        segments = None
+        q, k, v, do = (to_chunks(x[n], C, dtype).flatten(2, 3) for n in ("q", "k", "v", "do"))
+        beta = to_chunks(x["beta"], C, torch.float32).flatten(2, 3)
+    else:
+        assert B == 1 and sum(lengths) == T
+        layout = packed_layout(lengths, C, 1, DEVICE)
+        segments = layout.segments
+        q, k, v, do = (to_chunks_packed(x[n], layout, C, dtype, 1).flatten(2, 3) for n in ("q", "k", "v", "do"))
+        beta = to_chunks_packed(x["beta"], layout, C, torch.float32, 1).flatten(2, 3)
     dot = make_dot(policy, dtype)
     solve, wy, state = (implementation(s, "compiled")[0] for s in ("solve", "wy", "state"))
     t = solve(k, beta, dot)
     w, u = wy(t, k, v, beta, dot)
-    s0 = torch.randn(B, H, K, V, device=DEVICE)
-    v_new, states, _ = state(k, w, u, s0, dot, LOOP, None)
+    s0 = torch.randn(B if lengths is None else len(lengths), H, K, V, device=DEVICE)
+    v_new, states, _ = state(k, w, u, s0, dot, LOOP, segments)
     grads = {
         "dt": torch.randn_like(t).tril(-1),
         "dw": torch.randn_like(w),
@@ -62,7 +71,7 @@ def _stage_inputs(shape, dtype, policy, keys):
     }
     tokens = {n: x[n] for n in ("q", "k", "v", "beta", "do")}
     return dict(q=q, k=k, v=v, beta=beta, t=t, w=w, u=u, s0=s0, v_new=v_new, states=states, dot=dot, **grads,
-                tokens=tokens)
+                tokens=tokens, segments=segments)
 
 
 def _calls(x):
@@ -73,9 +82,9 @@ def _calls(x):
         ("solve", 1): lambda f: f(x["k"], x["beta"], x["t"], x["dt"], x["dot"]),
         ("wy", 0): lambda f: f(x["t"], x["k"], x["v"], x["beta"], x["dot"]),
         ("wy", 1): lambda f: f(x["t"], x["k"], x["v"], x["beta"], x["dw"], x["du"], x["dot"]),
-        ("state", 0): lambda f: f(x["k"], x["w"], x["u"], x["s0"], x["dot"], LOOP, None),
+        ("state", 0): lambda f: f(x["k"], x["w"], x["u"], x["s0"], x["dot"], LOOP, x.get("segments")),
         ("state", 1): lambda f: f(x["q"], x["k"], x["w"], x["v_new"], x["states"], x["do"], x["dv_local"],
-                                  x["ds_final"], scale, x["dot"], LOOP, None),
+                                  x["ds_final"], scale, x["dot"], LOOP, x.get("segments")),
         ("output", 0): lambda f: f(x["q"], x["k"], x["v_new"], x["states"], scale, x["dot"]),
         ("output", 1): lambda f: f(x["q"], x["k"], x["v_new"], x["states"], x["do"], scale, x["dot"]),
     }
@@ -143,19 +152,29 @@ def test_solve_is_the_inverse_with_correlated_keys(poisoned):
     assert relative_error((eye + a) @ t, eye.expand_as(t)) < STAGE_TOL["fp32"]
 
 
-@pytest.mark.parametrize("shape", [SHAPES[0], SHAPES[3], SHAPES[4]], ids=lambda s: "x".join(map(str, s)))
-def test_stages_read_the_callers_layout(poisoned, shape):
+LAYOUT_CASES = [  # (shape, packed sequence lengths or None)
+    (SHAPES[0], None), (SHAPES[3], None), (SHAPES[4], None),
+    ((1, 2, 57, 20, 24, 16), [5, 0, 19, 1, 32]),  # lengths under, over and at the chunk size, and 0
+]
+
+
+@pytest.mark.parametrize("shape,lengths", LAYOUT_CASES,
+                         ids=["x".join(map(str, shape)) + ("-packed" if lengths else "") for shape, lengths in LAYOUT_CASES])
+def test_stages_read_the_callers_layout(poisoned, shape, lengths):
     """Given q, k, v, beta, dO as the caller holds them ([B, T, H, D], chunk_size: the rows of a ragged
-    last chunk masked, never read: the bounds check of tests/interpreter_bounds.py), every Triton
-    stage gives what it gives on the zero-padded chunk layout."""
-    x = _stage_inputs(shape, torch.bfloat16, "bf16x3", "correlated")
+    last chunk, of every packed sequence, masked, never read: the bounds check of
+    tests/interpreter_bounds.py), every Triton stage gives what it gives on the zero-padded chunk
+    layout."""
+    x = _stage_inputs(shape, torch.bfloat16, "bf16x3", "correlated", lengths)
     tokens = dict(x, **x["tokens"])
     assert tokens["k"].shape[1] % shape[-1] != 0  # a ragged last chunk
+    layout = {"chunk_size": shape[-1]}
+    if lengths is not None:
+        layout["chunk_table"] = x["segments"].rows
     mismatches = []
     for (stage, direction), padded in _calls(x).items():
         ref = padded(implementation(stage, "triton")[direction])
-        out = _calls(tokens)[stage, direction](
-            functools.partial(implementation(stage, "triton")[direction], chunk_size=shape[-1]))
+        out = _calls(tokens)[stage, direction](functools.partial(implementation(stage, "triton")[direction], **layout))
         ref, out = (r if isinstance(r, tuple) else (r,) for r in (ref, out))
         for i, (o, r) in enumerate(zip(out, ref, strict=True)):
             err = relative_error(o, r) if o.shape == r.shape else float("inf")
