@@ -265,11 +265,11 @@ CHUNKS, TOKENS, PACKED = 0, 1, 2
 def chunk_rows(chunk, N, H, T, table_ptr, C: tl.constexpr, D: tl.constexpr, LAYOUT: tl.constexpr):
     """(offset of the chunk's first row, row stride, rows it has) of a D-wide input; `chunk` in int64.
     D = 1 for beta ([B, T, H] or [B, H, N, C])."""
-    if LAYOUT == 1:
+    if LAYOUT == 1:  # TOKENS
         n = chunk % N
         bh = chunk // N
         return ((bh // H * T + n * C) * H + bh % H) * D, H * D, T - n * C
-    elif LAYOUT == 2:  # B = 1
+    elif LAYOUT == 2:  # PACKED (B = 1)
         n = chunk % N
         return (tl.load(table_ptr + 2 * n) * H + chunk // N) * D, H * D, tl.load(table_ptr + 2 * n + 1)
     else:

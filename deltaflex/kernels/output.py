@@ -89,13 +89,15 @@ def output_bwd_kernel(q_ptr, k_ptr, v_new_ptr, states_ptr, do_ptr, dq_ptr, dk_pt
         store_tile(dv_ptr + chunk * C * V, scale * dv, 0, role - NK, C, V, C, BV)
 
 
-def _output_fwd_fake(q, k, v_new, states, scale, policy, low, num_warps=0, num_stages=0, chunk_size=0, chunk_table=None):
+def _output_fwd_fake(q, k, v_new, states, scale, policy, low, num_warps=0, num_stages=0, chunk_size=0,
+                     chunk_table=None):
     return f32(*v_new.shape, like=q)
 
 
 @define_op("output_fwd", _output_fwd_fake)
 def output_fwd(q: torch.Tensor, k: torch.Tensor, v_new: torch.Tensor, states: torch.Tensor, scale: float,
-               policy: str, low: torch.dtype, num_warps: int = 0, num_stages: int = 0, chunk_size: int = 0, chunk_table: Optional[torch.Tensor] = None
+               policy: str, low: torch.dtype, num_warps: int = 0, num_stages: int = 0, chunk_size: int = 0,
+               chunk_table: Optional[torch.Tensor] = None
                ) -> torch.Tensor:
     """q, k in the chunk layout, or (chunk_size > 0) in the token layout; v_new, states, o in the chunk layout."""
     g, K, V = geometry(q, chunk_size, chunk_table), q.shape[-1], v_new.shape[-1]
@@ -108,7 +110,8 @@ def output_fwd(q: torch.Tensor, k: torch.Tensor, v_new: torch.Tensor, states: to
     return o
 
 
-def _output_bwd_fake(q, k, v_new, states, do, scale, policy, low, num_warps=0, num_stages=0, chunk_size=0, chunk_table=None):
+def _output_bwd_fake(q, k, v_new, states, do, scale, policy, low, num_warps=0, num_stages=0, chunk_size=0,
+                     chunk_table=None):
     B, H, N, C = geometry(q, chunk_size, chunk_table)[:4]
     return f32(B, H, N, C, q.shape[-1], like=q), f32(B, H, N, C, k.shape[-1], like=q), f32(*v_new.shape, like=q)
 
@@ -116,10 +119,12 @@ def _output_bwd_fake(q, k, v_new, states, do, scale, policy, low, num_warps=0, n
 @define_op("output_bwd", _output_bwd_fake)
 def output_bwd(q: torch.Tensor, k: torch.Tensor, v_new: torch.Tensor, states: torch.Tensor, do: torch.Tensor,
                scale: float, policy: str, low: torch.dtype, num_warps: int = 0, num_stages: int = 0,
-               chunk_size: int = 0, chunk_table: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+               chunk_size: int = 0, chunk_table: Optional[torch.Tensor] = None
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """q, k, do in either layout (as output_fwd); the gradients in the chunk layout."""
     g, K, V = geometry(q, chunk_size, chunk_table), q.shape[-1], v_new.shape[-1]
-    dq, dk, dv = _output_bwd_fake(q, k, v_new, states, do, scale, policy, low, chunk_size=chunk_size, chunk_table=chunk_table)
+    dq, dk, dv = _output_bwd_fake(q, k, v_new, states, do, scale, policy, low, chunk_size=chunk_size,
+                                  chunk_table=chunk_table)
     POLICY, LOW = precision(policy, low)
     BK, BV = block(K), block(V)
     grid = (triton.cdiv(K, BK) + triton.cdiv(V, BV), g.B * g.H * g.N)
@@ -142,4 +147,5 @@ def output_backward(q, k, v_new, states, do, scale, dot, config=None, chunk_size
     check_tensors(q, k, v_new, states, do)
     policy, low = policy_of(dot)
     args = (q, k, v_new, states, do)
-    return output_bwd(*(x.contiguous() for x in args), float(scale), policy, low, *warps_stages(config), chunk_size, chunk_table)
+    return output_bwd(*(x.contiguous() for x in args), float(scale), policy, low, *warps_stages(config), chunk_size,
+                      chunk_table)

@@ -145,7 +145,8 @@ def _solve_bwd_fake(k, beta, t, dt, policy, low, num_warps=0, num_stages=0, chun
 
 @define_op("solve_bwd", _solve_bwd_fake)
 def solve_bwd(k: torch.Tensor, beta: torch.Tensor, t: torch.Tensor, dt: torch.Tensor, policy: str,
-              low: torch.dtype, num_warps: int = 0, num_stages: int = 0, chunk_size: int = 0, chunk_table: Optional[torch.Tensor] = None
+              low: torch.dtype, num_warps: int = 0, num_stages: int = 0, chunk_size: int = 0,
+              chunk_table: Optional[torch.Tensor] = None
               ) -> tuple[torch.Tensor, torch.Tensor]:
     """k, beta in either layout (as solve_fwd); t, dt, and dk, dbeta in the chunk layout."""
     g, K = geometry(k, chunk_size, chunk_table), k.shape[-1]

@@ -135,7 +135,8 @@ def _state_plus_kt_x(s0, s1, s2, s3, k_c, k_stride, n_rows, x, C: tl.constexpr, 
 
 @triton.jit
 def state_fwd_kernel(k_ptr, w_ptr, u_ptr, s0_ptr, v_new_ptr, states_ptr, final_ptr, seq_ptr, first_ptr, last_ptr, N,
-                     H, T, table_ptr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+                     H, T, table_ptr,
+                     K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
                      K_EXACT: tl.constexpr, POLICY: tl.constexpr, LOW: tl.constexpr, SEGMENTED: tl.constexpr,
                      LAYOUT: tl.constexpr):
     iv, bh = tl.program_id(0), tl.program_id(1).to(tl.int64)
@@ -245,7 +246,8 @@ def state_grads_kernel(v_new_ptr, dv_new_ptr, states_ptr, ds_next_ptr, dk_ptr, d
     store_tile(dw_ptr + chunk * C * K, dw, 0, ik, C, K, C, BK)
 
 
-def _state_fwd_fake(k, w, u, s0, seq, first, last, policy, low, bv=0, num_warps=0, num_stages=0, chunk_size=0, chunk_table=None):
+def _state_fwd_fake(k, w, u, s0, seq, first, last, policy, low, bv=0, num_warps=0, num_stages=0, chunk_size=0,
+                    chunk_table=None):
     B, H, N, C, K = w.shape
     V = u.shape[-1]
     return f32(B, H, N, C, V, like=k), f32(B, H, N, K, V, like=k), f32(*s0.shape, like=k)
@@ -254,7 +256,8 @@ def _state_fwd_fake(k, w, u, s0, seq, first, last, policy, low, bv=0, num_warps=
 @define_op("state_fwd", _state_fwd_fake)
 def state_fwd(k: torch.Tensor, w: torch.Tensor, u: torch.Tensor, s0: torch.Tensor, seq: torch.Tensor,
               first: torch.Tensor, last: torch.Tensor, policy: str, low: torch.dtype, bv: int = 0, num_warps: int = 0,
-              num_stages: int = 0, chunk_size: int = 0, chunk_table: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+              num_stages: int = 0, chunk_size: int = 0, chunk_table: Optional[torch.Tensor] = None
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """seq, first, last: [N] int32 chunk -> sequence, starts-it, ends-it of packed sequences, or empty
     (B independent sequences). k in the chunk layout, or (chunk_size > 0) in the token layout (packed
     sequences: placed by chunk_table, common.geometry); the rest in the chunk layout."""
@@ -328,7 +331,8 @@ def state_forward(k, w, u, s0, dot, impl=None, segments=None, config=None, chunk
     _check_layout(segments, chunk_size, chunk_table)
     policy, low = policy_of(dot)
     v_new, states, final = state_fwd(k.contiguous(), w.contiguous(), u.contiguous(), s0.contiguous(),
-                                     *_segment_args(segments, k), policy, low, *_launch_args(config), chunk_size, chunk_table)
+                                     *_segment_args(segments, k), policy, low, *_launch_args(config), chunk_size,
+                                     chunk_table)
     if segments is not None:  # a sequence with no tokens keeps its initial state
         final = torch.where(segments.empty[:, None, None, None], s0, final)
     return v_new, states, final

@@ -94,7 +94,8 @@ def _wy_fwd_fake(t, k, v, beta, policy, low, num_warps=0, num_stages=0, chunk_si
 
 @define_op("wy_fwd", _wy_fwd_fake)
 def wy_fwd(t: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torch.Tensor, policy: str,
-           low: torch.dtype, num_warps: int = 0, num_stages: int = 0, chunk_size: int = 0, chunk_table: Optional[torch.Tensor] = None
+           low: torch.dtype, num_warps: int = 0, num_stages: int = 0, chunk_size: int = 0,
+           chunk_table: Optional[torch.Tensor] = None
            ) -> tuple[torch.Tensor, torch.Tensor]:
     """k, v, beta in the chunk layout, or (chunk_size > 0) in the token layout; t, w, u in the chunk layout."""
     g, K, V = geometry(k, chunk_size, chunk_table), k.shape[-1], v.shape[-1]
@@ -116,7 +117,8 @@ def _wy_bwd_fake(t, k, v, beta, dw, du, policy, low, num_warps=0, num_stages=0, 
 @define_op("wy_bwd", _wy_bwd_fake)
 def wy_bwd(t: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torch.Tensor, dw: torch.Tensor,
            du: torch.Tensor, policy: str, low: torch.dtype, num_warps: int = 0, num_stages: int = 0,
-           chunk_size: int = 0, chunk_table: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+           chunk_size: int = 0, chunk_table: Optional[torch.Tensor] = None
+           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     g, K, V = geometry(k, chunk_size, chunk_table), k.shape[-1], v.shape[-1]
     dt, dk, dv, dbeta = _wy_bwd_fake(t, k, v, beta, dw, du, policy, low, chunk_size=chunk_size, chunk_table=chunk_table)
     POLICY, LOW = precision(policy, low)

@@ -159,7 +159,7 @@ LAYOUT_CASES = [  # (shape, packed sequence lengths or None)
 
 
 @pytest.mark.parametrize("shape,lengths", LAYOUT_CASES,
-                         ids=["x".join(map(str, shape)) + ("-packed" if lengths else "") for shape, lengths in LAYOUT_CASES])
+                         ids=["x".join(map(str, s)) + ("-packed" if lengths else "") for s, lengths in LAYOUT_CASES])
 def test_stages_read_the_callers_layout(poisoned, shape, lengths):
     """Given q, k, v, beta, dO as the caller holds them ([B, T, H, D], chunk_size: the rows of a ragged
     last chunk, of every packed sequence, masked, never read: the bounds check of
