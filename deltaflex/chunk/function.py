@@ -41,8 +41,8 @@ def _chunked(x: torch.Tensor, plan: Plan, layout: PackedLayout | None, dtype: to
              tokens: bool = False):
     """x [B, T, H, *D] as the stages take it: in the chunk layout, or as it is where `tokens`."""
     dtype = _low_dtype(x.dtype) if dtype is None else dtype
-    if tokens:
-        return x.to(dtype).contiguous()
+    if tokens:  # a view of its own: `_run` may mark its dims dynamic, which must not stick to the caller's
+        return x.to(dtype).contiguous().view(x.shape)
     if layout is None:
         return to_chunks(x, plan.chunk_size, dtype, plan.state_group)
     return to_chunks_packed(x, layout, plan.chunk_size, dtype, plan.state_group)
