@@ -112,7 +112,8 @@ def define_op(name: str, fake):
 
 class Geometry(NamedTuple):
     """How an op's inputs are chunked: B sequences of T tokens, H heads, N chunks of C rows, read in
-    `layout` (CHUNKS, TOKENS or PACKED, placed by `table`; see chunk_rows)."""
+    `layout` (CHUNKS, TOKENS or PACKED, placed by `table`; see chunk_rows). Outside PACKED the kernels
+    never read `table`, which is then the input itself (a pointer argument, no allocation)."""
 
     B: int
     H: int
@@ -133,15 +134,11 @@ def geometry(x: torch.Tensor, chunk_size: int = 0, chunk_table: torch.Tensor | N
     each chunk's first token and token count), packed sequences [1, T, H, D]."""
     if not chunk_size:
         B, H, N, C = x.shape[:4]
-        return Geometry(B, H, N, C, N * C, CHUNKS, _no_table(x))
+        return Geometry(B, H, N, C, N * C, CHUNKS, x)
     B, T, H = x.shape[:3]
     if chunk_table is not None:
         return Geometry(B, H, chunk_table.shape[0], chunk_size, T, PACKED, chunk_table)
-    return Geometry(B, H, (T + chunk_size - 1) // chunk_size, chunk_size, T, TOKENS, _no_table(x))
-
-
-def _no_table(x: torch.Tensor) -> torch.Tensor:
-    return torch.empty(0, dtype=torch.int64, device=x.device)
+    return Geometry(B, H, (T + chunk_size - 1) // chunk_size, chunk_size, T, TOKENS, x)
 
 
 def f32(*shape, like: torch.Tensor) -> torch.Tensor:

@@ -39,7 +39,7 @@ def wy_fwd_kernel(t_ptr, k_ptr, v_ptr, beta_ptr, w_ptr, u_ptr, N, H, T, table_pt
                   LAYOUT: tl.constexpr):
     role, chunk = tl.program_id(0), tl.program_id(1).to(tl.int64)
     beta_off, beta_stride, n_rows = chunk_rows(chunk, N, H, T, table_ptr, C, 1, LAYOUT)
-    tb, t = _tb(t_ptr + chunk * C * C, load_column(beta_ptr + beta_off, beta_stride, n_rows, C), C)
+    tb = _tb(t_ptr + chunk * C * C, load_column(beta_ptr + beta_off, beta_stride, n_rows, C), C)[0]
     NK: tl.constexpr = (K + BK - 1) // BK
     if role < NK:  # block `role` of W
         k_off, k_stride, _ = chunk_rows(chunk, N, H, T, table_ptr, C, K, LAYOUT)
