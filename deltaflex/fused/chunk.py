@@ -1,0 +1,150 @@
+"""The fused chunkwise delta rule: every launch of forward and backward, in order, in this file.
+
+Forward, 3 launches (fla: 6):
+  1. prepare_fwd   per chunk    T = (I + A)^-1 (kept for backward), W, U
+  2. state_fwd     per head     h[n] (chunk start states), V_new (over U), the final state
+  3. output        per chunk    o, in the caller's layout and dtype
+Backward, 5 launches (fla: 7 and a PyTorch sum):
+  1. prepare_bwd   per chunk    W, U from the saved T; dV_local = scale tril(Q K^T)^T dO
+  2. state_fwd     per head     h[n], V_new again (nothing per chunk is kept between the passes)
+  3. state_bwd     per head     dh[n] (end-of-chunk state gradients), dV_new (over dV_local), ds0
+  4. grads         per chunk    dq, dk, dv, dbeta, each written once in its input's layout and dtype
+Between forward and backward only the inputs and T (B T H C floats) are kept.
+
+Inputs are token-major as fla takes them ([B, T, H, D]; packed sequences B = 1 with `Packing`);
+intermediates are token-major too, so a ragged last chunk, or a packed sequence's, is masked rows,
+never a padded copy. Precision: docs/design-fused.md (bf16/fp16 products with float32 accumulation,
+float32 kept where the float64 oracle says it matters; float32 inputs: 3xTF32 products).
+
+A gated variant (a per-token decay g) would add g to these launches' arguments: the state passes
+scale S (and dS) by exp(g_last) per chunk and rows by exp(g_last - g_t), the per-chunk kernels scale
+A, P and dP by exp(g_i - g_j), as in the paper's gated form; the launch sequence stays.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Optional
+
+import torch
+import triton
+
+from ..kernels.common import INTERPRETED, define_op, launch
+from ..validation import state_dtype
+from .grads import grads_kernel
+from .output import output_kernel
+from .prepare import prepare_bwd_kernel, prepare_fwd_kernel
+from .state import state_bwd_kernel, state_fwd_kernel
+from .tiles import block
+
+CHUNK_SIZES = (16, 32, 64)  # the inverse's blocks are 16 rows; 128 would not fit its registers
+_LOW = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+
+
+class Packing(NamedTuple):
+    """Packed sequences (B = 1) for the kernels, built on the host from their lengths."""
+
+    chunks: torch.Tensor  # [total chunks, 2] int32: each chunk's first token and row count
+    seqs: torch.Tensor  # [sequences, 4] int64: first token, first chunk, chunks, tokens
+
+    @classmethod
+    def of(cls, lengths: list[int], chunk_size: int, device) -> Packing:
+        chunks, seqs, token, chunk = [], [], 0, 0
+        for n in lengths:
+            count = -(-n // chunk_size)
+            chunks += [(token + j * chunk_size, min(chunk_size, n - j * chunk_size)) for j in range(count)]
+            seqs.append((token, chunk, count, n))
+            token, chunk = token + n, chunk + count
+        return cls(torch.tensor(chunks, dtype=torch.int32).view(-1, 2).to(device),
+                   torch.tensor(seqs, dtype=torch.int64).view(-1, 4).to(device))
+
+
+# (num_warps, num_stages) per kernel; the passes' BV by key dim (<= 64, <= 128, <= 256). Guesses from
+# fla's tuned choices and the register counts of the sm_90 builds (benchmarks/kernel_resources.py).
+LAUNCH = {"prepare_fwd": (4, 2), "prepare_bwd": (4, 2), "state_fwd": (4, 2), "state_bwd": (4, 2), "output": (4, 2),
+          "grads": (8, 1)}
+PASS_BV = {64: 64, 128: 32, 256: 32}
+
+
+def _pass_bv(K: int, V: int) -> int:
+    if INTERPRETED:
+        return block(V)  # fewer programs: the interpreter's time goes per program
+    return min(block(V), PASS_BV[next(d for d in (64, 128, 256) if K <= d)])
+
+
+def _opts(kernel: str) -> dict:
+    num_warps, num_stages = LAUNCH[kernel]
+    return {"num_warps": num_warps, "num_stages": num_stages}
+
+
+def _geometry(q, v, chunk_size, chunks, seqs):
+    """(B, T, H, K, V, chunk programs, sequences, chunks per sequence)."""
+    B, T, H, K = q.shape
+    NT = triton.cdiv(T, chunk_size)
+    if chunks is None:
+        return B, T, H, K, v.shape[-1], NT, B, NT
+    return B, T, H, K, v.shape[-1], chunks.shape[0], seqs.shape[0], NT
+
+
+def _forward_fake(q, k, v, beta, s0, scale, chunk_size, chunks=None, seqs=None):
+    B, T, H, K, V, n_chunks, S, _ = _geometry(q, v, chunk_size, chunks, seqs)
+    return (q.new_empty(B, T, H, V, dtype=v.dtype), q.new_empty(S, H, K, V, dtype=state_dtype(q.dtype)),
+            q.new_empty(B, T, H, chunk_size, dtype=torch.float32))
+
+
+@define_op("fused_fwd", _forward_fake)
+def fused_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torch.Tensor, s0: Optional[torch.Tensor],
+                  scale: float, chunk_size: int, chunks: Optional[torch.Tensor] = None,
+                  seqs: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(o [B, T, H, V] in v's dtype, final state [sequences, H, K, V] float32, T [B, T, H, C] float32)."""
+    B, T, H, K, V, n_chunks, S, NT = _geometry(q, v, chunk_size, chunks, seqs)
+    C, LOW, PACKED = chunk_size, _LOW[q.dtype], chunks is not None
+    BK, BV = block(K), block(V)
+    chunks, seqs = (q, q) if chunks is None else (chunks, seqs)  # unread outside packed sequences
+    o, final, t = _forward_fake(q, k, v, beta, s0, scale, chunk_size, *((chunks, seqs) if PACKED else ()))
+    w = torch.empty_like(k)
+    u = k.new_empty(B, T, H, V, dtype=torch.float32)  # V_new after the state pass
+    h = k.new_empty(n_chunks if PACKED else B * NT, H, K, V)
+    sizes = dict(H=H, K=K, V=V, C=C, LOW=LOW, PACKED=PACKED)
+    launch(prepare_fwd_kernel, (n_chunks, B * H), k, v, beta, t, w, u, chunks, T, NT, BK=BK, BV=BV, **sizes,
+           **_opts("prepare_fwd"))
+    bv = _pass_bv(K, V)
+    launch(state_fwd_kernel, (triton.cdiv(V, bv), S * H), k, w, u, h, q if s0 is None else s0, final, seqs, T, NT,
+           BK=BK, BV=bv, HAS_S0=s0 is not None, HAS_FINAL=True, **sizes, **_opts("state_fwd"))
+    launch(output_kernel, (n_chunks, B * H), q, k, u, h, o, chunks, scale, T, NT, BK=BK, BV=BV, **sizes,
+           **_opts("output"))
+    return o, final, t
+
+
+def _backward_fake(q, k, v, beta, t, s0, do, dfinal, scale, chunk_size, chunks=None, seqs=None):
+    ds0 = q.new_empty(0, dtype=torch.float32) if s0 is None else torch.empty_like(s0, dtype=torch.float32)
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), torch.empty_like(beta), ds0
+
+
+@define_op("fused_bwd", _backward_fake)
+def fused_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torch.Tensor, t: torch.Tensor,
+                   s0: Optional[torch.Tensor], do: torch.Tensor, dfinal: Optional[torch.Tensor], scale: float,
+                   chunk_size: int, chunks: Optional[torch.Tensor] = None, seqs: Optional[torch.Tensor] = None
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dq, dk, dv, dbeta in their inputs' dtypes, ds0 float32 or empty without s0)."""
+    B, T, H, K, V, n_chunks, S, NT = _geometry(q, v, chunk_size, chunks, seqs)
+    C, LOW, PACKED = chunk_size, _LOW[q.dtype], chunks is not None
+    BK, BV = block(K), block(V)
+    chunks, seqs = (q, q) if chunks is None else (chunks, seqs)
+    dq, dk, dv, dbeta, ds0 = _backward_fake(q, k, v, beta, t, s0, do, dfinal, scale, chunk_size)
+    w = torch.empty_like(k)
+    u = k.new_empty(B, T, H, V, dtype=torch.float32)  # U, then V_new
+    dv_new = k.new_empty(B, T, H, V, dtype=torch.float32)  # dV_local, then dV_new
+    h = k.new_empty(n_chunks if PACKED else B * NT, H, K, V)
+    dh = torch.empty_like(h)
+    sizes = dict(H=H, K=K, V=V, C=C, LOW=LOW, PACKED=PACKED)
+    launch(prepare_bwd_kernel, (n_chunks, B * H), q, k, v, beta, t, do, w, u, dv_new, chunks, scale, T, NT, BK=BK,
+           BV=BV, **sizes, **_opts("prepare_bwd"))
+    bv = _pass_bv(K, V)
+    launch(state_fwd_kernel, (triton.cdiv(V, bv), S * H), k, w, u, h, q if s0 is None else s0, q, seqs, T, NT,
+           BK=BK, BV=bv, HAS_S0=s0 is not None, HAS_FINAL=False, **sizes, **_opts("state_fwd"))
+    launch(state_bwd_kernel, (triton.cdiv(V, bv), S * H), q, k, w, do, dv_new, dh, q if dfinal is None else dfinal,
+           ds0 if s0 is not None else q, seqs, scale, T, NT, BK=BK, BV=bv, HAS_DFINAL=dfinal is not None,
+           HAS_DS0=s0 is not None, **sizes, **_opts("state_bwd"))
+    launch(grads_kernel, (n_chunks, B * H), q, k, v, beta, do, t, h, dh, u, dv_new, dq, dk, dv, dbeta, chunks, scale,
+           T, NT, BK=BK, BV=BV, **sizes, **_opts("grads"))
+    return dq, dk, dv, dbeta, ds0

@@ -1,0 +1,118 @@
+"""Per-chunk preparation: the chunk's inverse T and WY factors, one program per chunk.
+
+Forward (`prepare_fwd_kernel`): A = tril(diag(beta) K K^T, -1) in float32 (exact products of the
+input keys), T = (I + A)^-1 (`invert_unit_lower`), then W = T diag(beta) K and U = T diag(beta) V
+with T diag(beta) split into hi + lo. Writes T (float32, kept for backward), W (input dtype: the
+state pass rounds it anyway) and U (float32: its rounding is what correlated keys amplify).
+Backward (`prepare_bwd_kernel`): the same W and U from the saved T, and the output's local value
+gradient dV_local = scale tril(Q K^T)^T dO (float32), which the reverse state pass starts from.
+
+The inverse: the C/16 diagonal 16 x 16 blocks of (I + A) by forward substitution, all at once as a
+[C/16, 16, 16] tile (D, their inverses, block-diagonal); with N = D A_off (A_off: A without those
+blocks, strictly block-lower, so N^(C/16) = 0), (I + A)^-1 = (I + N)^-1 D = prod_m (I + (-N)^(2^m)) D.
+The powers of N stay bounded on correlated keys (D takes out the diagonal blocks' binomial growth):
+about 2e-7 relative error in float32 against float64 there (docs/design-fused.md).
+
+Grid: (chunks, B*H). Blocks: the chunk (C <= 64 rows) as one tile; BK, BV <= 64 over the head dims.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from ..kernels.common import as_f32
+from .tiles import chunk_of, dot_f32, dot_round, dot_split, load_block, load_column, load_t, store_block
+
+
+@triton.jit
+def _forward_substitute(a3, NB: tl.constexpr):
+    """inv(I + a) of each strictly lower 16 x 16 block of a3 [NB, 16, 16], row by row."""
+    i16 = tl.arange(0, 16)
+    rows = i16[None, :, None]
+    x = tl.zeros([NB, 16, 16], tl.float32) + tl.where(rows == i16[None, None, :], 1.0, 0.0)
+    for j in range(1, 16):
+        a_j = tl.sum(tl.where(rows == j, a3, 0.0), 1)  # row j of every block, by column: [NB, 16]
+        row = -tl.sum(a_j[:, :, None] * x, 1)  # -sum_m a[j, m] x[m, :]; rows m < j are final
+        x = tl.where(rows == j, x + row[:, None, :], x)
+    return x
+
+
+@triton.jit
+def invert_unit_lower(a, C: tl.constexpr):
+    """(I + a)^-1 of a strictly lower [C, C] float32 tile (C in 16, 32, 64)."""
+    NB: tl.constexpr = C // 16
+    nb = tl.arange(0, NB)
+    same = nb[:, None, None, None] == nb[None, None, :, None]  # [NB, 1, NB, 1]: a diagonal block
+    a4 = tl.reshape(a, [NB, 16, NB, 16])
+    x = _forward_substitute(tl.sum(tl.where(same, a4, 0.0), 2), NB)
+    d = tl.reshape(tl.where(same, x[:, :, None, :], 0.0), [C, C])  # block-diagonal inverse D
+    if NB == 1:
+        return d
+    rc = tl.arange(0, C)
+    n = dot_f32(d, tl.where((rc[:, None] // 16) == (rc[None, :] // 16), 0.0, a), tl.zeros([C, C], tl.float32))
+    eye = tl.where(rc[:, None] == rc[None, :], 1.0, 0.0)
+    inv = eye - n  # (I + N)^-1 = (I - N)(I + N^2)(I + N^4)..., N^NB = 0
+    if NB > 2:
+        n2 = dot_f32(n, n, tl.zeros([C, C], tl.float32))
+        inv = dot_f32(inv, eye + n2, tl.zeros([C, C], tl.float32))
+    return dot_f32(inv, d, tl.zeros([C, C], tl.float32))
+
+
+@triton.jit
+def _wy_factors(tb, k_c, v_c, w_c, u_c, k_stride, v_stride, w_stride, u_stride, n_rows, K: tl.constexpr,
+                V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, LOW: tl.constexpr):
+    """W = Tb K and U = Tb V for Tb = T diag(beta) [C, C] float32, split into hi + lo."""
+    for j in range(0, tl.cdiv(K, BK)):
+        k = load_block(k_c, k_stride, n_rows, j * BK, K, C, BK)
+        w = dot_split(tb, k, tl.zeros([C, BK], tl.float32), False, True, LOW)
+        store_block(w_c, w, w_stride, n_rows, j * BK, K, C, BK)
+    for j in range(0, tl.cdiv(V, BV)):
+        v = load_block(v_c, v_stride, n_rows, j * BV, V, C, BV)
+        u = dot_split(tb, v, tl.zeros([C, BV], tl.float32), False, True, LOW)
+        store_block(u_c, u, u_stride, n_rows, j * BV, V, C, BV)
+
+
+@triton.jit
+def prepare_fwd_kernel(k_ptr, v_ptr, beta_ptr, t_ptr, w_ptr, u_ptr, chunks_ptr, T, NT,
+                       H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr,
+                       BV: tl.constexpr, LOW: tl.constexpr, PACKED: tl.constexpr):
+    i_t, i_bh = tl.program_id(0), tl.program_id(1)
+    t0, n_rows, _ = chunk_of(i_t, i_bh // H, T, NT, chunks_ptr, C, PACKED)
+    row0 = t0 * H + i_bh % H  # the chunk's first row of every token-major tensor
+    rc = tl.arange(0, C)
+    a = tl.zeros([C, C], tl.float32)
+    for j in range(0, tl.cdiv(K, BK)):
+        k = load_block(k_ptr + row0 * K, H * K, n_rows, j * BK, K, C, BK)
+        a = dot_round(k, tl.trans(k), a, True, True, LOW)
+    beta = load_column(beta_ptr + row0, H, n_rows, C)
+    t = invert_unit_lower(tl.where(rc[:, None] > rc[None, :], a * beta[:, None], 0.0), C)
+    store_block(t_ptr + row0 * C, t, H * C, n_rows, 0, C, C, C)
+    _wy_factors(t * beta[None, :], k_ptr + row0 * K, v_ptr + row0 * V, w_ptr + row0 * K, u_ptr + row0 * V, H * K,
+                H * V, H * K, H * V, n_rows, K, V, C, BK, BV, LOW)
+
+
+@triton.jit
+def prepare_bwd_kernel(q_ptr, k_ptr, v_ptr, beta_ptr, t_ptr, do_ptr, w_ptr, u_ptr, dv_ptr, chunks_ptr, scale, T, NT,
+                       H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr,
+                       BV: tl.constexpr, LOW: tl.constexpr, PACKED: tl.constexpr):
+    i_t, i_bh = tl.program_id(0), tl.program_id(1)
+    t0, n_rows, _ = chunk_of(i_t, i_bh // H, T, NT, chunks_ptr, C, PACKED)
+    row0 = t0 * H + i_bh % H
+    scale = as_f32(scale)
+    rc = tl.arange(0, C)
+    beta = load_column(beta_ptr + row0, H, n_rows, C)
+    t = load_block(t_ptr + row0 * C, H * C, n_rows, 0, C, C, C)
+    _wy_factors(t * beta[None, :], k_ptr + row0 * K, v_ptr + row0 * V, w_ptr + row0 * K, u_ptr + row0 * V, H * K,
+                H * V, H * K, H * V, n_rows, K, V, C, BK, BV, LOW)
+    # dV_local = scale tril(Q K^T)^T dO, i.e. scale tril(K Q^T, upper) dO
+    kq = tl.zeros([C, C], tl.float32)
+    for j in range(0, tl.cdiv(K, BK)):
+        k = load_block(k_ptr + row0 * K, H * K, n_rows, j * BK, K, C, BK)
+        q = load_t(q_ptr + row0 * K, H * K, n_rows, j * BK, K, C, BK)
+        kq = dot_round(k, q, kq, True, True, LOW)
+    kq = tl.where(rc[:, None] <= rc[None, :], kq, 0.0)
+    for j in range(0, tl.cdiv(V, BV)):
+        do = load_block(do_ptr + row0 * V, H * V, n_rows, j * BV, V, C, BV)
+        dv = scale * dot_split(kq, do, tl.zeros([C, BV], tl.float32), False, True, LOW)
+        store_block(dv_ptr + row0 * V, dv, H * V, n_rows, j * BV, V, C, BV)

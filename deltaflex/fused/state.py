@@ -1,0 +1,152 @@
+"""The sequential passes over chunks, one program per (sequence, head, block of BV value columns),
+the state in float32 registers as up to four [BK, BV] tiles (K <= 256, BK <= 64).
+
+Forward (`state_fwd_kernel`), chunk by chunk:
+    h[n] = S (input dtype);  V_new = U - W S;  S <- S + K^T V_new,
+S and V_new rounded to the input dtype as product operands (what fla does too: the oracle shows
+little lost there), V_new stored in float32, over U (a program reads its slice of U before it
+writes V_new there, and no other program touches it).
+Backward (`state_bwd_kernel`), chunks in reverse, dS the gradient of the state after the chunk:
+    dh[n] = dS (input dtype);  dV_new = dV_local + K dS;  dS <- dS + scale Q^T dO - W^T dV_new,
+dV_new stored in float32 over dV_local.
+
+Packed sequences: one program per sequence walks its own chunks (`tiles.sequence_of`); an empty
+sequence passes its initial state (its final-state gradient) straight through.
+Grid: (cdiv(V, BV), sequences * H).
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from ..kernels.common import as_f32, load_tile, store_tile, to_low
+from .tiles import cast_for, dot_round, load_block, load_t, sequence_of, store_block
+
+
+@triton.jit
+def _tile(ptr, i: tl.constexpr, iv, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr):
+    """Tile i of a [K, V] state at ptr, value block iv, in float32 (zeros past K)."""
+    if i * BK < K:
+        return load_tile(ptr, i, iv, K, V, BK, BV).to(tl.float32)
+    else:
+        return tl.zeros([BK, BV], tl.float32)
+
+
+@triton.jit
+def _put(ptr, s, i: tl.constexpr, iv, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr):
+    if i * BK < K:
+        store_tile(ptr, cast_for(s, ptr), i, iv, K, V, BK, BV)
+
+
+@triton.jit
+def _load_state(ptr, iv, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr):
+    return (_tile(ptr, 0, iv, K, V, BK, BV), _tile(ptr, 1, iv, K, V, BK, BV), _tile(ptr, 2, iv, K, V, BK, BV),
+            _tile(ptr, 3, iv, K, V, BK, BV))
+
+
+@triton.jit
+def _store_state(ptr, s0, s1, s2, s3, iv, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr):
+    _put(ptr, s0, 0, iv, K, V, BK, BV)
+    _put(ptr, s1, 1, iv, K, V, BK, BV)
+    _put(ptr, s2, 2, iv, K, V, BK, BV)
+    _put(ptr, s3, 3, iv, K, V, BK, BV)
+
+
+@triton.jit
+def _rows_times(acc, a_c, stride, n_rows, s0, s1, s2, s3, K: tl.constexpr, C: tl.constexpr, BK: tl.constexpr,
+                LOW: tl.constexpr):
+    """acc + A S for a chunk's rows A [C, K] at a_c (input dtype) and a float32 state S (rounded)."""
+    acc = dot_round(load_block(a_c, stride, n_rows, 0, K, C, BK), s0, acc, True, False, LOW)
+    if BK < K:
+        acc = dot_round(load_block(a_c, stride, n_rows, BK, K, C, BK), s1, acc, True, False, LOW)
+    if 2 * BK < K:
+        acc = dot_round(load_block(a_c, stride, n_rows, 2 * BK, K, C, BK), s2, acc, True, False, LOW)
+    if 3 * BK < K:
+        acc = dot_round(load_block(a_c, stride, n_rows, 3 * BK, K, C, BK), s3, acc, True, False, LOW)
+    return acc
+
+
+@triton.jit
+def _plus_at_x(s, i: tl.constexpr, a_c, stride, n_rows, x, K: tl.constexpr, C: tl.constexpr, BK: tl.constexpr,
+               LOW: tl.constexpr):
+    """Tile i of S + A^T X for a chunk's rows A [C, K] at a_c and X [C, BV] in the input dtype."""
+    if i * BK < K:
+        s = dot_round(load_t(a_c, stride, n_rows, i * BK, K, C, BK), x, s, True, True, LOW)
+    return s
+
+
+@triton.jit
+def state_fwd_kernel(k_ptr, w_ptr, u_ptr, h_ptr, s0_ptr, final_ptr, seqs_ptr, T, NT,
+                     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr,
+                     BV: tl.constexpr, LOW: tl.constexpr, PACKED: tl.constexpr, HAS_S0: tl.constexpr,
+                     HAS_FINAL: tl.constexpr):
+    iv, i_nh = tl.program_id(0), tl.program_id(1)
+    i_n, i_h = i_nh // H, i_nh % H
+    bos, c0, nt, length = sequence_of(i_n, T, NT, seqs_ptr, PACKED)
+    if HAS_S0:
+        s0, s1, s2, s3 = _load_state(s0_ptr + i_nh.to(tl.int64) * K * V, iv, K, V, BK, BV)
+    else:
+        s0 = tl.zeros([BK, BV], tl.float32)
+        s1, s2, s3 = s0, s0, s0
+    for i in range(nt):
+        row0 = (bos + i * C) * H + i_h
+        n_rows = tl.minimum(length - i * C, C)
+        _store_state(h_ptr + ((c0 + i) * H + i_h) * K * V, s0, s1, s2, s3, iv, K, V, BK, BV)
+        ws = _rows_times(tl.zeros([C, BV], tl.float32), w_ptr + row0 * K, H * K, n_rows, s0, s1, s2, s3, K, C, BK,
+                         LOW)
+        v_new = load_block(u_ptr + row0 * V, H * V, n_rows, iv * BV, V, C, BV) - ws
+        store_block(u_ptr + row0 * V, v_new, H * V, n_rows, iv * BV, V, C, BV)
+        x = to_low(v_new, LOW)
+        s0 = _plus_at_x(s0, 0, k_ptr + row0 * K, H * K, n_rows, x, K, C, BK, LOW)
+        s1 = _plus_at_x(s1, 1, k_ptr + row0 * K, H * K, n_rows, x, K, C, BK, LOW)
+        s2 = _plus_at_x(s2, 2, k_ptr + row0 * K, H * K, n_rows, x, K, C, BK, LOW)
+        s3 = _plus_at_x(s3, 3, k_ptr + row0 * K, H * K, n_rows, x, K, C, BK, LOW)
+    if HAS_FINAL:
+        _store_state(final_ptr + i_nh.to(tl.int64) * K * V, s0, s1, s2, s3, iv, K, V, BK, BV)
+
+
+@triton.jit
+def _ds_step(ds, i: tl.constexpr, q_c, w_c, stride, n_rows, do, x, scale, K: tl.constexpr, C: tl.constexpr,
+             BK: tl.constexpr, LOW: tl.constexpr):
+    """Tile i of dS + scale Q^T dO - W^T X (X = dV_new rounded)."""
+    if i * BK < K:
+        qdo = dot_round(load_t(q_c, stride, n_rows, i * BK, K, C, BK), do, tl.zeros(ds.shape, tl.float32), True,
+                        True, LOW)
+        wx = dot_round(load_t(w_c, stride, n_rows, i * BK, K, C, BK), x, tl.zeros(ds.shape, tl.float32), True, True,
+                       LOW)
+        ds = ds + scale * qdo - wx
+    return ds
+
+
+@triton.jit
+def state_bwd_kernel(q_ptr, k_ptr, w_ptr, do_ptr, dv_ptr, dh_ptr, dfinal_ptr, ds0_ptr, seqs_ptr, scale, T, NT,
+                     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr,
+                     BV: tl.constexpr, LOW: tl.constexpr, PACKED: tl.constexpr, HAS_DFINAL: tl.constexpr,
+                     HAS_DS0: tl.constexpr):
+    iv, i_nh = tl.program_id(0), tl.program_id(1)
+    i_n, i_h = i_nh // H, i_nh % H
+    bos, c0, nt, length = sequence_of(i_n, T, NT, seqs_ptr, PACKED)
+    scale = as_f32(scale)
+    if HAS_DFINAL:
+        ds0, ds1, ds2, ds3 = _load_state(dfinal_ptr + i_nh.to(tl.int64) * K * V, iv, K, V, BK, BV)
+    else:
+        ds0 = tl.zeros([BK, BV], tl.float32)
+        ds1, ds2, ds3 = ds0, ds0, ds0
+    for j in range(nt):
+        i = nt - 1 - j
+        row0 = (bos + i * C) * H + i_h
+        n_rows = tl.minimum(length - i * C, C)
+        _store_state(dh_ptr + ((c0 + i) * H + i_h) * K * V, ds0, ds1, ds2, ds3, iv, K, V, BK, BV)
+        dv_local = load_block(dv_ptr + row0 * V, H * V, n_rows, iv * BV, V, C, BV)
+        dv_new = _rows_times(dv_local, k_ptr + row0 * K, H * K, n_rows, ds0, ds1, ds2, ds3, K, C, BK, LOW)
+        store_block(dv_ptr + row0 * V, dv_new, H * V, n_rows, iv * BV, V, C, BV)
+        x = to_low(dv_new, LOW)
+        do = load_block(do_ptr + row0 * V, H * V, n_rows, iv * BV, V, C, BV)
+        q_c, w_c = q_ptr + row0 * K, w_ptr + row0 * K
+        ds0 = _ds_step(ds0, 0, q_c, w_c, H * K, n_rows, do, x, scale, K, C, BK, LOW)
+        ds1 = _ds_step(ds1, 1, q_c, w_c, H * K, n_rows, do, x, scale, K, C, BK, LOW)
+        ds2 = _ds_step(ds2, 2, q_c, w_c, H * K, n_rows, do, x, scale, K, C, BK, LOW)
+        ds3 = _ds_step(ds3, 3, q_c, w_c, H * K, n_rows, do, x, scale, K, C, BK, LOW)
+    if HAS_DS0:
+        _store_state(ds0_ptr + i_nh.to(tl.int64) * K * V, ds0, ds1, ds2, ds3, iv, K, V, BK, BV)

@@ -1,0 +1,123 @@
+"""Where a chunk's rows are, and the tile loads, stores and products the fused kernels share.
+
+Every token-indexed tensor, inputs and intermediates alike, is token-major as the caller holds q:
+[B, T, H, D] (packed sequences: B = 1), so token g of the flattened B*T and head h start at
+(g H + h) D, rows H D apart. Chunk-indexed tensors (the chunk states h and dh) are
+[total chunks, H, K, V]. `chunk_of` and `sequence_of` turn a program's indices into those places;
+without packed sequences they are arithmetic, with them they read the host-built tables of
+`packing.Packing`.
+
+Products (the precision scheme, docs/design-fused.md): tiles already in the input dtype LOW enter
+the tensor cores as they are; a float32 operand is either rounded to LOW (`dot_round`) or split into
+hi + lo (`dot_split`, two or three products), where the float64 oracle showed rounding it costs
+accuracy. With float32 inputs (LOW = 0) every product runs as 3xTF32.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from ..kernels.common import _UPCAST_LOW_DOTS, mma
+
+
+@triton.jit
+def chunk_of(i_t, i_b, T, NT, chunks_ptr, C: tl.constexpr, PACKED: tl.constexpr):
+    """(first token among the flattened B*T, its rows, the chunk's global index) of chunk i_t of batch
+    row i_b; packed sequences: chunk i_t of all (B = 1), from the [total chunks, 2] table of (first
+    token, rows)."""
+    if PACKED:
+        t0 = tl.load(chunks_ptr + 2 * i_t).to(tl.int64)
+        rows = tl.load(chunks_ptr + 2 * i_t + 1).to(tl.int64)
+        return t0, rows, i_t.to(tl.int64)
+    else:
+        i_b = i_b.to(tl.int64)
+        return i_b * T + i_t * C, tl.minimum(T - i_t * C, C).to(tl.int64), i_b * NT + i_t
+
+
+@triton.jit
+def sequence_of(i_n, T, NT, seqs_ptr, PACKED: tl.constexpr):
+    """(first token, first global chunk, chunks, tokens) of sequence i_n; packed sequences: from the
+    [sequences, 4] table."""
+    if PACKED:
+        base = seqs_ptr + 4 * i_n
+        return (tl.load(base).to(tl.int64), tl.load(base + 1).to(tl.int64), tl.load(base + 2).to(tl.int32),
+                tl.load(base + 3).to(tl.int64))
+    else:
+        i_n = i_n.to(tl.int64)
+        return i_n * T, i_n * NT, NT, T.to(tl.int64)
+
+
+@triton.jit
+def load_t(ptr, stride, n_rows, col0, COLS: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr):
+    """The transpose [BC, BR] of rows 0..BR of a chunk at ptr (`stride` apart, zeros past n_rows),
+    columns col0..col0+BC (zeros past COLS), loaded transposed."""
+    r = tl.arange(0, BR)
+    c = col0 + tl.arange(0, BC)
+    return tl.load(ptr + r[None, :] * stride + c[:, None], mask=(r < n_rows)[None, :] & (c < COLS)[:, None],
+                   other=0.0)
+
+
+@triton.jit
+def load_block(ptr, stride, n_rows, col0, COLS: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr):
+    """Rows 0..BR of a chunk at ptr (`stride` apart, zeros past n_rows), columns col0..col0+BC."""
+    r = tl.arange(0, BR)
+    c = col0 + tl.arange(0, BC)
+    return tl.load(ptr + r[:, None] * stride + c[None, :], mask=(r < n_rows)[:, None] & (c < COLS)[None, :],
+                   other=0.0)
+
+
+@triton.jit
+def cast_for(x, ptr):
+    """x in the element type of ptr, rounded to nearest (as GPUs do; Triton's interpreter would
+    truncate float32 -> bf16: Veltkamp's split rounds to bf16's 8 significant bits first there)."""
+    if _UPCAST_LOW_DOTS:
+        if ptr.dtype.element_ty == tl.bfloat16:
+            t = x * 65537.0
+            x = t - (t - x)
+    return x.to(ptr.dtype.element_ty)
+
+
+@triton.jit
+def store_block(ptr, x, stride, n_rows, col0, COLS: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr):
+    """Writes x [BR, BC] into rows 0..BR of a chunk at ptr (those before n_rows), columns col0.. (< COLS)."""
+    r = tl.arange(0, BR)
+    c = col0 + tl.arange(0, BC)
+    tl.store(ptr + r[:, None] * stride + c[None, :], cast_for(x, ptr), mask=(r < n_rows)[:, None] & (c < COLS)[None, :])
+
+
+@triton.jit
+def load_column(ptr, stride, n_rows, C: tl.constexpr):
+    """A chunk's C values of a one-wide tensor (beta) in float32; zeros past n_rows."""
+    r = tl.arange(0, C)
+    return tl.load(ptr + r * stride, mask=r < n_rows, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def dot_round(a, b, acc, A_EXACT: tl.constexpr, B_EXACT: tl.constexpr, LOW: tl.constexpr):
+    """acc + a @ b, a float32 operand rounded to LOW (one product); float32 inputs: 3xTF32."""
+    if LOW == 0:
+        return mma(a, b, acc, A_EXACT, B_EXACT, 0, LOW)
+    else:
+        return mma(a, b, acc, A_EXACT, B_EXACT, 2, LOW)
+
+
+@triton.jit
+def dot_split(a, b, acc, A_EXACT: tl.constexpr, B_EXACT: tl.constexpr, LOW: tl.constexpr):
+    """acc + a @ b, a float32 operand split into hi + lo in LOW (near float32 accuracy); float32
+    inputs: 3xTF32."""
+    if LOW == 0:
+        return mma(a, b, acc, A_EXACT, B_EXACT, 0, LOW)
+    else:
+        return mma(a, b, acc, A_EXACT, B_EXACT, 1, LOW)
+
+
+@triton.jit
+def dot_f32(a, b, acc):
+    """acc + a @ b of two float32 tiles at near float32 accuracy (3xTF32): the inverse's algebra."""
+    return tl.dot(a, b, acc, input_precision="tf32x3")
+
+
+def block(d: int, at_most: int = 64) -> int:
+    """A power-of-two block for a dim of d: at least 16 (tl.dot's minimum), at most `at_most`."""
+    return max(16, min(triton.next_power_of_2(d), at_most))
