@@ -63,6 +63,7 @@ class Packing(NamedTuple):
 LAUNCH = {"prepare_fwd": (4, 2), "prepare_bwd": (4, 2), "state_fwd": (4, 2), "state_bwd": (4, 2), "output": (4, 2),
           "grads": (8, 1)}
 PASS_BV = {64: 64, 128: 32, 256: 32}
+SPLIT_STATE = True  # the state update's V_new as hi + lo (state.py)
 
 
 def _pass_bv(K: int, V: int) -> int:
@@ -109,7 +110,7 @@ def fused_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torch
            **_opts("prepare_fwd"))
     bv = _pass_bv(K, V)
     launch(state_fwd_kernel, (triton.cdiv(V, bv), S * H), k, w, u, h, q if s0 is None else s0, final, seqs, T, NT,
-           BK=BK, BV=bv, HAS_S0=s0 is not None, HAS_FINAL=True, **sizes, **_opts("state_fwd"))
+           BK=BK, BV=bv, HAS_S0=s0 is not None, HAS_FINAL=True, SPLIT=SPLIT_STATE, **sizes, **_opts("state_fwd"))
     launch(output_kernel, (n_chunks, B * H), q, k, u, h, o, chunks, scale, T, NT, BK=BK, BV=BV, **sizes,
            **_opts("output"))
     return o, final, t
@@ -141,10 +142,11 @@ def fused_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torc
            BV=BV, **sizes, **_opts("prepare_bwd"))
     bv = _pass_bv(K, V)
     launch(state_fwd_kernel, (triton.cdiv(V, bv), S * H), k, w, u, h, q if s0 is None else s0, q, seqs, T, NT,
-           BK=BK, BV=bv, HAS_S0=s0 is not None, HAS_FINAL=False, **sizes, **_opts("state_fwd"))
+           BK=BK, BV=bv, HAS_S0=s0 is not None, HAS_FINAL=False, SPLIT=SPLIT_STATE, **sizes, **_opts("state_fwd"))
     launch(state_bwd_kernel, (triton.cdiv(V, bv), S * H), q, k, w, do, dv_new, dh, q if dfinal is None else dfinal,
            ds0 if s0 is not None else q, seqs, scale, T, NT, BK=BK, BV=bv, HAS_DFINAL=dfinal is not None,
            HAS_DS0=s0 is not None, **sizes, **_opts("state_bwd"))
+    # 32-wide blocks: with 64 the kernel's live tiles spill (benchmarks/kernel_resources.py)
     launch(grads_kernel, (n_chunks, B * H), q, k, v, beta, do, t, h, dh, u, dv_new, dq, dk, dv, dbeta, chunks, scale,
-           T, NT, BK=BK, BV=BV, **sizes, **_opts("grads"))
+           T, NT, BK=block(K, 32), BV=block(V, 32), **sizes, **_opts("grads"))
     return dq, dk, dv, dbeta, ds0

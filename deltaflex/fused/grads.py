@@ -22,8 +22,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ..kernels.common import as_f32, load_tile
-from .tiles import cast_for, chunk_of, dot_f32, dot_round, dot_split, load_block, load_column, load_t, store_block
+from ..kernels.common import as_f32, load_tile, to_low
+from .tiles import cast_for, chunk_of, dot_fine, dot_round, dot_split, load_block, load_column, load_t, store_block
 
 
 @triton.jit
@@ -56,20 +56,29 @@ def grads_kernel(q_ptr, k_ptr, v_ptr, beta_ptr, do_ptr, t_ptr, h_ptr, dh_ptr, v_
         dtb = dot_round(-dw, load_t(k_c, H * K, n_rows, j * BK, K, C, BK), dtb, False, True, LOW)
     # value blocks: dP, dTb's share through U, and dv
     dp = tl.zeros([C, C], tl.float32)
+    tbt_hi = to_low(tl.trans(tb), LOW)  # Tb^T split once
+    tbt_lo = to_low(tl.trans(tb) - tbt_hi.to(tl.float32), LOW)
     for iv in range(0, NV):
         vn = load_block(vn_c, H * V, n_rows, iv * BV, V, C, BV)
         dp = dot_split(load_block(do_c, H * V, n_rows, iv * BV, V, C, BV), tl.trans(vn), dp, True, False, LOW)
         dvn = load_block(dvn_c, H * V, n_rows, iv * BV, V, C, BV)
         dtb = dot_split(dvn, load_t(v_c, H * V, n_rows, iv * BV, V, C, BV), dtb, False, True, LOW)
-        dv = dot_split(tl.trans(tb), dvn, tl.zeros([C, BV], tl.float32), False, False, LOW)
+        dv = dot_split(tbt_hi, dvn, tl.zeros([C, BV], tl.float32), True, False, LOW)
+        if LOW != 0:
+            dv = dot_round(tbt_lo, dvn, dv, True, False, LOW)
         store_block(dv_ptr + row0 * V, dv, H * V, n_rows, iv * BV, V, C, BV)
     dp = scale * tl.where(rc[:, None] >= rc[None, :], dp, 0.0)
     # through T = (I + A)^-1
     dbeta = tl.sum(dtb * t, 0)
-    m = dot_f32(tl.trans(t), dtb * beta[None, :], tl.zeros([C, C], tl.float32))
-    da = -dot_f32(m, tl.trans(t), tl.zeros([C, C], tl.float32))
+    m = dot_fine(tl.trans(t), dtb * beta[None, :], tl.zeros([C, C], tl.float32), LOW)
+    da = -dot_fine(m, tl.trans(t), tl.zeros([C, C], tl.float32), LOW)
     da = tl.where(rc[:, None] > rc[None, :], da, 0.0)
-    dab = da * beta[:, None]
+    # the key loop's float32 operands rounded (split for dP in dq) once, transposes taken once
+    dp_hi = to_low(dp, LOW)
+    dp_lo = to_low(dp - dp_hi.to(tl.float32), LOW)
+    dpt = tl.trans(dp_hi)
+    dab = to_low(da * beta[:, None], LOW)
+    dabt = tl.trans(dab)
     # key blocks: dq, dk
     kkt = tl.zeros([C, C], tl.float32)
     for j in range(0, NK):
@@ -85,12 +94,14 @@ def grads_kernel(q_ptr, k_ptr, v_ptr, beta_ptr, do_ptr, t_ptr, h_ptr, dh_ptr, v_
             dw = dot_round(load_block(dvn_c, H * V, n_rows, iv * BV, V, C, BV), h_t, dw, False, True, LOW)
             dk = dot_round(load_block(vn_c, H * V, n_rows, iv * BV, V, C, BV),
                            tl.trans(load_tile(dh_c, j, iv, K, V, BK, BV)), dk, False, True, LOW)
-        dq = dot_split(dp, k, scale * dq_state, False, True, LOW)
+        dq = dot_round(dp_hi, k, scale * dq_state, True, True, LOW)
+        if LOW != 0:
+            dq = dot_round(dp_lo, k, dq, True, True, LOW)
         store_block(dq_ptr + row0 * K, dq, H * K, n_rows, j * BK, K, C, BK)
-        dk = dot_round(tl.trans(dp), load_block(q_c, H * K, n_rows, j * BK, K, C, BK), dk, False, True, LOW)
-        dk = dot_round(tl.trans(tb), -dw, dk, False, False, LOW)
-        dk = dot_round(dab, k, dk, False, True, LOW)
-        dk = dot_round(tl.trans(dab), k, dk, False, True, LOW)
+        dk = dot_round(dpt, load_block(q_c, H * K, n_rows, j * BK, K, C, BK), dk, True, True, LOW)
+        dk = dot_round(tbt_hi, -dw, dk, True, False, LOW)
+        dk = dot_round(dab, k, dk, True, True, LOW)
+        dk = dot_round(dabt, k, dk, True, True, LOW)
         store_block(dk_ptr + row0 * K, dk, H * K, n_rows, j * BK, K, C, BK)
     dbeta += tl.sum(da * kkt, 1)
     tl.store(dbeta_ptr + row0 + rc * H, cast_for(dbeta, dbeta_ptr), mask=rc < n_rows)

@@ -11,7 +11,8 @@ The inverse: the C/16 diagonal 16 x 16 blocks of (I + A) by forward substitution
 [C/16, 16, 16] tile (D, their inverses, block-diagonal); with N = D A_off (A_off: A without those
 blocks, strictly block-lower, so N^(C/16) = 0), (I + A)^-1 = (I + N)^-1 D = prod_m (I + (-N)^(2^m)) D.
 The powers of N stay bounded on correlated keys (D takes out the diagonal blocks' binomial growth):
-about 2e-7 relative error in float32 against float64 there (docs/design-fused.md).
+its products split into bf16 hi + lo parts, about 1e-5 relative error against float64 there (float32
+inputs: 3xTF32, 2e-7; docs/design-fused.md).
 
 Grid: (chunks, B*H). Blocks: the chunk (C <= 64 rows) as one tile; BK, BV <= 64 over the head dims.
 """
@@ -22,7 +23,7 @@ import triton
 import triton.language as tl
 
 from ..kernels.common import as_f32
-from .tiles import chunk_of, dot_f32, dot_round, dot_split, load_block, load_column, load_t, store_block
+from .tiles import chunk_of, dot_fine, dot_round, dot_split, load_block, load_column, load_t, store_block
 
 
 @triton.jit
@@ -39,7 +40,7 @@ def _forward_substitute(a3, NB: tl.constexpr):
 
 
 @triton.jit
-def invert_unit_lower(a, C: tl.constexpr):
+def invert_unit_lower(a, C: tl.constexpr, LOW: tl.constexpr):
     """(I + a)^-1 of a strictly lower [C, C] float32 tile (C in 16, 32, 64)."""
     NB: tl.constexpr = C // 16
     nb = tl.arange(0, NB)
@@ -50,13 +51,11 @@ def invert_unit_lower(a, C: tl.constexpr):
     if NB == 1:
         return d
     rc = tl.arange(0, C)
-    n = dot_f32(d, tl.where((rc[:, None] // 16) == (rc[None, :] // 16), 0.0, a), tl.zeros([C, C], tl.float32))
-    eye = tl.where(rc[:, None] == rc[None, :], 1.0, 0.0)
-    inv = eye - n  # (I + N)^-1 = (I - N)(I + N^2)(I + N^4)..., N^NB = 0
+    n = dot_fine(d, tl.where((rc[:, None] // 16) == (rc[None, :] // 16), 0.0, a), tl.zeros([C, C], tl.float32), LOW)
+    inv = tl.where(rc[:, None] == rc[None, :], 1.0, 0.0) - n  # (I + N)^-1 = (I - N)(I + N^2)..., N^NB = 0
     if NB > 2:
-        n2 = dot_f32(n, n, tl.zeros([C, C], tl.float32))
-        inv = dot_f32(inv, eye + n2, tl.zeros([C, C], tl.float32))
-    return dot_f32(inv, d, tl.zeros([C, C], tl.float32))
+        inv = dot_fine(inv, dot_fine(n, n, tl.zeros([C, C], tl.float32), LOW), inv, LOW)
+    return dot_fine(inv, d, tl.zeros([C, C], tl.float32), LOW)
 
 
 @triton.jit
@@ -86,7 +85,7 @@ def prepare_fwd_kernel(k_ptr, v_ptr, beta_ptr, t_ptr, w_ptr, u_ptr, chunks_ptr, 
         k = load_block(k_ptr + row0 * K, H * K, n_rows, j * BK, K, C, BK)
         a = dot_round(k, tl.trans(k), a, True, True, LOW)
     beta = load_column(beta_ptr + row0, H, n_rows, C)
-    t = invert_unit_lower(tl.where(rc[:, None] > rc[None, :], a * beta[:, None], 0.0), C)
+    t = invert_unit_lower(tl.where(rc[:, None] > rc[None, :], a * beta[:, None], 0.0), C, LOW)
     store_block(t_ptr + row0 * C, t, H * C, n_rows, 0, C, C, C)
     _wy_factors(t * beta[None, :], k_ptr + row0 * K, v_ptr + row0 * V, w_ptr + row0 * K, u_ptr + row0 * V, H * K,
                 H * V, H * K, H * V, n_rows, K, V, C, BK, BV, LOW)

@@ -3,9 +3,10 @@ the state in float32 registers as up to four [BK, BV] tiles (K <= 256, BK <= 64)
 
 Forward (`state_fwd_kernel`), chunk by chunk:
     h[n] = S (input dtype);  V_new = U - W S;  S <- S + K^T V_new,
-S and V_new rounded to the input dtype as product operands (what fla does too: the oracle shows
-little lost there), V_new stored in float32, over U (a program reads its slice of U before it
-writes V_new there, and no other program touches it).
+S rounded to the input dtype as an operand (as fla does: the oracle shows little lost there), V_new
+split into hi + lo for the update where SPLIT (else rounded: one product less a step, but on
+correlated keys the final state's error grows from 5e-4 to 6e-3), V_new stored in float32 over U
+(a program reads its slice of U before it writes V_new there, and no other program touches it).
 Backward (`state_bwd_kernel`), chunks in reverse, dS the gradient of the state after the chunk:
     dh[n] = dS (input dtype);  dV_new = dV_local + K dS;  dS <- dS + scale Q^T dO - W^T dV_new,
 dV_new stored in float32 over dV_local.
@@ -68,11 +69,15 @@ def _rows_times(acc, a_c, stride, n_rows, s0, s1, s2, s3, K: tl.constexpr, C: tl
 
 
 @triton.jit
-def _plus_at_x(s, i: tl.constexpr, a_c, stride, n_rows, x, K: tl.constexpr, C: tl.constexpr, BK: tl.constexpr,
-               LOW: tl.constexpr):
-    """Tile i of S + A^T X for a chunk's rows A [C, K] at a_c and X [C, BV] in the input dtype."""
+def _plus_at_x(s, i: tl.constexpr, a_c, stride, n_rows, x_hi, x_lo, K: tl.constexpr, C: tl.constexpr,
+               BK: tl.constexpr, LOW: tl.constexpr, SPLIT: tl.constexpr):
+    """Tile i of S + A^T X for a chunk's rows A [C, K] at a_c and X = x_hi (+ x_lo where SPLIT), [C, BV]
+    in the input dtype."""
     if i * BK < K:
-        s = dot_round(load_t(a_c, stride, n_rows, i * BK, K, C, BK), x, s, True, True, LOW)
+        a_t = load_t(a_c, stride, n_rows, i * BK, K, C, BK)
+        s = dot_round(a_t, x_hi, s, True, True, LOW)
+        if SPLIT and LOW != 0:  # float32 inputs have no lo part
+            s = dot_round(a_t, x_lo, s, True, True, LOW)
     return s
 
 
@@ -80,7 +85,7 @@ def _plus_at_x(s, i: tl.constexpr, a_c, stride, n_rows, x, K: tl.constexpr, C: t
 def state_fwd_kernel(k_ptr, w_ptr, u_ptr, h_ptr, s0_ptr, final_ptr, seqs_ptr, T, NT,
                      H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr,
                      BV: tl.constexpr, LOW: tl.constexpr, PACKED: tl.constexpr, HAS_S0: tl.constexpr,
-                     HAS_FINAL: tl.constexpr):
+                     HAS_FINAL: tl.constexpr, SPLIT: tl.constexpr):
     iv, i_nh = tl.program_id(0), tl.program_id(1)
     i_n, i_h = i_nh // H, i_nh % H
     bos, c0, nt, length = sequence_of(i_n, T, NT, seqs_ptr, PACKED)
@@ -97,11 +102,13 @@ def state_fwd_kernel(k_ptr, w_ptr, u_ptr, h_ptr, s0_ptr, final_ptr, seqs_ptr, T,
                          LOW)
         v_new = load_block(u_ptr + row0 * V, H * V, n_rows, iv * BV, V, C, BV) - ws
         store_block(u_ptr + row0 * V, v_new, H * V, n_rows, iv * BV, V, C, BV)
-        x = to_low(v_new, LOW)
-        s0 = _plus_at_x(s0, 0, k_ptr + row0 * K, H * K, n_rows, x, K, C, BK, LOW)
-        s1 = _plus_at_x(s1, 1, k_ptr + row0 * K, H * K, n_rows, x, K, C, BK, LOW)
-        s2 = _plus_at_x(s2, 2, k_ptr + row0 * K, H * K, n_rows, x, K, C, BK, LOW)
-        s3 = _plus_at_x(s3, 3, k_ptr + row0 * K, H * K, n_rows, x, K, C, BK, LOW)
+        x_hi = to_low(v_new, LOW)
+        x_lo = to_low(v_new - x_hi.to(tl.float32), LOW)
+        k_c = k_ptr + row0 * K
+        s0 = _plus_at_x(s0, 0, k_c, H * K, n_rows, x_hi, x_lo, K, C, BK, LOW, SPLIT)
+        s1 = _plus_at_x(s1, 1, k_c, H * K, n_rows, x_hi, x_lo, K, C, BK, LOW, SPLIT)
+        s2 = _plus_at_x(s2, 2, k_c, H * K, n_rows, x_hi, x_lo, K, C, BK, LOW, SPLIT)
+        s3 = _plus_at_x(s3, 3, k_c, H * K, n_rows, x_hi, x_lo, K, C, BK, LOW, SPLIT)
     if HAS_FINAL:
         _store_state(final_ptr + i_nh.to(tl.int64) * K * V, s0, s1, s2, s3, iv, K, V, BK, BV)
 
