@@ -39,7 +39,8 @@ def op_calls(K: int, V: int, C: int, policy: str, low: torch.dtype, layout: str 
     """(name, op, args, kwargs) for every op at one shape, on meta tensors; `layout` "tokens": the
     inputs (q, k, v, beta, dO) in the token layout [B, T, H, D] with a ragged last chunk; "packed":
     packed sequences in it, placed by a chunk table."""
-    from deltaflex.kernels import fused, output, recurrent_step, solve, state, wy
+    from deltaflex.fused import chunk as fused
+    from deltaflex.kernels import output, recurrent_step, solve, state, wy
 
     B, H, N = 1, 1, 2
 
@@ -71,12 +72,13 @@ def op_calls(K: int, V: int, C: int, policy: str, low: torch.dtype, layout: str 
         ("state_bwd", state.state_bwd, (q, k, w, u, st, do, u, s0, *segments, 0.5, *p)),
         ("output_fwd", output.output_fwd, (q, k, u, st, 0.5, *p)),
         ("output_bwd", output.output_bwd, (q, k, u, st, do, 0.5, *p)),
-        ("solve_wy_fwd", fused.solve_wy_fwd, (k, v, beta, *p)),
-        ("state_output_fwd", fused.state_output_fwd, (q, k, w, u, s0, 0.5, *p)),
     ]
-    if layout == "packed":  # the fused forward takes no packed sequences
-        calls = [c for c in calls if c[0] not in ("solve_wy_fwd", "state_output_fwd")]
     calls = [(name, op, args, kw) for name, op, args in calls]
+    if layout in ("tokens", "packed") and C in fused.CHUNK_SIZES:  # the fused path reads the caller's layout only
+        tf = t(B, T, H, C)
+        pk = {"chunks": t(N, 2, dtype=torch.int32), "seqs": t(1, 4, dtype=torch.int64)} if layout == "packed" else {}
+        calls += [("fused_fwd", fused.fused_forward, (q, k, v, beta.to(low), s0, 0.5, C), pk),
+                  ("fused_bwd", fused.fused_backward, (q, k, v, beta.to(low), tf, s0, do, s0, 0.5, C), pk)]
     if layout == "chunk":  # decoding reads tokens [B, T, H, D] (T = 2) whatever the chunk stages' layout
         calls.append(("recurrent_step", recurrent_step.recurrent_step,
                       (t(B, 2, H, K, dtype=low), t(B, 2, H, K, dtype=low), t(B, 2, H, V, dtype=low),
@@ -88,10 +90,10 @@ def recorded_launches(op, args, outputs: list | None = None, kwargs: dict | None
     """The (kernel, args, kwargs) an op launches, recorded instead of run (what it returns appended to
     `outputs`)."""
     from deltaflex import kernels
+    from deltaflex.fused import chunk as fused
 
     calls = []
-    modules = (kernels.common, kernels.solve, kernels.wy, kernels.state, kernels.output, kernels.fused,
-               kernels.recurrent_step)
+    modules = (kernels.common, kernels.solve, kernels.wy, kernels.state, kernels.output, kernels.recurrent_step, fused)
     saved = [m.launch for m in modules]
     for m in modules:
         m.launch = lambda kernel, grid, *a, **kw: calls.append((kernel, a, kw))

@@ -1,131 +1,213 @@
-"""Times of the Triton stage kernels, the fused forward, and the state passes' launch parameters (GPU).
+"""The fused path's kernels on a GPU: forward and forward+backward against fla, every launch timed
+alone, its launch parameters swept, and torch.profiler tables of deltaflex's and fla's kernels.
 
-    python benchmarks/profile_kernels.py --out $OUT                  # every benchmark shape
-    python benchmarks/profile_kernels.py --shape 4,4096,16,128 --sweep
+    python benchmarks/profile_kernels.py --shape 4,4096,16,128 --fla --profile --out $OUT
+    python benchmarks/profile_kernels.py --shape 4,4096,16,128 --sweep --out $OUT
 
-Per shape (B, T, H, D; bf16, k L2-normalised, chunk size 64 unless --chunk-size), median ms of
-`triton.testing.do_bench` for
-- each stage's forward and backward, Triton kernels (and the compiled stages' eager ops, for scale);
-- the forward four ways: Triton stages (solve, wy, state, output: four launches, per-chunk states
-  written), fused (kernels/fused.py: two launches, no states), and each fused kernel alone;
-- with --sweep, every (BV, num_warps, num_stages) of the passes over chunks (state forward,
-  backward, fused state+output), for PASS_CONFIGS in deltaflex/kernels/state.py.
-One JSON line per figure on stdout (and in $OUT/profile_kernels.jsonl with --out).
+Per shape (B, T, H, D; bf16, k L2-normalised, chunk size 64): median ms of `triton.testing.do_bench`
+for the forward and forward+backward and their peak memory above the inputs; with --profile, each
+kernel's GPU time per call (torch.profiler, averaged over --iters calls); with --sweep, each launch
+of deltaflex/fused/chunk.py alone under every launch configuration of SWEEP (the launches are
+recorded from one real forward and backward, then replayed on their own arguments). One JSON line
+per figure on stdout and in $OUT/profile_kernels.jsonl; a summary table last.
 """
 
 from __future__ import annotations
 
 import argparse
-import functools
 import itertools
 import json
 from pathlib import Path
 
 import torch
+import triton
 from triton.testing import do_bench
 
-from deltaflex.chunk.layout import to_chunks
-from deltaflex.chunk.matmul import make_dot
-from deltaflex.chunk.stages import implementation
-from deltaflex.chunk.state import Stepping
-from deltaflex.kernels import fused
+from deltaflex import delta_rule
+from deltaflex.fused import chunk as fused
 from deltaflex.testing import make_inputs
 
-LOOP = Stepping("loop", 1)
-
-BENCH_SHAPES = ["8,2048,32,64", "4,4096,32,64", "2,8192,32,64", "8,2048,16,128", "4,4096,16,128",
-                "2,8192,16,128", "8,2048,8,256", "4,4096,8,256", "2,8192,8,256"]
-
-
-def chunk_inputs(B, T, H, D, C, policy):
-    x = make_inputs(B, T, H, D, dtype=torch.bfloat16, device="cuda")
-    q, k, v = (to_chunks(x[n], C, torch.bfloat16).flatten(2, 3) for n in "qkv")
-    beta = to_chunks(x["beta"], C, torch.float32).flatten(2, 3)
-    dot = make_dot(policy, torch.bfloat16)
-    t = implementation("solve", "triton")[0](k, beta, dot)
-    w, u = implementation("wy", "triton")[0](t, k, v, beta, dot)
-    s0 = torch.zeros(B, H, D, D, device="cuda")
-    v_new, states, _ = implementation("state", "triton")[0](k, w, u, s0, dot, LOOP, None)
-    do = torch.randn_like(v_new).to(torch.bfloat16)
-    return dict(q=q, k=k, v=v, beta=beta, dot=dot, t=t, w=w, u=u, s0=s0, v_new=v_new, states=states, do=do,
-                dt=torch.randn_like(t).tril(-1), dw=torch.randn_like(w), du=torch.randn_like(u),
-                dv_local=torch.randn_like(v_new), ds=torch.randn_like(s0), scale=D**-0.5, policy=policy)
-
-
-def stage_calls(x):
-    return {
-        "solve": (lambda f: f(x["k"], x["beta"], x["dot"]),
-                  lambda f: f(x["k"], x["beta"], x["t"], x["dt"], x["dot"])),
-        "wy": (lambda f: f(x["t"], x["k"], x["v"], x["beta"], x["dot"]),
-               lambda f: f(x["t"], x["k"], x["v"], x["beta"], x["dw"], x["du"], x["dot"])),
-        "state": (lambda f: f(x["k"], x["w"], x["u"], x["s0"], x["dot"], LOOP, None),
-                  lambda f: f(x["q"], x["k"], x["w"], x["v_new"], x["states"], x["do"], x["dv_local"], x["ds"],
-                              x["scale"], x["dot"], LOOP, None)),
-        "output": (lambda f: f(x["q"], x["k"], x["v_new"], x["states"], x["scale"], x["dot"]),
-                   lambda f: f(x["q"], x["k"], x["v_new"], x["states"], x["do"], x["scale"], x["dot"])),
-    }
+# launch parameters to try per kernel: block names with sizes, num_warps, num_stages
+SWEEP = {
+    "prepare_fwd_kernel": {"num_warps": (2, 4, 8), "num_stages": (1, 2, 3)},
+    "prepare_bwd_kernel": {"num_warps": (2, 4, 8), "num_stages": (1, 2, 3)},
+    "state_fwd_kernel": {"BV": (16, 32, 64), "num_warps": (2, 4, 8), "num_stages": (1, 2, 3), "SPLIT": (True, False)},
+    "state_bwd_kernel": {"BV": (16, 32, 64), "num_warps": (2, 4, 8), "num_stages": (1, 2, 3)},
+    "output_kernel": {"BV": (32, 64, 128), "num_warps": (4, 8), "num_stages": (1, 2, 3)},
+    "grads_kernel": {"BK": (32, 64), "BV": (32, 64), "num_warps": (4, 8), "num_stages": (1, 2)},
+}
+PASSES = ("state_fwd_kernel", "state_bwd_kernel")  # grid (cdiv(V, BV), sequences * H)
 
 
 def ms(fn) -> float:
     return do_bench(fn, return_mode="median")
 
 
-def profile_shape(shape: str, C: int, policy: str, sweep: bool, compiled: bool):
-    B, T, H, D = map(int, shape.split(","))
-    x = chunk_inputs(B, T, H, D, C, policy)
-    base = {"shape": shape, "chunk_size": C, "policy": policy}
-    for stage, calls in stage_calls(x).items():
-        for backend in ("triton", "compiled") if compiled else ("triton",):
-            for direction, call in zip(("forward", "backward"), calls):
-                f = implementation(stage, backend)[direction == "backward"]
-                yield {**base, "what": f"{stage} {direction}", "backend": backend, "ms": ms(lambda: call(f))}
-    q, k, v, beta, s0 = x["q"], x["k"], x["v"], x["beta"], x["s0"]
-    grouped = tuple(t.unsqueeze(3) for t in (q, k, v, beta))  # forward_chunks' layout: groups of one chunk
-    opts = dict(scale=x["scale"], use_qk_l2norm=False, policy=policy)
-    from deltaflex.chunk.function import forward_chunks
+def inputs(B, T, H, D, requires_grad=False):
+    x = make_inputs(B, T, H, D, dtype=torch.bfloat16, device="cuda")
+    leaves = [x[n].requires_grad_(requires_grad) for n in ("q", "k", "v", "beta")]
+    return leaves, torch.randn(B, T, H, D, device="cuda", dtype=torch.bfloat16)
 
-    yield {**base, "what": "forward, triton stages", "ms": ms(
-        lambda: forward_chunks(*grouped, s0, None, **opts, stepping=LOOP, backends=(("triton", None),) * 4))}
-    yield {**base, "what": "forward, fused", "ms": ms(lambda: fused.forward_chunks(q, k, v, beta, s0, **opts))}
-    yield {**base, "what": "fused solve+wy", "ms": ms(lambda: fused.solve_wy_fwd(k, v, beta, policy, k.dtype))}
-    yield {**base, "what": "fused state+output", "ms": ms(
-        lambda: fused.state_output_fwd(q, k, x["w"], x["u"], s0, x["scale"], policy, k.dtype))}
-    if not sweep:
-        return
-    (call_fwd, call_bwd), (fwd, bwd) = stage_calls(x)["state"], implementation("state", "triton")
-    passes = {  # each launched with (BV, num_warps, num_stages)
-        "forward": lambda *c: call_fwd(functools.partial(fwd, config=((("BV", c[0]),), c[1], c[2]))),
-        "backward": lambda *c: call_bwd(functools.partial(bwd, config=((("BV", c[0]),), c[1], c[2]))),
-        "state_output": lambda *c: fused.state_output_fwd(q, k, x["w"], x["u"], s0, x["scale"], policy, k.dtype, *c),
-    }
-    for (kind, fn), BV, num_warps, num_stages in itertools.product(passes.items(), (16, 32, 64), (4, 8), (1, 2, 3)):
-        cfg = dict(BV=BV, num_warps=num_warps, num_stages=num_stages)
-        try:
-            t = ms(lambda: fn(BV, num_warps, num_stages))
-        except Exception as e:  # out of shared memory or registers: recorded, not fatal
-            t = f"{type(e).__name__}: {str(e)[:120]}"
-        yield {**base, "what": f"sweep {kind}", **cfg, "ms": t}
+
+def contenders(fla: bool) -> dict:
+    out = {"deltaflex fused": lambda q, k, v, beta: delta_rule(q, k, v, beta, plan="fused")[0]}
+    if fla:
+        from fla.ops.delta_rule import chunk_delta_rule
+
+        out["fla chunk"] = lambda q, k, v, beta: chunk_delta_rule(q, k, v, beta)[0]
+    return out
+
+
+def accuracy(name, forward, keys: str, shape=(2, 300, 4, 64)):
+    """Relative errors of o and every gradient against the float64 oracle (autograd through its loop)."""
+    from deltaflex.reference import recurrent_delta_rule_ref
+    from deltaflex.testing import relative_error
+
+    B, T, H, D = shape
+    x = make_inputs(B, T, H, D, dtype=torch.bfloat16, device="cuda", keys=keys,
+                    generator=torch.Generator(device="cuda").manual_seed(0))
+    names = ("q", "k", "v", "beta")
+    do = torch.randn(B, T, H, D, device="cuda", generator=torch.Generator(device="cuda").manual_seed(1))
+    refs = [x[n].double().requires_grad_() for n in names]
+    o_ref = recurrent_delta_rule_ref(*refs)[0]
+    o_ref.backward(do.double())
+    leaves = [x[n].clone().requires_grad_() for n in names]
+    o = forward(*leaves)
+    o.backward(do.bfloat16())
+    errors = {"o": relative_error(o, o_ref)}
+    errors.update({f"d{n}": relative_error(a.grad, r.grad) for n, a, r in zip(names, leaves, refs)})
+    return {"contender": name, "keys": keys, "shape": "x".join(map(str, shape)), **errors}
+
+
+def timings(shape, name, forward):
+    B, T, H, D = shape
+    leaves, do = inputs(B, T, H, D, requires_grad=True)
+    forward(*leaves).backward(do)  # first call: compiles, autotunes
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    forward(*leaves).backward(do)
+    peak = (torch.cuda.max_memory_allocated() - base) / 2**30
+    with torch.no_grad():
+        fwd = ms(lambda: forward(*leaves))
+    both = ms(lambda: forward(*leaves).backward(do))
+    return {"contender": name, "fwd_ms": fwd, "fwd_bwd_ms": both, "peak_extra_gib": peak}
+
+
+def kernel_table(shape, name, forward, iters: int):
+    """GPU time per call of each kernel one forward+backward launches (torch.profiler)."""
+    B, T, H, D = shape
+    leaves, do = inputs(B, T, H, D, requires_grad=True)
+    forward(*leaves).backward(do)
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(iters):
+            forward(*leaves).backward(do)
+        torch.cuda.synchronize()
+    rows = []
+    for e in prof.key_averages():
+        gpu_us = getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0)
+        if gpu_us > 0:
+            rows.append({"contender": name, "kernel": e.key[:60], "calls": e.count / iters, "ms": gpu_us / iters / 1e3})
+    return sorted(rows, key=lambda r: -r["ms"])
+
+
+def recorded_launches(shape):
+    """(kernel, grid, args, kwargs) of one fused forward and backward, launched as recorded."""
+    B, T, H, D = shape
+    (q, k, v, beta), do = inputs(B, T, H, D)
+    calls, real = [], fused.launch
+
+    def record(kernel, grid, *args, **kwargs):
+        calls.append((kernel, grid, args, kwargs))
+        real(kernel, grid, *args, **kwargs)
+
+    fused.launch = record
+    try:
+        o, final, t = fused.fused_forward(q, k, v, beta, None, D ** -0.5, 64)
+        fused.fused_backward(q, k, v, beta, t, None, do, None, D ** -0.5, 64)
+    finally:
+        fused.launch = real
+    return calls
+
+
+def sweep(shape):
+    """Each recorded launch alone under every configuration of SWEEP (the first of two launches of one
+    kernel only: the forward state pass runs in both directions)."""
+    seen = set()
+    for kernel, grid, args, kwargs in recorded_launches(shape):
+        name = kernel.fn.__name__ if hasattr(kernel, "fn") else kernel.__name__
+        if name in seen:
+            continue
+        seen.add(name)
+        space = SWEEP[name]
+        for values in itertools.product(*space.values()):
+            cfg = dict(zip(space, values))
+            kw = {**kwargs, **cfg}
+            g = (triton.cdiv(kw["V"], kw["BV"]), grid[1]) if name in PASSES else grid
+            try:
+                t = ms(lambda: kernel[g](*args, **kw))
+            except Exception as e:  # out of resources: recorded, not fatal
+                t = f"{type(e).__name__}: {str(e)[:100]}"
+            yield {"kernel": name, **cfg, "ms": t, "default": all(kwargs.get(n) == v for n, v in cfg.items())}
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--shape", action="append", help="B,T,H,D (default: every benchmark shape)")
-    parser.add_argument("--chunk-size", type=int, default=64)
-    parser.add_argument("--policy", default="bf16x3", choices=["bf16x3", "bf16", "fp32"])
-    parser.add_argument("--sweep", action="store_true", help="time every launch configuration of the passes")
-    parser.add_argument("--compiled", action="store_true", help="also the compiled stages' eager ops")
+    parser.add_argument("--shape", action="append", help="B,T,H,D (default 4,4096,16,128)")
+    parser.add_argument("--fla", action="store_true", help="fla's chunk_delta_rule as a contender")
+    parser.add_argument("--profile", action="store_true", help="per-kernel GPU times (torch.profiler)")
+    parser.add_argument("--sweep", action="store_true", help="each fused launch under every configuration")
+    parser.add_argument("--accuracy", action="store_true",
+                        help="errors of o and every gradient against the float64 oracle, random and correlated keys")
+    parser.add_argument("--iters", type=int, default=10)
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     out = None
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
         out = open(args.out / "profile_kernels.jsonl", "a")
-    for shape in args.shape or BENCH_SHAPES:
-        for row in profile_shape(shape, args.chunk_size, args.policy, args.sweep, args.compiled):
-            line = json.dumps(row)
-            print(line, flush=True)
-            if out:
-                out.write(line + "\n")
+    summary = []
+
+    def emit(row):
+        line = json.dumps(row)
+        print(line, flush=True)
+        if out:
+            out.write(line + "\n")
+            out.flush()
+
+    if args.accuracy:
+        for keys in ("random", "correlated"):
+            for name, forward in contenders(args.fla).items():
+                row = accuracy(name, forward, keys)
+                emit(row)
+                summary.append(f"{row['shape']:>15} {name:<16} {keys:<10} " + " ".join(
+                    f"{n} {row[n]:.2e}" for n in ("o", "dq", "dk", "dv", "dbeta")))
+    for text in args.shape or ["4,4096,16,128"]:
+        shape = tuple(map(int, text.split(",")))
+        for name, forward in contenders(args.fla).items():
+            row = {"shape": text, **timings(shape, name, forward)}
+            emit(row)
+            summary.append(f"{text:>15} {name:<16} fwd {row['fwd_ms']:.3f} ms  fwd+bwd {row['fwd_bwd_ms']:.3f} ms  "
+                           f"peak extra {row['peak_extra_gib']:.2f} GiB")
+            if args.profile:
+                for r in kernel_table(shape, name, forward, args.iters):
+                    emit({"shape": text, **r})
+                    summary.append(f"{'':>15}   {r['kernel']:<60} x{r['calls']:.0f} {r['ms']:.3f} ms")
+        if args.sweep:
+            best = {}
+            for row in sweep(shape):
+                emit({"shape": text, **row})
+                if isinstance(row["ms"], float):
+                    if row["default"]:
+                        best.setdefault(row["kernel"], {})["default"] = row["ms"]
+                    if row["ms"] < best.setdefault(row["kernel"], {}).get("ms", float("inf")):
+                        best[row["kernel"]].update(ms=row["ms"], cfg={n: v for n, v in row.items()
+                                                                        if n not in ("kernel", "ms", "default")})
+            for name, b in best.items():
+                summary.append(f"{text:>15} sweep {name:<20} default {b.get('default', float('nan')):.3f} ms, "
+                               f"best {b['ms']:.3f} ms at {b['cfg']}")
+    print("\n".join(summary))
 
 
 if __name__ == "__main__":

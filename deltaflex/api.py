@@ -46,9 +46,10 @@ def delta_rule(
         chunk_size: 16, 32, 64 or 128; default: the plan's (64 for the named plans).
         plan: a `deltaflex.Plan`, or a name: "eager" (blocked ops, no compile), "compiled" (the
             same ops through torch.compile), "triton" (hand-written kernels), "mixed-<stage>"
-            (compiled, with the hand-written kernel for one stage), or "auto": the plan
-            `deltaflex tune` cached for this device, dtype and shape, else the default plan
-            (`deltaflex.plan.default_plan`: "triton" on CUDA, "compiled" for float64 there).
+            (compiled, with the hand-written kernel for one stage), "fused" (the fused Triton
+            path), or "auto": the plan `deltaflex tune` cached for this device, dtype and shape,
+            else the default plan (`deltaflex.plan.default_plan`: "fused" on CUDA, "compiled"
+            for float64 there).
             None picks "auto" on CUDA and "eager" on CPU.
 
     Returns:
@@ -60,6 +61,12 @@ def delta_rule(
     lengths = check_cu_seqlens(cu_seqlens, cu_seqlens_cpu, B, T, q.device) if packed else None
     auto = lambda: auto_plan(q.device, q.dtype, B, T, H, K, v.shape[-1])  # noqa: E731 - only called for "auto"
     plan = resolve_plan(plan, chunk_size, q.device.type, auto=auto)  # checks the plan can run here
+    if plan.fused:
+        from .fused.function import FusedDeltaRuleFunction, Packing
+
+        packing = None if lengths is None else Packing.of(lengths, plan.chunk_size, q.device)
+        return FusedDeltaRuleFunction.apply(q, k, v, beta, initial_state, scale, bool(use_qk_l2norm),
+                                            bool(output_final_state), plan.chunk_size, packing)
     layout = None if lengths is None else packed_layout(lengths, plan.chunk_size, plan.state_group, q.device)
     return ChunkDeltaRuleFunction.apply(
         q, k, v, beta, initial_state, scale, bool(use_qk_l2norm), bool(output_final_state), plan, layout

@@ -27,6 +27,7 @@ BACKENDS = ("compiled", "triton")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune-no-cudagraphs")  # torch.compile's `mode`
 PRECISIONS = ("auto", *POLICIES)  # matmul policy of the chunk stages (chunk/matmul.py)
 STATE_GROUPS = (1, 2, 4, 8, 16)
+FUSED_CHUNK_SIZES = (16, 32, 64)  # the fused path's inverse (deltaflex/fused/prepare.py)
 TRITON_DEVICE_TYPES = ("cuda",)
 NUM_WARPS = (1, 2, 4, 8, 16, 32)
 BLOCK_SIZES = (16, 32, 64, 128, 256)  # tl.arange needs powers of two
@@ -159,9 +160,9 @@ class Plan:
     unroll: bool = False  # compiled state pass as an unrolled loop, not the scan op (one graph per T)
     state_group: int = 1  # > 1: two-level state pass over groups of this many chunks (chunk/state.py)
     cuda_graph: bool = False  # replay the compiled graphs under CUDA graphs, one capture per shape
-    # All-Triton plans: the forward as two fused kernels (kkt + solve + wy; state pass + output, writing
-    # no per-chunk states), deltaflex/kernels/fused.py; packed sequences take the four stages.
-    fused_forward: bool = False
+    # All-Triton plans: the fused path (deltaflex/fused/chunk.py: 3 forward and 4 backward launches,
+    # its own precision scheme) instead of the stage-by-stage kernels; chunk sizes 16 to 64.
+    fused: bool = False
     precision: str = "auto"  # matmul policy; auto: see precision_for
     # Launch configurations of the hand-written stages; None: the kernel's own default.
     solve_kernel: KernelConfig | None = None
@@ -192,13 +193,21 @@ class Plan:
             raise ValueError(f"plan compile_mode must be one of {COMPILE_MODES}, got {self.compile_mode!r}")
         if not self.compile and self.compile_mode != "default":
             raise ValueError(f"plan compile_mode {self.compile_mode!r} needs compile=True")
-        for flag in ("unroll", "cuda_graph", "fused_forward"):
+        for flag in ("unroll", "cuda_graph", "fused"):
             if not isinstance(getattr(self, flag), bool):
                 raise TypeError(f"plan {flag} must be True or False, got {getattr(self, flag)!r}")
         if self.cuda_graph and not self.compile:
             raise ValueError("plan cuda_graph replays the compiled graphs and needs compile=True")
-        if self.fused_forward and any(getattr(self, stage) != "triton" for stage in STAGES):
-            raise ValueError("plan fused_forward fuses the Triton stages and needs every stage on 'triton'")
+        if self.fused:
+            if any(getattr(self, stage) != "triton" for stage in STAGES) or self.compile:
+                raise ValueError("plan fused is the fused Triton path: it needs every stage on 'triton' and compile=False")
+            if self.chunk_size not in FUSED_CHUNK_SIZES:
+                raise ValueError(f"plan fused takes chunk sizes {FUSED_CHUNK_SIZES}, got chunk_size={self.chunk_size}")
+            if self.precision != "auto" or self.state_group != 1:
+                raise ValueError("plan fused has its own precision scheme and a one-level state pass: "
+                                 "leave precision='auto' and state_group=1")
+            if any(getattr(self, f"{stage}_kernel") is not None for stage in STAGES):
+                raise ValueError("plan fused runs none of the stage kernels: leave the *_kernel configurations unset")
         if self.state_group not in STATE_GROUPS:
             raise ValueError(f"plan state_group must be one of {STATE_GROUPS}, got {self.state_group!r}")
         if self.precision not in PRECISIONS:
@@ -256,7 +265,7 @@ class Plan:
         extras += ["unrolled"] if self.unroll else []
         extras += [f"state_group={self.state_group}"] if self.state_group > 1 else []
         extras += ["cuda graphs"] if self.cuda_graph else []
-        extras += ["fused forward"] if self.fused_forward else []
+        extras += ["fused"] if self.fused else []
         return ", ".join([f"C{self.chunk_size} {self._compiler()}", *extras, *hand])
 
     def _compiler(self) -> str:
@@ -286,6 +295,8 @@ NAMED_PLANS = {
     "compiled": Plan(),
     # hand-written Triton kernels (deltaflex.kernels) for every stage; their glue runs eagerly
     "triton": Plan(**{stage: "triton" for stage in STAGES}, compile=False),
+    # the fused Triton path (deltaflex/fused): the default on CUDA
+    "fused": Plan(**{stage: "triton" for stage in STAGES}, compile=False, fused=True),
     # Compiled stages with one hand-written stage, e.g. "mixed-state": the single-launch Triton state pass.
     **{f"mixed-{stage}": Plan(**{stage: "triton"}) for stage in STAGES},
 }
@@ -315,15 +326,15 @@ def plan_from_spec(spec: str) -> Plan:
 
 
 def default_plan(device_type: str, dtype=None) -> Plan:
-    """The tested default when nothing is tuned: on CUDA the hand-written kernels ("triton": on the
-    H200 about 4x faster than the compiled plan at the same error, docs/benchmarks.md), or the
-    compiled plan for float64 (which they do not take) or where Triton is missing; eager on CPU,
-    where compile time (tens of seconds a graph) rarely pays off."""
+    """The tested default when nothing is tuned: on CUDA the fused Triton path ("fused", the fastest
+    measured: docs/benchmarks.md), or the compiled plan for float64 (which the kernels do not take)
+    or where Triton is missing; eager on CPU, where compile time (tens of seconds a graph) rarely
+    pays off."""
     if device_type != "cuda":
         return NAMED_PLANS["eager"]
     if dtype == torch.float64 or any(kernel_space(stage) is None for stage in STAGES):
         return NAMED_PLANS["compiled"]
-    return NAMED_PLANS["triton"]
+    return NAMED_PLANS["fused"]
 
 
 def check_available(plan: Plan, device_type: str) -> None:
@@ -360,6 +371,7 @@ def resolve_plan(plan, chunk_size: int | None, device_type: str, auto=None, dtyp
     """
     if plan is None:
         plan = "auto" if device_type == "cuda" else "eager"
+    defaulted = plan == "auto"
     if isinstance(plan, str):
         if plan == "auto":
             plan = default_plan(device_type, dtype) if auto is None else auto()
@@ -370,13 +382,15 @@ def resolve_plan(plan, chunk_size: int | None, device_type: str, auto=None, dtyp
     elif not isinstance(plan, Plan):
         raise TypeError(f"plan must be None, a Plan or a plan name, got {type(plan).__name__}")
     if chunk_size is not None and check_chunk_size(chunk_size) != plan.chunk_size:
+        if plan.fused and chunk_size not in FUSED_CHUNK_SIZES and defaulted:
+            plan = NAMED_PLANS["triton"]  # the default for chunk sizes the fused path does not take
         plan = dataclasses.replace(plan, chunk_size=chunk_size)
     check_available(plan, device_type)
     return plan
 
 
 __all__ = [
-    "BACKENDS", "CHUNK_SIZES", "COMPILE_MODES", "NAMED_PLANS", "PLAN_NAMES", "PRECISIONS", "STAGES", "KernelConfig", "KernelSpace",
+    "BACKENDS", "CHUNK_SIZES", "COMPILE_MODES", "FUSED_CHUNK_SIZES", "NAMED_PLANS", "PLAN_NAMES", "PRECISIONS", "STAGES", "KernelConfig", "KernelSpace",
     "Plan", "available_backends", "check_available", "default_plan", "kernel_space", "register_triton_stage",
     "resolve_plan",
 ]

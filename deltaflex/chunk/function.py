@@ -154,16 +154,6 @@ def _chunk_options(plan: Plan, device_type: str, scale: float, use_qk_l2norm: bo
                 chunk_size=plan.chunk_size if tokens else 0)
 
 
-def _forward_for(plan: Plan, layout):
-    """forward_chunks, or its two fused Triton kernels where the plan asks and sequences are not packed
-    (the fused state pass has no sequence boundaries)."""
-    if plan.fused_forward and layout is None:
-        from ..kernels import fused
-
-        return fused.forward_chunks
-    return forward_chunks
-
-
 def chunk_delta_rule_fwd(q, k, v, beta, initial_state, *, scale, use_qk_l2norm, plan, device_type, layout=None):
     """Returns (o [B, T, H, V] in q's dtype, final state [N, H, K, V] in the state dtype, the chunks'
     inverses for chunk_delta_rule_bwd)."""
@@ -173,7 +163,7 @@ def chunk_delta_rule_fwd(q, k, v, beta, initial_state, *, scale, use_qk_l2norm, 
     s0 = _initial_state(initial_state, q, v, layout)
     segments = None if layout is None else layout.segments
     options = _chunk_options(plan, device_type, scale, use_qk_l2norm, tokens)
-    o, final, t = _run(_forward_for(plan, layout), plan, (*chunks, s0, segments), options,
+    o, final, t = _run(forward_chunks, plan, (*chunks, s0, segments), options,
                        token_inputs=(0, 1, 2, 3) if tokens else ())
     # a CUDA-graph replay's outputs are its own buffers: copy out what outlives the call
     return _unchunked(o, q.shape[1], q.dtype, layout), final.clone(), t.clone() if plan.cuda_graph else t

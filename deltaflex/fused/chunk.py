@@ -66,6 +66,11 @@ PASS_BV = {64: 64, 128: 32, 256: 32}
 SPLIT_STATE = True  # the state update's V_new as hi + lo (state.py)
 
 
+def _empty(*shape, dtype, like: torch.Tensor) -> torch.Tensor:
+    """Every buffer the launches write (tests poison it, to see that every element is written)."""
+    return torch.empty(*shape, dtype=dtype, device=like.device)
+
+
 def _pass_bv(K: int, V: int) -> int:
     if INTERPRETED:
         return block(V)  # fewer programs: the interpreter's time goes per program
@@ -88,8 +93,8 @@ def _geometry(q, v, chunk_size, chunks, seqs):
 
 def _forward_fake(q, k, v, beta, s0, scale, chunk_size, chunks=None, seqs=None):
     B, T, H, K, V, n_chunks, S, _ = _geometry(q, v, chunk_size, chunks, seqs)
-    return (q.new_empty(B, T, H, V, dtype=v.dtype), q.new_empty(S, H, K, V, dtype=state_dtype(q.dtype)),
-            q.new_empty(B, T, H, chunk_size, dtype=torch.float32))
+    return (_empty(B, T, H, V, dtype=v.dtype, like=q), _empty(S, H, K, V, dtype=state_dtype(q.dtype), like=q),
+            _empty(B, T, H, chunk_size, dtype=torch.float32, like=q))
 
 
 @define_op("fused_fwd", _forward_fake)
@@ -100,11 +105,11 @@ def fused_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torch
     B, T, H, K, V, n_chunks, S, NT = _geometry(q, v, chunk_size, chunks, seqs)
     C, LOW, PACKED = chunk_size, _LOW[q.dtype], chunks is not None
     BK, BV = block(K), block(V)
+    o, final, t = _forward_fake(q, k, v, beta, s0, scale, chunk_size, chunks, seqs)
     chunks, seqs = (q, q) if chunks is None else (chunks, seqs)  # unread outside packed sequences
-    o, final, t = _forward_fake(q, k, v, beta, s0, scale, chunk_size, *((chunks, seqs) if PACKED else ()))
-    w = torch.empty_like(k)
-    u = k.new_empty(B, T, H, V, dtype=torch.float32)  # V_new after the state pass
-    h = k.new_empty(n_chunks if PACKED else B * NT, H, K, V)
+    w = _empty(*k.shape, dtype=k.dtype, like=k)
+    u = _empty(B, T, H, V, dtype=torch.float32, like=k)  # V_new after the state pass
+    h = _empty(n_chunks if PACKED else B * NT, H, K, V, dtype=k.dtype, like=k)
     sizes = dict(H=H, K=K, V=V, C=C, LOW=LOW, PACKED=PACKED)
     launch(prepare_fwd_kernel, (n_chunks, B * H), k, v, beta, t, w, u, chunks, T, NT, BK=BK, BV=BV, **sizes,
            **_opts("prepare_fwd"))
@@ -117,8 +122,8 @@ def fused_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torch
 
 
 def _backward_fake(q, k, v, beta, t, s0, do, dfinal, scale, chunk_size, chunks=None, seqs=None):
-    ds0 = q.new_empty(0, dtype=torch.float32) if s0 is None else torch.empty_like(s0, dtype=torch.float32)
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), torch.empty_like(beta), ds0
+    ds0 = _empty(*((0,) if s0 is None else s0.shape), dtype=torch.float32, like=q)
+    return tuple(_empty(*x.shape, dtype=x.dtype, like=x) for x in (q, k, v, beta)) + (ds0,)
 
 
 @define_op("fused_bwd", _backward_fake)
@@ -130,13 +135,13 @@ def fused_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torc
     B, T, H, K, V, n_chunks, S, NT = _geometry(q, v, chunk_size, chunks, seqs)
     C, LOW, PACKED = chunk_size, _LOW[q.dtype], chunks is not None
     BK, BV = block(K), block(V)
-    chunks, seqs = (q, q) if chunks is None else (chunks, seqs)
     dq, dk, dv, dbeta, ds0 = _backward_fake(q, k, v, beta, t, s0, do, dfinal, scale, chunk_size)
-    w = torch.empty_like(k)
-    u = k.new_empty(B, T, H, V, dtype=torch.float32)  # U, then V_new
-    dv_new = k.new_empty(B, T, H, V, dtype=torch.float32)  # dV_local, then dV_new
-    h = k.new_empty(n_chunks if PACKED else B * NT, H, K, V)
-    dh = torch.empty_like(h)
+    chunks, seqs = (q, q) if chunks is None else (chunks, seqs)
+    w = _empty(*k.shape, dtype=k.dtype, like=k)
+    u = _empty(B, T, H, V, dtype=torch.float32, like=k)  # U, then V_new
+    dv_new = _empty(B, T, H, V, dtype=torch.float32, like=k)  # dV_local, then dV_new
+    h = _empty(n_chunks if PACKED else B * NT, H, K, V, dtype=k.dtype, like=k)
+    dh = _empty(*h.shape, dtype=h.dtype, like=h)
     sizes = dict(H=H, K=K, V=V, C=C, LOW=LOW, PACKED=PACKED)
     launch(prepare_bwd_kernel, (n_chunks, B * H), q, k, v, beta, t, do, w, u, dv_new, chunks, scale, T, NT, BK=BK,
            BV=BV, **sizes, **_opts("prepare_bwd"))

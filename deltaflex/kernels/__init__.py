@@ -15,7 +15,7 @@ choices by head dim and chunk size.
 
 from ..chunk.stages import register
 from ..plan import KernelConfig, KernelSpace, register_triton_stage
-from . import fused, output, solve, state, wy  # noqa: F401  (fused: timed by benchmarks, not a stage)
+from . import output, solve, state, wy  # noqa: F401
 
 register("solve", "triton", solve.solve_forward, solve.solve_backward)
 register("wy", "triton", wy.wy_forward, wy.wy_backward)

@@ -30,28 +30,27 @@ from .common import (FP32, INTERPRETED, as_f32, block, check_tensors, chunk_rows
 
 
 # Launch parameters (BV, num_warps, num_stages) of the passes over chunks by key dim (<= 64, <= 128,
-# <= 256): the forward pass, the backward pass, and the fused forward pass with the output
-# (fused.py). Chosen from register and shared-memory counts of the kernels compiled for sm_90: the
+# <= 256): the forward pass and the backward pass. Chosen from register and shared-memory counts of the kernels compiled for sm_90: the
 # [BK, BV] float32 state tiles, one chunk's tiles of W (and Q) and their bf16 halves must fit 255
 # registers a thread and 227 KiB of shared memory. benchmarks/profile_kernels.py --sweep times alternatives.
 PASS_CONFIGS = {
     "bf16": {
-        64: {"forward": (32, 4, 2), "backward": (32, 4, 2), "state_output": (32, 4, 2)},
-        128: {"forward": (16, 4, 2), "backward": (16, 8, 2), "state_output": (16, 4, 2)},
-        256: {"forward": (16, 8, 2), "backward": (16, 4, 2), "state_output": (16, 4, 1)},
+        64: {"forward": (32, 4, 2), "backward": (32, 4, 2)},
+        128: {"forward": (16, 4, 2), "backward": (16, 8, 2)},
+        256: {"forward": (16, 8, 2), "backward": (16, 4, 2)},
     },
     # float32 inputs (3xTF32 products, larger register tiles: these spill past K = 64)
     "fp32": {
-        64: {"forward": (16, 4, 1), "backward": (16, 4, 1), "state_output": (16, 4, 1)},
-        128: {"forward": (16, 8, 1), "backward": (16, 8, 1), "state_output": (16, 8, 1)},
-        256: {"forward": (16, 8, 1), "backward": (16, 8, 1), "state_output": (16, 8, 1)},
+        64: {"forward": (16, 4, 1), "backward": (16, 4, 1)},
+        128: {"forward": (16, 8, 1), "backward": (16, 8, 1)},
+        256: {"forward": (16, 8, 1), "backward": (16, 8, 1)},
     },
 }
 
 
 def pass_config(K: int, V: int, C: int, POLICY: int, kind: str, bv: int = 0, num_warps: int = 0,
                 num_stages: int = 0) -> dict:
-    """Launch parameters of a pass over chunks (`kind`: "forward", "backward", "state_output"): BK
+    """Launch parameters of a pass over chunks (`kind`: "forward", "backward"): BK
     (key rows of a state tile, <= 64: the state is up to four tiles), BV, num_warps, num_stages.
     Nonzero bv, num_warps, num_stages (a plan's launch configuration) replace the table's."""
     table = PASS_CONFIGS["fp32" if POLICY == FP32 else "bf16"]
