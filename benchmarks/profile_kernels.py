@@ -29,12 +29,12 @@ from deltaflex.testing import make_inputs
 
 # launch parameters to try per kernel: block names with sizes, num_warps, num_stages
 SWEEP = {
-    "prepare_fwd_kernel": {"num_warps": (2, 4, 8), "num_stages": (1, 2, 3)},
-    "prepare_bwd_kernel": {"num_warps": (2, 4, 8), "num_stages": (1, 2, 3)},
-    "state_fwd_kernel": {"BV": (16, 32, 64), "num_warps": (2, 4, 8), "num_stages": (1, 2, 3), "SPLIT": (True, False)},
-    "state_bwd_kernel": {"BV": (16, 32, 64), "num_warps": (2, 4, 8), "num_stages": (1, 2, 3)},
-    "output_kernel": {"BV": (32, 64, 128), "num_warps": (4, 8), "num_stages": (1, 2, 3)},
-    "grads_kernel": {"BK": (32, 64), "BV": (32, 64), "num_warps": (4, 8), "num_stages": (1, 2)},
+    "prepare_fwd_kernel": {"num_warps": (4, 8), "num_stages": (1, 2)},
+    "prepare_bwd_kernel": {"num_warps": (4, 8), "num_stages": (1, 2)},
+    "state_fwd_kernel": {"BV": (32, 64), "num_warps": (2, 4), "num_stages": (1, 2, 3), "SPLIT": (True, False)},
+    "state_bwd_kernel": {"BV": (32, 64), "num_warps": (2, 4, 8), "num_stages": (1, 2)},
+    "output_kernel": {"BV": (64, 128), "num_warps": (4, 8), "num_stages": (1, 2)},
+    "grads_kernel": {"BK": (32, 64), "BV": (32, 64), "num_warps": (4, 8)},
 }
 PASSES = ("state_fwd_kernel", "state_bwd_kernel")  # grid (cdiv(V, BV), sequences * H)
 
