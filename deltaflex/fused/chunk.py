@@ -58,10 +58,11 @@ class Packing(NamedTuple):
                    torch.tensor(seqs, dtype=torch.int64).view(-1, 4).to(device))
 
 
-# (num_warps, num_stages) per kernel; the passes' BV by key dim (<= 64, <= 128, <= 256). Guesses from
-# fla's tuned choices and the register counts of the sm_90 builds (benchmarks/kernel_resources.py).
-LAUNCH = {"prepare_fwd": (4, 2), "prepare_bwd": (4, 2), "state_fwd": (4, 2), "state_bwd": (4, 2), "output": (4, 2),
-          "grads": (8, 1)}
+# Launch parameters per kernel; the passes' BV by key dim (<= 64, <= 128, <= 256). Guesses from fla's
+# tuned choices and the register counts of the sm_90 builds (benchmarks/kernel_resources.py).
+LAUNCH = {"prepare_fwd": dict(num_warps=4, num_stages=2), "prepare_bwd": dict(num_warps=4, num_stages=2),
+          "state_fwd": dict(num_warps=4, num_stages=2), "state_bwd": dict(num_warps=4, num_stages=2),
+          "output": dict(num_warps=4, num_stages=2), "grads": dict(BK=32, BV=32, num_warps=8, num_stages=1)}
 PASS_BV = {64: 64, 128: 32, 256: 32}
 SPLIT_STATE = True  # the state update's V_new as hi + lo (state.py)
 
@@ -77,9 +78,13 @@ def _pass_bv(K: int, V: int) -> int:
     return min(block(V), PASS_BV[next(d for d in (64, 128, 256) if K <= d)])
 
 
-def _opts(kernel: str) -> dict:
-    num_warps, num_stages = LAUNCH[kernel]
-    return {"num_warps": num_warps, "num_stages": num_stages}
+def _opts(kernel: str, K: int = 0, V: int = 0) -> dict:
+    """The kernel's launch keywords; block sizes capped by the head dims K, V."""
+    opts = dict(LAUNCH[kernel])
+    for name, d in (("BK", K), ("BV", V)):
+        if name in opts:
+            opts[name] = block(d, opts[name])
+    return opts
 
 
 def _geometry(q, v, chunk_size, chunks, seqs):
@@ -151,7 +156,6 @@ def fused_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torc
     launch(state_bwd_kernel, (triton.cdiv(V, bv), S * H), q, k, w, do, dv_new, dh, q if dfinal is None else dfinal,
            ds0 if s0 is not None else q, seqs, scale, T, NT, BK=BK, BV=bv, HAS_DFINAL=dfinal is not None,
            HAS_DS0=s0 is not None, **sizes, **_opts("state_bwd"))
-    # 32-wide blocks: with 64 the kernel's live tiles spill (benchmarks/kernel_resources.py)
     launch(grads_kernel, (n_chunks, B * H), q, k, v, beta, do, t, h, dh, u, dv_new, dq, dk, dv, dbeta, chunks, scale,
-           T, NT, BK=block(K, 32), BV=block(V, 32), **sizes, **_opts("grads"))
+           T, NT, **sizes, **_opts("grads", K, V))
     return dq, dk, dv, dbeta, ds0
