@@ -28,15 +28,24 @@ from deltaflex.fused import chunk as fused
 from deltaflex.testing import make_inputs
 
 # launch parameters to try per kernel: block names with sizes, num_warps, num_stages
-SWEEP = {
-    "prepare_fwd_kernel": {"num_warps": (4, 8), "num_stages": (1, 2)},
+SWEEP = {  # 32-wide blocks at most where Triton 3.6 built right on the H200 (fused/chunk.py)
+    "prepare_fwd_kernel": {"num_warps": (4,), "num_stages": (1, 2)},
     "prepare_bwd_kernel": {"num_warps": (4, 8), "num_stages": (1, 2)},
-    "state_fwd_kernel": {"BV": (32, 64), "num_warps": (2, 4), "num_stages": (1, 2, 3), "SPLIT": (True, False)},
-    "state_bwd_kernel": {"BV": (32, 64), "num_warps": (2, 4), "num_stages": (1, 2)},
-    "output_kernel": {"BV": (64, 128), "num_warps": (4, 8), "num_stages": (1, 2)},
-    "grads_kernel": {"num_warps": (2, 4, 8)},  # 32-wide blocks fault at 4 and 8 warps (fused/chunk.py)
+    "state_fwd_kernel": {"BV": (32, 64), "num_warps": (2, 4), "num_stages": (2, 3, 4)},
+    "state_bwd_kernel": {"BV": (32, 64), "num_warps": (2, 4), "num_stages": (2, 3)},
+    "output_kernel": {"BV": (64, 128), "num_warps": (4,), "num_stages": (1, 2, 3)},
+    "wy_grads_kernel": {"num_warps": (4, 8), "num_stages": (1, 2)},
+    "qk_grads_kernel": {"BK": (64, 128), "num_warps": (4, 8), "num_stages": (1, 2, 3)},
 }
-PASSES = ("state_fwd_kernel", "state_bwd_kernel")  # grid (cdiv(V, BV), sequences * H)
+
+
+def grid_for(name, grid, kw):
+    """A launch's grid under changed block sizes."""
+    if name in ("state_fwd_kernel", "state_bwd_kernel"):  # (cdiv(V, BV), sequences * H)
+        return (triton.cdiv(kw["V"], kw["BV"]), grid[1])
+    if name == "qk_grads_kernel":  # (cdiv(K, BK), chunks, B * H)
+        return (triton.cdiv(kw["K"], kw["BK"]), *grid[1:])
+    return grid
 
 
 def ms(fn) -> float:
@@ -144,7 +153,7 @@ def sweep(shape):
         for values in itertools.product(*space.values()):
             cfg = dict(zip(space, values))
             kw = {**kwargs, **cfg}
-            g = (triton.cdiv(kw["V"], kw["BV"]), grid[1]) if name in PASSES else grid
+            g = grid_for(name, grid, kw)
             try:
                 t = ms(lambda: kernel[g](*args, **kw))
             except Exception as e:  # out of resources: recorded, not fatal
@@ -207,6 +216,10 @@ def main():
             for name, b in best.items():
                 summary.append(f"{text:>15} sweep {name:<20} default {b.get('default', float('nan')):.3f} ms, "
                                f"best {b['ms']:.3f} ms at {b['cfg']}")
+            if args.out:  # the best launch parameters per kernel, as fused.LAUNCH spells them
+                D = shape[3]
+                path = args.out / f"fused_launch_{D}.json"
+                path.write_text(json.dumps({name.removesuffix("_kernel"): b["cfg"] for name, b in best.items()}))
     print("\n".join(summary))
 
 

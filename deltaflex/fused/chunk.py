@@ -4,11 +4,13 @@ Forward, 3 launches (fla: 6):
   1. prepare_fwd   per chunk    T = (I + A)^-1 (kept for backward), W, U
   2. state_fwd     per head     h[n] (chunk start states), V_new (over U), the final state
   3. output        per chunk    o, in the caller's layout and dtype
-Backward, 5 launches (fla: 7 and a PyTorch sum):
+Backward, 6 launches (fla: 7 and a PyTorch sum):
   1. prepare_bwd   per chunk    W, U from the saved T; dV_local = scale tril(Q K^T)^T dO
   2. state_fwd     per head     h[n], V_new again (nothing per chunk is kept between the passes)
   3. state_bwd     per head     dh[n] (end-of-chunk state gradients), dV_new (over dV_local), ds0
-  4. grads         per chunk    dq, dk, dv, dbeta, each written once in its input's layout and dtype
+  4. wy_grads      per chunk    dv, dbeta; dk's terms through W and T (a float32 partial)
+  5. qk_grads      per chunk    dq; dk = the partial + its terms through the output and the state
+dq, dk, dv, dbeta are each written once, in their inputs' layout and dtype.
 Between forward and backward only the inputs and T (B T H C floats) are kept.
 
 Inputs are token-major as fla takes them ([B, T, H, D]; packed sequences B = 1 with `Packing`);
@@ -30,7 +32,7 @@ import triton
 
 from ..kernels.common import INTERPRETED, define_op, launch
 from ..validation import state_dtype
-from .grads import grads_kernel
+from .grads import qk_grads_kernel, wy_grads_kernel
 from .output import output_kernel
 from .prepare import prepare_bwd_kernel, prepare_fwd_kernel
 from .state import state_bwd_kernel, state_fwd_kernel
@@ -58,36 +60,41 @@ class Packing(NamedTuple):
                    torch.tensor(seqs, dtype=torch.int64).view(-1, 4).to(device))
 
 
-# Launch parameters per kernel; the passes' BV by key dim (<= 64, <= 128, <= 256). Guesses from fla's
-# tuned choices and the register counts of the sm_90 builds (benchmarks/kernel_resources.py).
-LAUNCH = {"prepare_fwd": dict(num_warps=4, num_stages=2), "prepare_bwd": dict(num_warps=4, num_stages=2),
-          "state_fwd": dict(num_warps=4, num_stages=2), "state_bwd": dict(num_warps=4, num_stages=2),
-          "output": dict(num_warps=4, num_stages=2), "grads": dict(BK=64, BV=64, num_warps=8, num_stages=1)}
-# NARROW_BLOCKS_FAULT: Triton 3.6 on the H200 builds grads_kernel with a 32-wide block and 4 or 8 warps
-# to read shared memory out of bounds (compute-sanitizer; benchmarks/probes/fused_configs.py); 64-wide
-# blocks at 2, 4 and 8 warps, and 32-wide at 2, are right there.
-PASS_BV = {64: 64, 128: 32, 256: 32}
+# Launch parameters by key head dim (<= 64, <= 128, <= 256) and kernel: block sizes (capped by the head
+# dims), num_warps, num_stages. From sweeps on the H200 (benchmarks/profile_kernels.py --sweep) within
+# what the sm_90 builds fit: registers without spills where possible, 227 KiB of shared memory.
+_PER_CHUNK = {"prepare_fwd": dict(num_warps=4, num_stages=1), "prepare_bwd": dict(num_warps=4, num_stages=2),
+              "output": dict(BV=64, num_warps=4, num_stages=2),
+              "wy_grads": dict(BK=64, BV=64, num_warps=8, num_stages=1),
+              "qk_grads": dict(BK=64, BV=64, num_warps=4, num_stages=2)}
+LAUNCH = {
+    64: {**_PER_CHUNK, "state_fwd": dict(BV=64, num_warps=4, num_stages=3),
+         "state_bwd": dict(BV=32, num_warps=2, num_stages=2)},
+    128: {**_PER_CHUNK, "state_fwd": dict(BV=64, num_warps=4, num_stages=3),
+          "state_bwd": dict(BV=32, num_warps=2, num_stages=2)},
+    256: {**_PER_CHUNK, "state_fwd": dict(BV=32, num_warps=4, num_stages=2),
+          "state_bwd": dict(BV=32, num_warps=4, num_stages=2)},
+}
+# NARROW_BLOCKS_FAULT: Triton 3.6 on the H200 built a one-kernel form of the gradients with 32-wide blocks
+# and 4 or 8 warps to read shared memory out of bounds (compute-sanitizer; benchmarks/probes/
+# fused_configs.py finds such configurations); 64-wide blocks were right at 2, 4 and 8 warps.
 SPLIT_STATE = True  # the state update's V_new as hi + lo (state.py)
+
+
+def _opts(kernel: str, K: int, V: int) -> dict:
+    """The kernel's launch keywords at head dims K, V (block sizes capped by them)."""
+    opts = dict(LAUNCH[next(d for d in (64, 128, 256) if K <= d)][kernel])
+    for name, d in (("BK", K), ("BV", V)):
+        if name in opts:
+            opts[name] = block(d, opts[name])
+    if INTERPRETED and kernel.startswith("state"):
+        opts["BV"] = block(V)  # fewer programs: the interpreter's time goes per program
+    return opts
 
 
 def _empty(*shape, dtype, like: torch.Tensor) -> torch.Tensor:
     """Every buffer the launches write (tests poison it, to see that every element is written)."""
     return torch.empty(*shape, dtype=dtype, device=like.device)
-
-
-def _pass_bv(K: int, V: int) -> int:
-    if INTERPRETED:
-        return block(V)  # fewer programs: the interpreter's time goes per program
-    return min(block(V), PASS_BV[next(d for d in (64, 128, 256) if K <= d)])
-
-
-def _opts(kernel: str, K: int = 0, V: int = 0) -> dict:
-    """The kernel's launch keywords; block sizes capped by the head dims K, V."""
-    opts = dict(LAUNCH[kernel])
-    for name, d in (("BK", K), ("BV", V)):
-        if name in opts:
-            opts[name] = block(d, opts[name])
-    return opts
 
 
 def _geometry(q, v, chunk_size, chunks, seqs):
@@ -112,20 +119,19 @@ def fused_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torch
     """(o [B, T, H, V] in v's dtype, final state [sequences, H, K, V] float32, T [B, T, H, C] float32)."""
     B, T, H, K, V, n_chunks, S, NT = _geometry(q, v, chunk_size, chunks, seqs)
     C, LOW, PACKED = chunk_size, _LOW[q.dtype], chunks is not None
-    BK, BV = block(K), block(V)
+    BK = block(K)
     o, final, t = _forward_fake(q, k, v, beta, s0, scale, chunk_size, chunks, seqs)
     chunks, seqs = (q, q) if chunks is None else (chunks, seqs)  # unread outside packed sequences
     w = _empty(*k.shape, dtype=k.dtype, like=k)
     u = _empty(B, T, H, V, dtype=torch.float32, like=k)  # V_new after the state pass
     h = _empty(n_chunks if PACKED else B * NT, H, K, V, dtype=k.dtype, like=k)
     sizes = dict(H=H, K=K, V=V, C=C, LOW=LOW, PACKED=PACKED)
-    launch(prepare_fwd_kernel, (n_chunks, B * H), k, v, beta, t, w, u, chunks, T, NT, BK=BK, BV=BV, **sizes,
-           **_opts("prepare_fwd"))
-    bv = _pass_bv(K, V)
-    launch(state_fwd_kernel, (triton.cdiv(V, bv), S * H), k, w, u, h, q if s0 is None else s0, final, seqs, T, NT,
-           BK=BK, BV=bv, HAS_S0=s0 is not None, HAS_FINAL=True, SPLIT=SPLIT_STATE, **sizes, **_opts("state_fwd"))
-    launch(output_kernel, (n_chunks, B * H), q, k, u, h, o, chunks, scale, T, NT, BK=BK, BV=BV, **sizes,
-           **_opts("output"))
+    launch(prepare_fwd_kernel, (n_chunks, B * H), k, v, beta, t, w, u, chunks, T, NT, BK=BK, BV=block(V), **sizes,
+           **_opts("prepare_fwd", K, V))
+    opts = _opts("state_fwd", K, V)
+    launch(state_fwd_kernel, (triton.cdiv(V, opts["BV"]), S * H), k, w, u, h, q if s0 is None else s0, final, seqs,
+           T, NT, BK=BK, HAS_S0=s0 is not None, HAS_FINAL=True, SPLIT=SPLIT_STATE, **sizes, **opts)
+    launch(output_kernel, (n_chunks, B * H), q, k, u, h, o, chunks, scale, T, NT, BK=BK, **sizes, **_opts("output", K, V))
     return o, final, t
 
 
@@ -142,7 +148,7 @@ def fused_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torc
     """(dq, dk, dv, dbeta in their inputs' dtypes, ds0 float32 or empty without s0)."""
     B, T, H, K, V, n_chunks, S, NT = _geometry(q, v, chunk_size, chunks, seqs)
     C, LOW, PACKED = chunk_size, _LOW[q.dtype], chunks is not None
-    BK, BV = block(K), block(V)
+    BK = block(K)
     dq, dk, dv, dbeta, ds0 = _backward_fake(q, k, v, beta, t, s0, do, dfinal, scale, chunk_size)
     chunks, seqs = (q, q) if chunks is None else (chunks, seqs)
     w = _empty(*k.shape, dtype=k.dtype, like=k)
@@ -152,13 +158,19 @@ def fused_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torc
     dh = _empty(*h.shape, dtype=h.dtype, like=h)
     sizes = dict(H=H, K=K, V=V, C=C, LOW=LOW, PACKED=PACKED)
     launch(prepare_bwd_kernel, (n_chunks, B * H), q, k, v, beta, t, do, w, u, dv_new, chunks, scale, T, NT, BK=BK,
-           BV=BV, **sizes, **_opts("prepare_bwd"))
-    bv = _pass_bv(K, V)
-    launch(state_fwd_kernel, (triton.cdiv(V, bv), S * H), k, w, u, h, q if s0 is None else s0, q, seqs, T, NT,
-           BK=BK, BV=bv, HAS_S0=s0 is not None, HAS_FINAL=False, SPLIT=SPLIT_STATE, **sizes, **_opts("state_fwd"))
-    launch(state_bwd_kernel, (triton.cdiv(V, bv), S * H), q, k, w, do, dv_new, dh, q if dfinal is None else dfinal,
-           ds0 if s0 is not None else q, seqs, scale, T, NT, BK=BK, BV=bv, HAS_DFINAL=dfinal is not None,
-           HAS_DS0=s0 is not None, **sizes, **_opts("state_bwd"))
-    launch(grads_kernel, (n_chunks, B * H), q, k, v, beta, do, t, h, dh, u, dv_new, dq, dk, dv, dbeta, chunks, scale,
-           T, NT, **sizes, **_opts("grads", K, V))
+           BV=block(V), **sizes, **_opts("prepare_bwd", K, V))
+    opts = _opts("state_fwd", K, V)
+    launch(state_fwd_kernel, (triton.cdiv(V, opts["BV"]), S * H), k, w, u, h, q if s0 is None else s0, q, seqs, T,
+           NT, BK=BK, HAS_S0=s0 is not None, HAS_FINAL=False, SPLIT=SPLIT_STATE, **sizes, **opts)
+    opts = _opts("state_bwd", K, V)
+    launch(state_bwd_kernel, (triton.cdiv(V, opts["BV"]), S * H), q, k, w, do, dv_new, dh,
+           q if dfinal is None else dfinal, ds0 if s0 is not None else q, seqs, scale, T, NT, BK=BK,
+           HAS_DFINAL=dfinal is not None, HAS_DS0=s0 is not None, **sizes, **opts)
+    del w  # its memory serves the partial dk
+    dk_part = _empty(B, T, H, K, dtype=torch.float32, like=k)  # dk's WY and inverse terms
+    launch(wy_grads_kernel, (n_chunks, B * H), k, v, beta, t, h, dv_new, dk_part, dv, dbeta, chunks, T, NT, **sizes,
+           **_opts("wy_grads", K, V))
+    qk = _opts("qk_grads", K, V)
+    launch(qk_grads_kernel, (triton.cdiv(K, qk["BK"]), n_chunks, B * H), q, k, do, h, dh, u, dk_part, dq, dk, chunks,
+           scale, T, NT, **sizes, **qk)
     return dq, dk, dv, dbeta, ds0
