@@ -63,17 +63,28 @@ class Packing(NamedTuple):
 # Launch parameters by key head dim (<= 64, <= 128, <= 256) and kernel: block sizes (capped by the head
 # dims), num_warps, num_stages. From sweeps on the H200 (benchmarks/profile_kernels.py --sweep) within
 # what the sm_90 builds fit: registers without spills where possible, 227 KiB of shared memory.
-_PER_CHUNK = {"prepare_fwd": dict(num_warps=4, num_stages=1), "prepare_bwd": dict(num_warps=4, num_stages=2),
-              "output": dict(BV=64, num_warps=4, num_stages=2),
-              "wy_grads": dict(BK=64, BV=64, num_warps=8, num_stages=1),
-              "qk_grads": dict(BK=64, BV=64, num_warps=4, num_stages=2)}
 LAUNCH = {
-    64: {**_PER_CHUNK, "state_fwd": dict(BV=64, num_warps=4, num_stages=3),
-         "state_bwd": dict(BV=32, num_warps=2, num_stages=2)},
-    128: {**_PER_CHUNK, "state_fwd": dict(BV=64, num_warps=4, num_stages=3),
-          "state_bwd": dict(BV=32, num_warps=2, num_stages=2)},
-    256: {**_PER_CHUNK, "state_fwd": dict(BV=32, num_warps=4, num_stages=2),
-          "state_bwd": dict(BV=32, num_warps=4, num_stages=2)},
+    64: {"prepare_fwd": dict(num_warps=4, num_stages=2),
+         "state_fwd": dict(BV=64, num_warps=4, num_stages=3),
+         "output": dict(BV=64, num_warps=4, num_stages=1),
+         "prepare_bwd": dict(num_warps=4, num_stages=2),
+         "state_bwd": dict(BV=32, num_warps=4, num_stages=3),
+         "wy_grads": dict(BK=64, BV=64, num_warps=4, num_stages=1),
+         "qk_grads": dict(BV=64, BK=64, num_warps=4, num_stages=3)},
+    128: {"prepare_fwd": dict(num_warps=4, num_stages=1),
+         "state_fwd": dict(BV=64, num_warps=4, num_stages=3),
+         "output": dict(BV=64, num_warps=4, num_stages=3),
+         "prepare_bwd": dict(num_warps=4, num_stages=2),
+         "state_bwd": dict(BV=64, num_warps=4, num_stages=3),
+         "wy_grads": dict(BK=64, BV=64, num_warps=4, num_stages=2),
+         "qk_grads": dict(BV=64, BK=128, num_warps=4, num_stages=2)},
+    256: {"prepare_fwd": dict(num_warps=4, num_stages=1),
+         "state_fwd": dict(BV=64, num_warps=4, num_stages=2),
+         "output": dict(BV=128, num_warps=4, num_stages=3),
+         "prepare_bwd": dict(num_warps=4, num_stages=1),
+         "state_bwd": dict(BV=32, num_warps=4, num_stages=2),
+         "wy_grads": dict(BK=64, BV=64, num_warps=4, num_stages=2),
+         "qk_grads": dict(BV=64, BK=128, num_warps=4, num_stages=2)},
 }
 # NARROW_BLOCKS_FAULT: Triton 3.6 on the H200 built a one-kernel form of the gradients with 32-wide blocks
 # and 4 or 8 warps to read shared memory out of bounds (compute-sanitizer; benchmarks/probes/

@@ -45,7 +45,7 @@ def sequence_of(i_n, T, NT, seqs_ptr, PACKED: tl.constexpr):
                 tl.load(base + 3).to(tl.int64))
     else:
         i_n = i_n.to(tl.int64)
-        return i_n * T, i_n * NT, NT, T.to(tl.int64)
+        return i_n * T, i_n * NT, NT, i_n * 0 + T  # (T may arrive as a constexpr: Triton specialises 1)
 
 
 @triton.jit
