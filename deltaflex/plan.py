@@ -230,7 +230,7 @@ class Plan:
         """The launch configuration of a hand-written stage as the tuner spells it out: the plan's,
         else the kernel's default. (At run time a stage without one uses the kernel's own table,
         chosen per head dim and chunk size.)"""
-        if getattr(self, stage) != "triton":
+        if getattr(self, stage) != "triton" or self.fused:
             return None
         config = getattr(self, f"{stage}_kernel")
         space = kernel_space(stage)
@@ -325,16 +325,19 @@ def plan_from_spec(spec: str) -> Plan:
     return dataclasses.replace(NAMED_PLANS[name], **changes)
 
 
-def default_plan(device_type: str, dtype=None) -> Plan:
+def default_plan(device_type: str, dtype=None, head_dims: tuple[int, int] | None = None) -> Plan:
     """The tested default when nothing is tuned: on CUDA the fused Triton path ("fused", the fastest
-    measured: docs/benchmarks.md), or the compiled plan for float64 (which the kernels do not take)
-    or where Triton is missing; eager on CPU, where compile time (tens of seconds a graph) rarely
-    pays off."""
+    measured: docs/benchmarks.md) where it has been checked on the H200 (bf16 inputs, key and value
+    head dims of 64 or more), else the stage-by-stage kernels ("triton"); the compiled plan for
+    float64 (which the kernels do not take) or where Triton is missing; eager on CPU, where compile
+    time (tens of seconds a graph) rarely pays off."""
     if device_type != "cuda":
         return NAMED_PLANS["eager"]
     if dtype == torch.float64 or any(kernel_space(stage) is None for stage in STAGES):
         return NAMED_PLANS["compiled"]
-    return NAMED_PLANS["fused"]
+    if dtype in (None, torch.bfloat16) and (head_dims is None or min(head_dims) >= 64):
+        return NAMED_PLANS["fused"]
+    return NAMED_PLANS["triton"]
 
 
 def check_available(plan: Plan, device_type: str) -> None:

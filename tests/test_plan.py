@@ -34,8 +34,11 @@ def fake_state_kernel(no_kernels):
 def test_named_plans_and_defaults():
     assert resolve_plan(None, None, "cpu") == NAMED_PLANS["eager"] == Plan(compile=False) == default_plan("cpu")
     # None on CUDA is "auto": the tuned plan, else the default (delta_rule passes the cache lookup in)
-    # on CUDA the hand-written kernels (measured fastest), the compiled plan for float64
-    assert resolve_plan(None, None, "cuda") == NAMED_PLANS["triton"] == default_plan("cuda")
+    # on CUDA the fused path where checked on the H200 (bf16, head dims >= 64), else the stage kernels;
+    # the compiled plan for float64
+    assert resolve_plan(None, None, "cuda") == NAMED_PLANS["fused"] == default_plan("cuda", torch.bfloat16, (64, 128))
+    for dtype, dims in ((torch.float32, (64, 64)), (torch.float16, (128, 128)), (torch.bfloat16, (32, 64))):
+        assert default_plan("cuda", dtype, dims) == NAMED_PLANS["triton"]
     assert resolve_plan(None, None, "cuda", dtype=torch.float64) == NAMED_PLANS["compiled"] == Plan()
     assert resolve_plan(None, None, "cuda", auto=lambda: Plan(chunk_size=128)) == Plan(chunk_size=128)
     assert resolve_plan("auto", None, "cpu", auto=lambda: Plan(chunk_size=16)) == Plan(chunk_size=16)

@@ -41,14 +41,14 @@ def _lookup(device_type: str, index: int | None, dtype: torch.dtype, K: int, V: 
 @functools.cache
 def _memo(generation: int, directory: str, device_type, index, dtype, K, V, T_bucket, BH_bucket) -> Plan:
     if device_type not in ("cuda", "cpu"):
-        return default_plan(device_type, dtype)
+        return default_plan(device_type, dtype, (K, V))
     key = CacheKey(environment(device_type, index), DTYPE_NAMES[dtype], K, V, T_bucket, BH_bucket)
     entry = PlanCache(directory).lookup(key)
     if entry is None:
-        return default_plan(device_type, dtype)
+        return default_plan(device_type, dtype, (K, V))
     try:
         check_available(entry.plan, device_type)
     except (NotImplementedError, ValueError) as e:
         warn_once(f"the cached plan for {key.describe()} cannot run here ({e}); using the default plan")
-        return default_plan(device_type, dtype)
+        return default_plan(device_type, dtype, (K, V))
     return entry.plan

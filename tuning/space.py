@@ -1,18 +1,19 @@
 """The tuner's search space, derived from what the Plan record and the backend registry offer.
 
-Dimensions: chunk size; per stage, its available backends (only "compiled" until a hand-written
-kernel registers); per hand-written stage, its block sizes, num_warps and num_stages; for
-all-Triton plans, the fused forward; whether to
-compile, torch.compile's mode and, on CUDA, the compiled plan's state grouping and CUDA graphs. A dimension with one choice is fixed, not searched, so the space
-grows as stages land without anything here changing.
+Dimensions: where every stage has a hand-written kernel, first whether to take the fused path
+(deltaflex/fused: chunk sizes up to 64, its own launch parameters); else the chunk size; per stage,
+its available backends (only "compiled" until a hand-written kernel registers); per hand-written
+stage, its block sizes, num_warps and num_stages; whether to compile, torch.compile's mode and, on
+CUDA, the compiled plan's state grouping and CUDA graphs. A dimension with one choice is fixed, not
+searched, so the space grows as stages land without anything here changing.
 """
 
 from __future__ import annotations
 
 import dataclasses
 
-from deltaflex.plan import (CHUNK_SIZES, STAGES, TRITON_DEVICE_TYPES, KernelConfig, KernelSpace, Plan, available_backends,
-                            kernel_space)
+from deltaflex.plan import (CHUNK_SIZES, FUSED_CHUNK_SIZES, STAGES, TRITON_DEVICE_TYPES, KernelConfig, KernelSpace, Plan,
+                            available_backends, kernel_space)
 
 
 # What a compiled plan may vary on a GPU: fewer sequential state-pass steps (state_group) and
@@ -50,6 +51,11 @@ class SearchSpace:
     def suggest(self, trial) -> Plan:
         """The plan an optuna trial samples (define-by-run: kernel and compile-mode dimensions only
         exist where they apply)."""
+        all_triton = all("triton" in choices for _, choices in self.backends)
+        if all_triton and _pick(trial, "fused", (False, True)):
+            chunk_sizes = tuple(c for c in self.chunk_sizes if c in FUSED_CHUNK_SIZES)
+            return Plan(chunk_size=_pick(trial, "fused.chunk_size", chunk_sizes), compile=False, fused=True,
+                        **{stage: "triton" for stage in STAGES})
         fields = {"chunk_size": _pick(trial, "chunk_size", self.chunk_sizes)}
         kernels = dict(self.kernels)
         for stage, choices in self.backends:
@@ -61,8 +67,6 @@ class SearchSpace:
                     _pick(trial, f"{stage}.num_warps", space.num_warps),
                     _pick(trial, f"{stage}.num_stages", space.num_stages),
                 )
-        if all(fields[stage] == "triton" for stage in STAGES):
-            fields["fused_forward"] = _pick(trial, "fused_forward", (False, True))
         fields["compile"] = _pick(trial, "compile", self.compile)
         if fields["compile"]:
             fields["compile_mode"] = _pick(trial, "compile_mode", self.compile_modes)
@@ -80,7 +84,8 @@ class SearchSpace:
 
     def size(self) -> int:
         """How many distinct plans the space holds."""
-        per_stage, all_triton, kernels = 1, 1, dict(self.kernels)
+        per_stage, kernels = 1, dict(self.kernels)
+        all_triton = all("triton" in choices for _, choices in self.backends)
         for stage, choices in self.backends:
             hand_written = 0
             if "triton" in choices:
@@ -89,17 +94,18 @@ class SearchSpace:
                 for _, sizes in space.blocks:
                     hand_written *= len(sizes)
             per_stage *= hand_written + ("compiled" in choices)
-            all_triton *= hand_written
-        per_stage += all_triton  # all-Triton plans also come with the fused forward
         per_compiled = len(self.compile_modes)
         for _, choices in self.compiled_options:
             per_compiled *= len(choices)
         compiles = sum(per_compiled if c else 1 for c in self.compile)
-        return len(self.chunk_sizes) * per_stage * compiles
+        fused = len([c for c in self.chunk_sizes if c in FUSED_CHUNK_SIZES]) if all_triton else 0
+        return len(self.chunk_sizes) * per_stage * compiles + fused
 
 
 def _explicit(plan: Plan) -> Plan:
     """The plan with its hand-written stages' default launch configurations spelled out."""
+    if plan.fused:
+        return plan
     return dataclasses.replace(plan, **{f"{s}_kernel": plan.kernel(s) for s in STAGES if getattr(plan, s) == "triton"})
 
 
@@ -116,7 +122,7 @@ class _Recorder:
 
     def __init__(self, plan: Plan):
         self.params: dict = {}
-        values = dataclasses.asdict(plan)
+        values = {**dataclasses.asdict(plan), "fused.chunk_size": plan.chunk_size}
         for stage in STAGES:
             config = plan.kernel(stage)
             if config is not None:

@@ -220,7 +220,7 @@ def tune(
     cache = cache or PlanCache()
     key = CacheKey.for_shape(device_environment(device), dtype, shape.B, shape.T, shape.H, shape.K, shape.V)
     space = SearchSpace.for_device(device.type, compile, max_autotune)
-    default = default_plan(device.type, dtype)
+    default = default_plan(device.type, dtype, (shape.K, shape.V))
     on_device = torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
     with on_device, static_compiles():

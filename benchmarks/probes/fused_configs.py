@@ -16,7 +16,8 @@ from deltaflex.fused import chunk as fused
 from deltaflex.reference import recurrent_delta_rule_ref
 from deltaflex.testing import make_inputs, relative_error
 kernel, cfg = sys.argv[1], json.loads(sys.argv[2])
-fused.LAUNCH[kernel] = {**fused.LAUNCH[kernel], **cfg}
+for table in fused.LAUNCH.values():
+    table[kernel] = {**table[kernel], **cfg}
 worst = 0.0
 for B, T, H, D in ((2, 300, 4, 64), (1, 200, 2, 128), (1, 150, 1, 256), (1, 100, 2, 100)):
     x = make_inputs(B, T, H, D, dtype=torch.bfloat16, device="cuda", keys="correlated")

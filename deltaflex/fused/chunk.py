@@ -8,8 +8,8 @@ Backward, 6 launches (fla: 7 and a PyTorch sum):
   1. prepare_bwd   per chunk    W, U from the saved T; dV_local = scale tril(Q K^T)^T dO
   2. state_fwd     per head     h[n], V_new again (nothing per chunk is kept between the passes)
   3. state_bwd     per head     dh[n] (end-of-chunk state gradients), dV_new (over dV_local), ds0
-  4. wy_grads      per chunk    dv, dbeta; dk's terms through W and T (a float32 partial)
-  5. qk_grads      per chunk    dq; dk = the partial + its terms through the output and the state
+  4. qk_grads      per chunk    dq; dk's terms through the output and the state (a float32 partial)
+  5. wy_grads      per chunk    dv, dbeta; dk = the partial + its terms through W and T
 dq, dk, dv, dbeta are each written once, in their inputs' layout and dtype.
 Between forward and backward only the inputs and T (B T H C floats) are kept.
 
@@ -88,7 +88,10 @@ LAUNCH = {
 }
 # NARROW_BLOCKS_FAULT: Triton 3.6 on the H200 built a one-kernel form of the gradients with 32-wide blocks
 # and 4 or 8 warps to read shared memory out of bounds (compute-sanitizer; benchmarks/probes/
-# fused_configs.py finds such configurations); 64-wide blocks were right at 2, 4 and 8 warps.
+# fused_configs.py finds such configurations); 64-wide blocks were right at 2, 4 and 8 warps, 32-wide
+# ones at 2, and a test with K = 32 faulted at the table's launches. Head dims under 64 (narrow key or
+# value blocks everywhere) therefore launch every kernel with 2 warps: not yet checked on the H200.
+NARROW_WARPS = 2
 SPLIT_STATE = True  # the state update's V_new as hi + lo (state.py)
 
 
@@ -98,6 +101,8 @@ def _opts(kernel: str, K: int, V: int) -> dict:
     for name, d in (("BK", K), ("BV", V)):
         if name in opts:
             opts[name] = block(d, opts[name])
+    if min(K, V) < 64:  # NARROW_BLOCKS_FAULT
+        opts["num_warps"] = NARROW_WARPS
     if INTERPRETED and kernel.startswith("state"):
         opts["BV"] = block(V)  # fewer programs: the interpreter's time goes per program
     return opts
@@ -160,8 +165,9 @@ def fused_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torc
     B, T, H, K, V, n_chunks, S, NT = _geometry(q, v, chunk_size, chunks, seqs)
     C, LOW, PACKED = chunk_size, _LOW[q.dtype], chunks is not None
     BK = block(K)
-    dq, dk, dv, dbeta, ds0 = _backward_fake(q, k, v, beta, t, s0, do, dfinal, scale, chunk_size)
+    ds0 = _backward_fake(q, k, v, beta, t, s0, do, dfinal, scale, chunk_size)[4]
     chunks, seqs = (q, q) if chunks is None else (chunks, seqs)
+    # buffers are taken as late and freed as early as the launches allow: the peak is at qk_grads
     w = _empty(*k.shape, dtype=k.dtype, like=k)
     u = _empty(B, T, H, V, dtype=torch.float32, like=k)  # U, then V_new
     dv_new = _empty(B, T, H, V, dtype=torch.float32, like=k)  # dV_local, then dV_new
@@ -177,11 +183,14 @@ def fused_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torc
     launch(state_bwd_kernel, (triton.cdiv(V, opts["BV"]), S * H), q, k, w, do, dv_new, dh,
            q if dfinal is None else dfinal, ds0 if s0 is not None else q, seqs, scale, T, NT, BK=BK,
            HAS_DFINAL=dfinal is not None, HAS_DS0=s0 is not None, **sizes, **opts)
-    del w  # its memory serves the partial dk
-    dk_part = _empty(B, T, H, K, dtype=torch.float32, like=k)  # dk's WY and inverse terms
-    launch(wy_grads_kernel, (n_chunks, B * H), k, v, beta, t, h, dv_new, dk_part, dv, dbeta, chunks, T, NT, **sizes,
-           **_opts("wy_grads", K, V))
+    del w
+    dq = _empty(*q.shape, dtype=q.dtype, like=q)
+    dk_part = _empty(B, T, H, K, dtype=torch.float32, like=k)
     qk = _opts("qk_grads", K, V)
-    launch(qk_grads_kernel, (triton.cdiv(K, qk["BK"]), n_chunks, B * H), q, k, do, h, dh, u, dk_part, dq, dk, chunks,
+    launch(qk_grads_kernel, (triton.cdiv(K, qk["BK"]), n_chunks, B * H), q, k, do, h, dh, u, dq, dk_part, chunks,
            scale, T, NT, **sizes, **qk)
+    del dh, u
+    dk, dv, dbeta = (_empty(*x.shape, dtype=x.dtype, like=x) for x in (k, v, beta))
+    launch(wy_grads_kernel, (n_chunks, B * H), k, v, beta, t, h, dv_new, dk_part, dk, dv, dbeta, chunks, T, NT, **sizes,
+           **_opts("wy_grads", K, V))
     return dq, dk, dv, dbeta, ds0

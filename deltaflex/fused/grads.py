@@ -10,9 +10,10 @@ the passes, Tb = T diag(beta) and P = tril(Q K^T):
     dP  = scale tril(dO V_new^T)
     dq  = scale dO h^T + dP K
     dk  = Tb^T dW + (diag(beta) dA + (diag(beta) dA)^T) K + dP^T Q + V_new dh^T
-`wy_grads_kernel` (one program per chunk) takes the WY and inverse terms: dv, dbeta and the first
-two terms of dk; `qk_grads_kernel` (one program per chunk and block of BK keys) the output and
-state terms: dq and the rest of dk. Products split their float32 operand where the float64 oracle
+`qk_grads_kernel` (one program per chunk and block of BK keys) takes the output and state terms: dq,
+and dk's last two terms as a float32 partial; then `wy_grads_kernel` (one program per chunk) the WY
+and inverse terms: dv, dbeta, and dk, the partial plus its first two terms. (In this order the
+passes' V_new and dh are freed before the second launch, which needs neither.) Products split their float32 operand where the float64 oracle
 showed rounding it costs accuracy (dV_new in dTb and dv, V_new in dP, dP in dq), and round it
 elsewhere (docs/design-fused.md).
 
@@ -30,7 +31,8 @@ from .tiles import cast_for, chunk_of, dot_fine, dot_round, dot_split, load_bloc
 
 
 @triton.jit
-def wy_grads_kernel(k_ptr, v_ptr, beta_ptr, t_ptr, h_ptr, dv_new_ptr, dk_ptr, dv_ptr, dbeta_ptr, chunks_ptr, T, NT,
+def wy_grads_kernel(k_ptr, v_ptr, beta_ptr, t_ptr, h_ptr, dv_new_ptr, dk_part_ptr, dk_ptr, dv_ptr, dbeta_ptr, chunks_ptr,
+                    T, NT,
                     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr,
                     BV: tl.constexpr, LOW: tl.constexpr, PACKED: tl.constexpr):
     i_t, i_bh = tl.program_id(0), tl.program_id(1)
@@ -38,7 +40,7 @@ def wy_grads_kernel(k_ptr, v_ptr, beta_ptr, t_ptr, h_ptr, dv_new_ptr, dk_ptr, dv
     i_h = i_bh % H
     row0 = t0 * H + i_h
     h_c = h_ptr + (c * H + i_h) * K * V
-    k_c, v_c, dvn_c, dk_c = k_ptr + row0 * K, v_ptr + row0 * V, dv_new_ptr + row0 * V, dk_ptr + row0 * K
+    k_c, v_c, dvn_c, part_c = k_ptr + row0 * K, v_ptr + row0 * V, dv_new_ptr + row0 * V, dk_part_ptr + row0 * K
     rc = tl.arange(0, C)
     beta = load_column(beta_ptr + row0, H, n_rows, C)
     t = load_block(t_ptr + row0 * C, H * C, n_rows, 0, C, C, C)
@@ -46,7 +48,7 @@ def wy_grads_kernel(k_ptr, v_ptr, beta_ptr, t_ptr, h_ptr, dv_new_ptr, dk_ptr, dv
     tbt = to_low(tl.trans(tb), LOW)  # Tb^T rounded (dv and dk's WY term)
     NK: tl.constexpr = (K + BK - 1) // BK
     NV: tl.constexpr = (V + BV - 1) // BV
-    # through W: dW = -dV_new h^T by key block; dTb += dW K^T, dk = Tb^T dW
+    # through W: dW = -dV_new h^T by key block; dTb += dW K^T, dk += Tb^T dW
     dtb = tl.zeros([C, C], tl.float32)
     for j in range(0, NK):
         dw = tl.zeros([C, BK], tl.float32)
@@ -55,8 +57,8 @@ def wy_grads_kernel(k_ptr, v_ptr, beta_ptr, t_ptr, h_ptr, dv_new_ptr, dk_ptr, dv
             dw = dot_round(dvn, tl.trans(load_tile(h_c, j, iv, K, V, BK, BV)), dw, False, True, LOW)
         dw = to_low(-dw, LOW)
         dtb = dot_round(dw, load_t(k_c, H * K, n_rows, j * BK, K, C, BK), dtb, True, True, LOW)
-        store_block(dk_c, dot_round(tbt, dw, tl.zeros([C, BK], tl.float32), True, True, LOW), H * K, n_rows, j * BK,
-                    K, C, BK)
+        dk = dot_round(tbt, dw, load_block(part_c, H * K, n_rows, j * BK, K, C, BK), True, True, LOW)
+        store_block(part_c, dk, H * K, n_rows, j * BK, K, C, BK)
     # through U: dTb += dV_new V^T, dv = Tb^T dV_new
     for iv in range(0, NV):
         dvn = load_block(dvn_c, H * V, n_rows, iv * BV, V, C, BV)
@@ -75,15 +77,15 @@ def wy_grads_kernel(k_ptr, v_ptr, beta_ptr, t_ptr, h_ptr, dv_new_ptr, dk_ptr, dv
     for j in range(0, NK):
         k = load_block(k_c, H * K, n_rows, j * BK, K, C, BK)
         kkt = dot_round(k, tl.trans(k), kkt, True, True, LOW)
-        dk = load_block(dk_c, H * K, n_rows, j * BK, K, C, BK)
+        dk = load_block(part_c, H * K, n_rows, j * BK, K, C, BK)
         dk = dot_round(dabt, k, dot_round(dab, k, dk, True, True, LOW), True, True, LOW)
-        store_block(dk_c, dk, H * K, n_rows, j * BK, K, C, BK)
+        store_block(dk_ptr + row0 * K, dk, H * K, n_rows, j * BK, K, C, BK)
     dbeta += tl.sum(da * kkt, 1)
     tl.store(dbeta_ptr + row0 + rc * H, cast_for(dbeta, dbeta_ptr), mask=rc < n_rows)
 
 
 @triton.jit
-def qk_grads_kernel(q_ptr, k_ptr, do_ptr, h_ptr, dh_ptr, v_new_ptr, dk_part_ptr, dq_ptr, dk_ptr, chunks_ptr, scale,
+def qk_grads_kernel(q_ptr, k_ptr, do_ptr, h_ptr, dh_ptr, v_new_ptr, dq_ptr, dk_part_ptr, chunks_ptr, scale,
                     T, NT, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr,
                     BV: tl.constexpr, LOW: tl.constexpr, PACKED: tl.constexpr):
     j, i_t, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -109,5 +111,4 @@ def qk_grads_kernel(q_ptr, k_ptr, do_ptr, h_ptr, dh_ptr, v_new_ptr, dk_part_ptr,
     dq = dot_split(dp, k, scale * dq, False, True, LOW)
     store_block(dq_ptr + row0 * K, dq, H * K, n_rows, j * BK, K, C, BK)
     dk = dot_round(tl.trans(dp), load_block(q_ptr + row0 * K, H * K, n_rows, j * BK, K, C, BK), dk, False, True, LOW)
-    dk += load_block(dk_part_ptr + row0 * K, H * K, n_rows, j * BK, K, C, BK)
-    store_block(dk_ptr + row0 * K, dk, H * K, n_rows, j * BK, K, C, BK)
+    store_block(dk_part_ptr + row0 * K, dk, H * K, n_rows, j * BK, K, C, BK)

@@ -171,8 +171,7 @@ def test_narrow_key_solve_backward_takes_the_float32_build(monkeypatch):
         assert name == "solve_bwd_kernel" and (kwargs["POLICY"], kwargs["num_warps"]) == expected, (C, K)
 
 
-@pytest.mark.parametrize("fused_forward", [False, True], ids=["stages", "fused"])
-def test_triton_plan_reads_the_callers_tensors(fused_forward, monkeypatch):
+def test_triton_plan_reads_the_callers_tensors(monkeypatch):
     """Every stage on Triton: the kernels read q, k, v, beta, dO where the caller has them, masking the
     rows of a ragged last chunk (of every packed sequence), and make no padded chunk-layout copy of
     them (issue 4); a plan with a compiled stage still chunks them."""
@@ -183,30 +182,10 @@ def test_triton_plan_reads_the_callers_tensors(fused_forward, monkeypatch):
         real = getattr(function, name)
         monkeypatch.setattr(function, name, lambda x, *a, real=real, **kw: chunked.append(x.shape) or real(x, *a, **kw))
     x = make_inputs(2, 45, 2, 20, 12, dtype=torch.bfloat16, device=DEVICE, initial_state=True)
-    plan = _plan(STAGES, fused_forward=fused_forward, precision="bf16x3")
+    plan = _plan(STAGES, precision="bf16x3")
     check_against_oracle(x, chunk_size=16, use_qk_l2norm=True, plan=plan)
     packed, cu = _packed([7, 0, 16, 21], torch.float32, keys="correlated", device=DEVICE)
     check_packed(packed, cu, plan)
     assert not chunked
     check_against_oracle(x, chunk_size=16, plan=_plan(("solve", "wy", "output")))
     assert chunked
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_fused_forward_plan(dtype, monkeypatch):
-    # the forward's two fused kernels; the backward is the four stages' (tested above)
-    from deltaflex.kernels import fused
-
-    calls = []
-    real = fused.forward_chunks
-    monkeypatch.setattr(fused, "forward_chunks", lambda *a, **kw: calls.append(1) or real(*a, **kw))
-    x = make_inputs(1, 70, 2, 20, 24, dtype=dtype, device=DEVICE, keys="correlated", initial_state=True)
-    plan = _plan(STAGES, fused_forward=True, precision="bf16x3")
-    check_against_oracle(x, chunk_size=32, plan=plan)
-    assert calls  # the fused forward ran
-    packed, cu = _packed([5, 0, 30], torch.float32, device=DEVICE)  # packed sequences take the stages
-    calls.clear()
-    check_packed(packed, cu, plan)
-    assert not calls
-    with pytest.raises(ValueError, match="fused_forward"):
-        Plan(state="triton", fused_forward=True)

@@ -10,8 +10,8 @@ from deltaflex.tuning.space import SearchSpace
 
 def all_plans(space: SearchSpace) -> set[Plan]:
     """Every plan the space holds, by sampling it exhaustively with optuna's grid of fixed trials."""
-    names = ["chunk_size", "compile", "compile_mode", "fused_forward"]
-    choices = [space.chunk_sizes, space.compile, space.compile_modes, (False, True)]
+    names = ["chunk_size", "compile", "compile_mode", "fused", "fused.chunk_size"]
+    choices = [space.chunk_sizes, space.compile, space.compile_modes, (False, True), (16, 32, 64)]
     for stage, backends in space.backends:
         names.append(stage), choices.append(backends)
     for name, options in space.compiled_options:
@@ -85,12 +85,14 @@ def test_cuda_space_has_every_registered_kernel():
     assert all(choices == ("compiled",) for _, choices in SearchSpace.for_device("cpu").backends)
 
 
-def test_all_triton_plans_also_come_fused(no_kernels):
+def test_the_fused_path_is_searched_where_every_stage_has_a_kernel(no_kernels):
     for stage in ("solve", "wy", "state", "output"):
         register_triton_stage(stage, KernelSpace(num_warps=(4, 8), num_stages=(2,), default=KernelConfig()))
     space = SearchSpace.for_device("cuda", compile=False)
     plans = all_plans(space)
-    # per chunk size: (compiled or 2 launch configs) per stage = 3^4, plus the 2^4 all-Triton ones fused
-    assert len(plans) == space.size() == 4 * (3**4 + 2**4)
-    assert sum(p.fused_forward for p in plans) == 4 * 2**4
-    assert all(set(p.backends().values()) == {"triton"} for p in plans if p.fused_forward)
+    # per chunk size: (compiled or 2 launch configs) per stage = 3^4; plus the fused path at chunk sizes 16-64
+    assert len(plans) == space.size() == 4 * 3**4 + 3
+    fused = [p for p in plans if p.fused]
+    assert sorted(p.chunk_size for p in fused) == [16, 32, 64]
+    assert all(set(p.backends().values()) == {"triton"} and not p.compile for p in fused)
+    assert all(space.params(p) is not None for p in fused)
