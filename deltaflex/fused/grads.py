@@ -35,11 +35,8 @@ def wy_grads_kernel(k_ptr, v_ptr, beta_ptr, t_ptr, h_ptr, dv_new_ptr, dk_part_pt
                     T, NT,
                     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr,
                     BV: tl.constexpr, LOW: tl.constexpr, PACKED: tl.constexpr):
-    i_t, i_bh = tl.program_id(0), tl.program_id(1)
-    t0, n_rows, c = chunk_of(i_t, i_bh // H, T, NT, chunks_ptr, C, PACKED)
-    i_h = i_bh % H
-    row0 = t0 * H + i_h
-    h_c = h_ptr + (c * H + i_h) * K * V
+    row0, n_rows, c = chunk_of(tl.program_id(0), tl.program_id(1), T, NT, chunks_ptr, H, C, PACKED)
+    h_c = h_ptr + c * K * V
     k_c, v_c, dvn_c, part_c = k_ptr + row0 * K, v_ptr + row0 * V, dv_new_ptr + row0 * V, dk_part_ptr + row0 * K
     rc = tl.arange(0, C)
     beta = load_column(beta_ptr + row0, H, n_rows, C)
@@ -88,11 +85,9 @@ def wy_grads_kernel(k_ptr, v_ptr, beta_ptr, t_ptr, h_ptr, dv_new_ptr, dk_part_pt
 def qk_grads_kernel(q_ptr, k_ptr, do_ptr, h_ptr, dh_ptr, v_new_ptr, dq_ptr, dk_part_ptr, chunks_ptr, scale,
                     T, NT, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr,
                     BV: tl.constexpr, LOW: tl.constexpr, PACKED: tl.constexpr):
-    j, i_t, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    t0, n_rows, c = chunk_of(i_t, i_bh // H, T, NT, chunks_ptr, C, PACKED)
-    i_h = i_bh % H
-    row0 = t0 * H + i_h
-    h_c, dh_c = h_ptr + (c * H + i_h) * K * V, dh_ptr + (c * H + i_h) * K * V
+    j = tl.program_id(0)
+    row0, n_rows, c = chunk_of(tl.program_id(1), tl.program_id(2), T, NT, chunks_ptr, H, C, PACKED)
+    h_c, dh_c = h_ptr + c * K * V, dh_ptr + c * K * V
     do_c, vn_c = do_ptr + row0 * V, v_new_ptr + row0 * V
     scale = as_f32(scale)
     rc = tl.arange(0, C)

@@ -20,11 +20,8 @@ from .tiles import chunk_of, dot_round, dot_split, load_block, load_t, store_blo
 def output_kernel(q_ptr, k_ptr, v_new_ptr, h_ptr, o_ptr, chunks_ptr, scale, T, NT,
                   H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr,
                   BV: tl.constexpr, LOW: tl.constexpr, PACKED: tl.constexpr):
-    i_t, i_bh = tl.program_id(0), tl.program_id(1)
-    t0, n_rows, c = chunk_of(i_t, i_bh // H, T, NT, chunks_ptr, C, PACKED)
-    i_h = i_bh % H
-    row0 = t0 * H + i_h
-    h_c = h_ptr + (c * H + i_h) * K * V
+    row0, n_rows, c = chunk_of(tl.program_id(0), tl.program_id(1), T, NT, chunks_ptr, H, C, PACKED)
+    h_c = h_ptr + c * K * V
     scale = as_f32(scale)
     rc = tl.arange(0, C)
     p = tl.zeros([C, C], tl.float32)

@@ -76,9 +76,7 @@ def _wy_factors(tb, k_c, v_c, w_c, u_c, k_stride, v_stride, w_stride, u_stride, 
 def prepare_fwd_kernel(k_ptr, v_ptr, beta_ptr, t_ptr, w_ptr, u_ptr, chunks_ptr, T, NT,
                        H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr,
                        BV: tl.constexpr, LOW: tl.constexpr, PACKED: tl.constexpr):
-    i_t, i_bh = tl.program_id(0), tl.program_id(1)
-    t0, n_rows, _ = chunk_of(i_t, i_bh // H, T, NT, chunks_ptr, C, PACKED)
-    row0 = t0 * H + i_bh % H  # the chunk's first row of every token-major tensor
+    row0, n_rows, _ = chunk_of(tl.program_id(0), tl.program_id(1), T, NT, chunks_ptr, H, C, PACKED)
     rc = tl.arange(0, C)
     a = tl.zeros([C, C], tl.float32)
     for j in range(0, tl.cdiv(K, BK)):
@@ -95,9 +93,7 @@ def prepare_fwd_kernel(k_ptr, v_ptr, beta_ptr, t_ptr, w_ptr, u_ptr, chunks_ptr, 
 def prepare_bwd_kernel(q_ptr, k_ptr, v_ptr, beta_ptr, t_ptr, do_ptr, w_ptr, u_ptr, dv_ptr, chunks_ptr, scale, T, NT,
                        H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr,
                        BV: tl.constexpr, LOW: tl.constexpr, PACKED: tl.constexpr):
-    i_t, i_bh = tl.program_id(0), tl.program_id(1)
-    t0, n_rows, _ = chunk_of(i_t, i_bh // H, T, NT, chunks_ptr, C, PACKED)
-    row0 = t0 * H + i_bh % H
+    row0, n_rows, _ = chunk_of(tl.program_id(0), tl.program_id(1), T, NT, chunks_ptr, H, C, PACKED)
     scale = as_f32(scale)
     rc = tl.arange(0, C)
     beta = load_column(beta_ptr + row0, H, n_rows, C)

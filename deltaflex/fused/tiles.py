@@ -2,7 +2,7 @@
 
 Every token-indexed tensor, inputs and intermediates alike, is token-major as the caller holds q:
 [B, T, H, D] (packed sequences: B = 1), so token g of the flattened B*T and head h start at
-(g H + h) D, rows H D apart. Chunk-indexed tensors (the chunk states h and dh) are
+(g H + h) D: row g H + h, rows of one head H D apart. Chunk-indexed tensors (the chunk states h and dh) are
 [total chunks, H, K, V]. `chunk_of` and `sequence_of` turn a program's indices into those places;
 without packed sequences they are arithmetic, with them they read the host-built tables of
 `packing.Packing`.
@@ -22,17 +22,19 @@ from ..kernels.common import _UPCAST_LOW_DOTS, mma
 
 
 @triton.jit
-def chunk_of(i_t, i_b, T, NT, chunks_ptr, C: tl.constexpr, PACKED: tl.constexpr):
-    """(first token among the flattened B*T, its rows, the chunk's global index) of chunk i_t of batch
-    row i_b; packed sequences: chunk i_t of all (B = 1), from the [total chunks, 2] table of (first
-    token, rows)."""
+def chunk_of(i_t, i_bh, T, NT, chunks_ptr, H: tl.constexpr, C: tl.constexpr, PACKED: tl.constexpr):
+    """Where chunk i_t of batch-and-head i_bh is: (its first row among the [B*T*H] rows of every
+    token-major tensor, its row count, its row among the [chunks*H] of the chunk-indexed ones).
+    Packed sequences: chunk i_t of all (B = 1), from the [total chunks, 2] table of (first token, rows)."""
+    i_h = i_bh % H
     if PACKED:
         t0 = tl.load(chunks_ptr + 2 * i_t).to(tl.int64)
         rows = tl.load(chunks_ptr + 2 * i_t + 1).to(tl.int64)
-        return t0, rows, i_t.to(tl.int64)
+        c = i_t.to(tl.int64)
     else:
-        i_b = i_b.to(tl.int64)
-        return i_b * T + i_t * C, tl.minimum(T - i_t * C, C).to(tl.int64), i_b * NT + i_t
+        i_b = (i_bh // H).to(tl.int64)
+        t0, rows, c = i_b * T + i_t * C, tl.minimum(T - i_t * C, C).to(tl.int64), i_b * NT + i_t
+    return t0 * H + i_h, rows, c * H + i_h
 
 
 @triton.jit
