@@ -48,8 +48,8 @@ def delta_rule(
             same ops through torch.compile), "triton" (hand-written kernels), "mixed-<stage>"
             (compiled, with the hand-written kernel for one stage), "fused" (the fused Triton
             path), or "auto": the plan `deltaflex tune` cached for this device, dtype and shape,
-            else the default plan (`deltaflex.plan.default_plan`: "fused" on CUDA, "compiled"
-            for float64 there).
+            else the default plan (`deltaflex.plan.default_plan`: on CUDA "fused" for bf16 with
+            head dims of 64 or more, else "triton"; "compiled" for float64).
             None picks "auto" on CUDA and "eager" on CPU.
 
     Returns:
@@ -64,6 +64,9 @@ def delta_rule(
     if plan.fused:
         from .fused.function import FusedDeltaRuleFunction, Packing
 
+        if q.dtype not in (torch.bfloat16, torch.float16, torch.float32):
+            raise TypeError(f"plan 'fused' takes bfloat16, float16 or float32 inputs, got q of dtype {q.dtype}; "
+                            "use plan='compiled' or 'eager' for float64")
         packing = None if lengths is None else Packing.of(lengths, plan.chunk_size, q.device)
         return FusedDeltaRuleFunction.apply(q, k, v, beta, initial_state, scale, bool(use_qk_l2norm),
                                             bool(output_final_state), plan.chunk_size, packing)

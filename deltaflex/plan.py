@@ -160,7 +160,7 @@ class Plan:
     unroll: bool = False  # compiled state pass as an unrolled loop, not the scan op (one graph per T)
     state_group: int = 1  # > 1: two-level state pass over groups of this many chunks (chunk/state.py)
     cuda_graph: bool = False  # replay the compiled graphs under CUDA graphs, one capture per shape
-    # All-Triton plans: the fused path (deltaflex/fused/chunk.py: 3 forward and 4 backward launches,
+    # All-Triton plans: the fused path (deltaflex/fused/chunk.py: 3 forward and 5 backward launches,
     # its own precision scheme) instead of the stage-by-stage kernels; chunk sizes 16 to 64.
     fused: bool = False
     precision: str = "auto"  # matmul policy; auto: see precision_for
@@ -259,7 +259,9 @@ class Plan:
         return cls.from_dict(data)
 
     def describe(self) -> str:
-        """One line for tables, e.g. 'C64 compiled' or 'C128 eager, state=triton[BK=64 w4 s2]'."""
+        """One line for tables, e.g. 'C64 compiled', 'C128 eager, state=triton[BK=64 w4 s2]' or 'C64 fused'."""
+        if self.fused:
+            return f"C{self.chunk_size} fused"
         hand = [f"{s}=triton{_launch(getattr(self, f'{s}_kernel'))}" for s in STAGES if getattr(self, s) == "triton"]
         extras = [f"precision={self.precision}"] if self.precision != "auto" else []
         extras += ["unrolled"] if self.unroll else []

@@ -4,7 +4,7 @@ Forward, 3 launches (fla: 6):
   1. prepare_fwd   per chunk    T = (I + A)^-1 (kept for backward), W, U
   2. state_fwd     per head     h[n] (chunk start states), V_new (over U), the final state
   3. output        per chunk    o, in the caller's layout and dtype
-Backward, 6 launches (fla: 7 and a PyTorch sum):
+Backward, 5 launches (fla: 7 and a PyTorch sum):
   1. prepare_bwd   per chunk    W, U from the saved T; dV_local = scale tril(Q K^T)^T dO
   2. state_fwd     per head     h[n], V_new again (nothing per chunk is kept between the passes)
   3. state_bwd     per head     dh[n] (end-of-chunk state gradients), dV_new (over dV_local), ds0
@@ -31,6 +31,7 @@ import torch
 import triton
 
 from ..kernels.common import INTERPRETED, define_op, launch
+from ..plan import FUSED_CHUNK_SIZES as CHUNK_SIZES  # noqa: F401  (the inverse's 16-row blocks: 16 to 64)
 from ..validation import state_dtype
 from .grads import qk_grads_kernel, wy_grads_kernel
 from .output import output_kernel
@@ -38,7 +39,6 @@ from .prepare import prepare_bwd_kernel, prepare_fwd_kernel
 from .state import state_bwd_kernel, state_fwd_kernel
 from .tiles import block
 
-CHUNK_SIZES = (16, 32, 64)  # the inverse's blocks are 16 rows; 128 would not fit its registers
 _LOW = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
 
@@ -154,9 +154,12 @@ def fused_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torch
     return o, final, t
 
 
+def _ds0(q, s0):
+    return _empty(*((0,) if s0 is None else s0.shape), dtype=torch.float32, like=q)
+
+
 def _backward_fake(q, k, v, beta, t, s0, do, dfinal, scale, chunk_size, chunks=None, seqs=None):
-    ds0 = _empty(*((0,) if s0 is None else s0.shape), dtype=torch.float32, like=q)
-    return tuple(_empty(*x.shape, dtype=x.dtype, like=x) for x in (q, k, v, beta)) + (ds0,)
+    return tuple(_empty(*x.shape, dtype=x.dtype, like=x) for x in (q, k, v, beta)) + (_ds0(q, s0),)
 
 
 @define_op("fused_bwd", _backward_fake)
@@ -168,7 +171,7 @@ def fused_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torc
     B, T, H, K, V, n_chunks, S, NT = _geometry(q, v, chunk_size, chunks, seqs)
     C, LOW, PACKED = chunk_size, _LOW[q.dtype], chunks is not None
     BK = block(K)
-    ds0 = _backward_fake(q, k, v, beta, t, s0, do, dfinal, scale, chunk_size)[4]
+    ds0 = _ds0(q, s0)
     # buffers are taken as late and freed as early as the launches allow: the peak is at qk_grads
     w = _empty(*k.shape, dtype=k.dtype, like=k)
     u = _empty(B, T, H, V, dtype=torch.float32, like=k)  # U, then V_new

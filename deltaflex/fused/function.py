@@ -31,13 +31,13 @@ class FusedDeltaRuleFunction(torch.autograd.Function):
         tables = () if packing is None else (packing.chunks, packing.seqs)
         o, final, t = fused_forward(qn, kn, v, beta, s0, scale, chunk_size, *tables)
         ctx.save_for_backward(q, k, v, beta, s0, t)
-        ctx.options = (scale, use_qk_l2norm, chunk_size, packing, initial_state)
+        ctx.options = (scale, use_qk_l2norm, chunk_size, packing, None if initial_state is None else initial_state.dtype)
         return o, (final if output_final_state else None)
 
     @staticmethod
     def backward(ctx, do, dfinal):
         q, k, v, beta, s0, t = ctx.saved_tensors
-        scale, use_qk_l2norm, chunk_size, packing, initial_state = ctx.options
+        scale, use_qk_l2norm, chunk_size, packing, initial_dtype = ctx.options
         qn, kn = _normalised(q, k, use_qk_l2norm)
         tables = () if packing is None else (packing.chunks, packing.seqs)
         dfinal = None if dfinal is None else dfinal.to(torch.float32).contiguous()
@@ -46,5 +46,5 @@ class FusedDeltaRuleFunction(torch.autograd.Function):
         if use_qk_l2norm:
             dq = l2norm_backward(q.float(), dq.float()).to(q.dtype)
             dk = l2norm_backward(k.float(), dk.float()).to(k.dtype)
-        ds0 = None if initial_state is None else ds0.to(initial_state.dtype)
+        ds0 = None if initial_dtype is None else ds0.to(initial_dtype)
         return dq, dk, dv, dbeta, ds0, None, None, None, None, None

@@ -102,6 +102,9 @@ def test_plan_record():
     assert resolve_plan("auto", 128, "cuda", auto=lambda: FUSED).fused is False
     with pytest.raises(ValueError, match="chunk sizes"):
         resolve_plan("fused", 128, "cuda")
+    x = make_inputs(1, 20, 1, 16, 16, dtype=torch.float64, device=DEVICE)
+    with pytest.raises(TypeError, match="float64"):
+        delta_rule(**x, plan=FUSED)
 
 
 @pytest.mark.compile
