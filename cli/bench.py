@@ -33,7 +33,7 @@ def _bench_table(rows: list[dict]) -> Table:
 
 def bench(
     shape: list[str] = typer.Option(None, help="B,T,H,K[,V]; repeatable. Default: DESIGN.md's shapes on CUDA, 1,512,4,64 on CPU."),
-    plan: list[str] = typer.Option(None, help="deltaflex plans to time: a name, or a spec such as state_group=8,cuda_graph=1 or triton,precision=bf16; repeatable. Default: compiled (and eager on CPU)."),
+    plan: list[str] = typer.Option(None, help="deltaflex plans to time: a name, or a spec such as state_group=8,cuda_graph=1 or triton,precision=bf16; repeatable. Default: fused (the default plan there) and compiled on CUDA, eager and compiled on CPU."),
     device: str = typer.Option(None, help="cuda, cuda:N or cpu. Default: cuda when available."),
     dtype: str = typer.Option(None, help="bf16, fp16, fp32 or fp64. Default: bf16 on CUDA, fp32 on CPU."),
     chunk_size: int = typer.Option(None, help="chunk size for every deltaflex plan (default: each plan's own, 64 unless its spec says)"),
@@ -48,7 +48,7 @@ def bench(
     dev = parse_device(device)
     dt = parse_dtype(dtype or ("bf16" if dev.type == "cuda" else "fp32"))
     shapes = parse_shapes(shape, lambda: paper_shapes() if dev.type == "cuda" else [Shape(1, 512, 4, 64, 64)])
-    plans = plan or (["compiled"] if dev.type == "cuda" else ["eager", "compiled"])
+    plans = plan or (["fused", "compiled"] if dev.type == "cuda" else ["eager", "compiled"])
     from deltaflex.plan import plan_from_spec
 
     for p in plans:

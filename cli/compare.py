@@ -20,7 +20,7 @@ def _default_plan_names(device_type: str) -> list[str]:
     if device_type != "cuda":
         return ["eager", "compiled"]
     names = []
-    for name in ("compiled", "triton", *(n for n in NAMED_PLANS if n.startswith("mixed-"))):
+    for name in ("compiled", "fused", "triton", *(n for n in NAMED_PLANS if n.startswith("mixed-"))):
         try:
             check_available(NAMED_PLANS[name], device_type)
         except (NotImplementedError, ValueError):
@@ -125,7 +125,7 @@ def compare(
     shape: list[str] = typer.Option(None, help=(
         "B,T,H,K[,V]; repeatable. Default: DESIGN.md's shapes on CUDA, 1,512,4,64 on CPU.")),
     plan: list[str] = typer.Option(None, help=(
-        "Plan names (eager, compiled, triton, mixed-<stage>, auto); repeatable; the first is the baseline. "
+        "Plan names (eager, compiled, fused, triton, mixed-<stage>, auto); repeatable; the first is the baseline. "
         "Default: compiled and every available hand-written and mixed plan (eager and compiled on CPU), "
         "and auto where it has a tuned plan.")),
     device: str = typer.Option(None, help="cuda, cuda:N or cpu. Default: cuda when available."),
