@@ -26,8 +26,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ..kernels.common import as_f32, load_tile, to_low
-from .tiles import cast_for, chunk_of, dot_fine, dot_round, dot_split, load_block, load_column, load_t, store_block
+from ..kernels.common import as_f32, cast_for, load_column, load_rows, load_tile, store_rows, to_low
+from .tiles import chunk_of, dot_fine, dot_round, dot_split, load_rows_t
 
 
 @triton.jit
@@ -40,7 +40,7 @@ def wy_grads_kernel(k_ptr, v_ptr, beta_ptr, t_ptr, h_ptr, dv_new_ptr, dk_part_pt
     k_c, v_c, dvn_c, part_c = k_ptr + row0 * K, v_ptr + row0 * V, dv_new_ptr + row0 * V, dk_part_ptr + row0 * K
     rc = tl.arange(0, C)
     beta = load_column(beta_ptr + row0, H, n_rows, C)
-    t = load_block(t_ptr + row0 * C, H * C, n_rows, 0, C, C, C)
+    t = load_rows(t_ptr + row0 * C, H * C, n_rows, 0, 0, C, C, C)
     tb = t * beta[None, :]
     tbt = to_low(tl.trans(tb), LOW)  # Tb^T rounded (dv and dk's WY term)
     NK: tl.constexpr = (K + BK - 1) // BK
@@ -50,18 +50,18 @@ def wy_grads_kernel(k_ptr, v_ptr, beta_ptr, t_ptr, h_ptr, dv_new_ptr, dk_part_pt
     for j in range(0, NK):
         dw = tl.zeros([C, BK], tl.float32)
         for iv in range(0, NV):
-            dvn = load_block(dvn_c, H * V, n_rows, iv * BV, V, C, BV)
+            dvn = load_rows(dvn_c, H * V, n_rows, 0, iv, V, C, BV)
             dw = dot_round(dvn, tl.trans(load_tile(h_c, j, iv, K, V, BK, BV)), dw, False, True, LOW)
         dw = to_low(-dw, LOW)
-        dtb = dot_round(dw, load_t(k_c, H * K, n_rows, j * BK, K, C, BK), dtb, True, True, LOW)
-        dk = dot_round(tbt, dw, load_block(part_c, H * K, n_rows, j * BK, K, C, BK), True, True, LOW)
-        store_block(part_c, dk, H * K, n_rows, j * BK, K, C, BK)
+        dtb = dot_round(dw, load_rows_t(k_c, H * K, n_rows, 0, j, K, C, BK), dtb, True, True, LOW)
+        dk = dot_round(tbt, dw, load_rows(part_c, H * K, n_rows, 0, j, K, C, BK), True, True, LOW)
+        store_rows(part_c, dk, H * K, n_rows, 0, j, K, C, BK)
     # through U: dTb += dV_new V^T, dv = Tb^T dV_new
     for iv in range(0, NV):
-        dvn = load_block(dvn_c, H * V, n_rows, iv * BV, V, C, BV)
-        dtb = dot_split(dvn, load_t(v_c, H * V, n_rows, iv * BV, V, C, BV), dtb, False, True, LOW)
+        dvn = load_rows(dvn_c, H * V, n_rows, 0, iv, V, C, BV)
+        dtb = dot_split(dvn, load_rows_t(v_c, H * V, n_rows, 0, iv, V, C, BV), dtb, False, True, LOW)
         dv = dot_split(tbt, dvn, tl.zeros([C, BV], tl.float32), True, False, LOW)
-        store_block(dv_ptr + row0 * V, dv, H * V, n_rows, iv * BV, V, C, BV)
+        store_rows(dv_ptr + row0 * V, dv, H * V, n_rows, 0, iv, V, C, BV)
     # through T = (I + A)^-1 and A = tril(diag(beta) K K^T, -1)
     dbeta = tl.sum(dtb * t, 0)
     m = dot_fine(tl.trans(t), dtb * beta[None, :], tl.zeros([C, C], tl.float32), LOW)
@@ -72,11 +72,11 @@ def wy_grads_kernel(k_ptr, v_ptr, beta_ptr, t_ptr, h_ptr, dv_new_ptr, dk_part_pt
     tl.debug_barrier()  # this program's dk stores above, before other threads of it read them back
     kkt = tl.zeros([C, C], tl.float32)
     for j in range(0, NK):
-        k = load_block(k_c, H * K, n_rows, j * BK, K, C, BK)
+        k = load_rows(k_c, H * K, n_rows, 0, j, K, C, BK)
         kkt = dot_round(k, tl.trans(k), kkt, True, True, LOW)
-        dk = load_block(part_c, H * K, n_rows, j * BK, K, C, BK)
+        dk = load_rows(part_c, H * K, n_rows, 0, j, K, C, BK)
         dk = dot_round(dabt, k, dot_round(dab, k, dk, True, True, LOW), True, True, LOW)
-        store_block(dk_ptr + row0 * K, dk, H * K, n_rows, j * BK, K, C, BK)
+        store_rows(dk_ptr + row0 * K, dk, H * K, n_rows, 0, j, K, C, BK)
     dbeta += tl.sum(da * kkt, 1)
     tl.store(dbeta_ptr + row0 + rc * H, cast_for(dbeta, dbeta_ptr), mask=rc < n_rows)
 
@@ -96,14 +96,14 @@ def qk_grads_kernel(q_ptr, k_ptr, do_ptr, h_ptr, dh_ptr, v_new_ptr, dq_ptr, dk_p
     dq = tl.zeros([C, BK], tl.float32)
     dk = tl.zeros([C, BK], tl.float32)
     for iv in range(0, NV):
-        do = load_block(do_c, H * V, n_rows, iv * BV, V, C, BV)
-        vn = load_block(vn_c, H * V, n_rows, iv * BV, V, C, BV)
+        do = load_rows(do_c, H * V, n_rows, 0, iv, V, C, BV)
+        vn = load_rows(vn_c, H * V, n_rows, 0, iv, V, C, BV)
         dp = dot_split(do, tl.trans(vn), dp, True, False, LOW)
         dq = dot_round(do, tl.trans(load_tile(h_c, j, iv, K, V, BK, BV)), dq, True, True, LOW)
         dk = dot_round(vn, tl.trans(load_tile(dh_c, j, iv, K, V, BK, BV)), dk, False, True, LOW)
     dp = scale * tl.where(rc[:, None] >= rc[None, :], dp, 0.0)
-    k = load_block(k_ptr + row0 * K, H * K, n_rows, j * BK, K, C, BK)
+    k = load_rows(k_ptr + row0 * K, H * K, n_rows, 0, j, K, C, BK)
     dq = dot_split(dp, k, scale * dq, False, True, LOW)
-    store_block(dq_ptr + row0 * K, dq, H * K, n_rows, j * BK, K, C, BK)
-    dk = dot_round(tl.trans(dp), load_block(q_ptr + row0 * K, H * K, n_rows, j * BK, K, C, BK), dk, False, True, LOW)
-    store_block(dk_part_ptr + row0 * K, dk, H * K, n_rows, j * BK, K, C, BK)
+    store_rows(dq_ptr + row0 * K, dq, H * K, n_rows, 0, j, K, C, BK)
+    dk = dot_round(tl.trans(dp), load_rows(q_ptr + row0 * K, H * K, n_rows, 0, j, K, C, BK), dk, False, True, LOW)
+    store_rows(dk_part_ptr + row0 * K, dk, H * K, n_rows, 0, j, K, C, BK)

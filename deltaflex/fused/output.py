@@ -12,8 +12,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ..kernels.common import as_f32, load_tile
-from .tiles import chunk_of, dot_round, dot_split, load_block, load_t, store_block
+from ..kernels.common import as_f32, load_rows, load_tile, store_rows
+from .tiles import chunk_of, dot_round, dot_split, load_rows_t
 
 
 @triton.jit
@@ -26,14 +26,14 @@ def output_kernel(q_ptr, k_ptr, v_new_ptr, h_ptr, o_ptr, chunks_ptr, scale, T, N
     rc = tl.arange(0, C)
     p = tl.zeros([C, C], tl.float32)
     for j in range(0, tl.cdiv(K, BK)):
-        q = load_block(q_ptr + row0 * K, H * K, n_rows, j * BK, K, C, BK)
-        p = dot_round(q, load_t(k_ptr + row0 * K, H * K, n_rows, j * BK, K, C, BK), p, True, True, LOW)
+        q = load_rows(q_ptr + row0 * K, H * K, n_rows, 0, j, K, C, BK)
+        p = dot_round(q, load_rows_t(k_ptr + row0 * K, H * K, n_rows, 0, j, K, C, BK), p, True, True, LOW)
     p = tl.where(rc[:, None] >= rc[None, :], p, 0.0)
     for iv in range(0, tl.cdiv(V, BV)):
         o = tl.zeros([C, BV], tl.float32)
         for j in range(0, tl.cdiv(K, BK)):
-            q = load_block(q_ptr + row0 * K, H * K, n_rows, j * BK, K, C, BK)
+            q = load_rows(q_ptr + row0 * K, H * K, n_rows, 0, j, K, C, BK)
             o = dot_round(q, load_tile(h_c, j, iv, K, V, BK, BV), o, True, True, LOW)
-        v_new = load_block(v_new_ptr + row0 * V, H * V, n_rows, iv * BV, V, C, BV)
+        v_new = load_rows(v_new_ptr + row0 * V, H * V, n_rows, 0, iv, V, C, BV)
         o = scale * dot_split(p, v_new, o, False, False, LOW)
-        store_block(o_ptr + row0 * V, o, H * V, n_rows, iv * BV, V, C, BV)
+        store_rows(o_ptr + row0 * V, o, H * V, n_rows, 0, iv, V, C, BV)

@@ -22,8 +22,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ..kernels.common import as_f32
-from .tiles import chunk_of, dot_fine, dot_round, dot_split, load_block, load_column, load_t, store_block
+from ..kernels.common import as_f32, load_column, load_rows, store_rows
+from .tiles import chunk_of, dot_fine, dot_round, dot_split, load_rows_t
 
 
 @triton.jit
@@ -59,17 +59,18 @@ def invert_unit_lower(a, C: tl.constexpr, LOW: tl.constexpr):
 
 
 @triton.jit
-def _wy_factors(tb, k_c, v_c, w_c, u_c, k_stride, v_stride, w_stride, u_stride, n_rows, K: tl.constexpr,
-                V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, LOW: tl.constexpr):
-    """W = Tb K and U = Tb V for Tb = T diag(beta) [C, C] float32, split into hi + lo."""
+def _wy_factors(tb, k_ptr, v_ptr, w_ptr, u_ptr, row0, n_rows, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+                C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, LOW: tl.constexpr):
+    """W = Tb K and U = Tb V for the chunk at row0 (token-major), Tb = T diag(beta) [C, C] float32 split
+    into hi + lo."""
     for j in range(0, tl.cdiv(K, BK)):
-        k = load_block(k_c, k_stride, n_rows, j * BK, K, C, BK)
+        k = load_rows(k_ptr + row0 * K, H * K, n_rows, 0, j, K, C, BK)
         w = dot_split(tb, k, tl.zeros([C, BK], tl.float32), False, True, LOW)
-        store_block(w_c, w, w_stride, n_rows, j * BK, K, C, BK)
+        store_rows(w_ptr + row0 * K, w, H * K, n_rows, 0, j, K, C, BK)
     for j in range(0, tl.cdiv(V, BV)):
-        v = load_block(v_c, v_stride, n_rows, j * BV, V, C, BV)
+        v = load_rows(v_ptr + row0 * V, H * V, n_rows, 0, j, V, C, BV)
         u = dot_split(tb, v, tl.zeros([C, BV], tl.float32), False, True, LOW)
-        store_block(u_c, u, u_stride, n_rows, j * BV, V, C, BV)
+        store_rows(u_ptr + row0 * V, u, H * V, n_rows, 0, j, V, C, BV)
 
 
 @triton.jit
@@ -80,13 +81,12 @@ def prepare_fwd_kernel(k_ptr, v_ptr, beta_ptr, t_ptr, w_ptr, u_ptr, chunks_ptr, 
     rc = tl.arange(0, C)
     a = tl.zeros([C, C], tl.float32)
     for j in range(0, tl.cdiv(K, BK)):
-        k = load_block(k_ptr + row0 * K, H * K, n_rows, j * BK, K, C, BK)
+        k = load_rows(k_ptr + row0 * K, H * K, n_rows, 0, j, K, C, BK)
         a = dot_round(k, tl.trans(k), a, True, True, LOW)
     beta = load_column(beta_ptr + row0, H, n_rows, C)
     t = invert_unit_lower(tl.where(rc[:, None] > rc[None, :], a * beta[:, None], 0.0), C, LOW)
-    store_block(t_ptr + row0 * C, t, H * C, n_rows, 0, C, C, C)
-    _wy_factors(t * beta[None, :], k_ptr + row0 * K, v_ptr + row0 * V, w_ptr + row0 * K, u_ptr + row0 * V, H * K,
-                H * V, H * K, H * V, n_rows, K, V, C, BK, BV, LOW)
+    store_rows(t_ptr + row0 * C, t, H * C, n_rows, 0, 0, C, C, C)
+    _wy_factors(t * beta[None, :], k_ptr, v_ptr, w_ptr, u_ptr, row0, n_rows, H, K, V, C, BK, BV, LOW)
 
 
 @triton.jit
@@ -97,17 +97,16 @@ def prepare_bwd_kernel(q_ptr, k_ptr, v_ptr, beta_ptr, t_ptr, do_ptr, w_ptr, u_pt
     scale = as_f32(scale)
     rc = tl.arange(0, C)
     beta = load_column(beta_ptr + row0, H, n_rows, C)
-    t = load_block(t_ptr + row0 * C, H * C, n_rows, 0, C, C, C)
-    _wy_factors(t * beta[None, :], k_ptr + row0 * K, v_ptr + row0 * V, w_ptr + row0 * K, u_ptr + row0 * V, H * K,
-                H * V, H * K, H * V, n_rows, K, V, C, BK, BV, LOW)
+    t = load_rows(t_ptr + row0 * C, H * C, n_rows, 0, 0, C, C, C)
+    _wy_factors(t * beta[None, :], k_ptr, v_ptr, w_ptr, u_ptr, row0, n_rows, H, K, V, C, BK, BV, LOW)
     # dV_local = scale tril(Q K^T)^T dO, i.e. scale tril(K Q^T, upper) dO
     kq = tl.zeros([C, C], tl.float32)
     for j in range(0, tl.cdiv(K, BK)):
-        k = load_block(k_ptr + row0 * K, H * K, n_rows, j * BK, K, C, BK)
-        q = load_t(q_ptr + row0 * K, H * K, n_rows, j * BK, K, C, BK)
+        k = load_rows(k_ptr + row0 * K, H * K, n_rows, 0, j, K, C, BK)
+        q = load_rows_t(q_ptr + row0 * K, H * K, n_rows, 0, j, K, C, BK)
         kq = dot_round(k, q, kq, True, True, LOW)
     kq = tl.where(rc[:, None] <= rc[None, :], kq, 0.0)
     for j in range(0, tl.cdiv(V, BV)):
-        do = load_block(do_ptr + row0 * V, H * V, n_rows, j * BV, V, C, BV)
+        do = load_rows(do_ptr + row0 * V, H * V, n_rows, 0, j, V, C, BV)
         dv = scale * dot_split(kq, do, tl.zeros([C, BV], tl.float32), False, True, LOW)
-        store_block(dv_ptr + row0 * V, dv, H * V, n_rows, j * BV, V, C, BV)
+        store_rows(dv_ptr + row0 * V, dv, H * V, n_rows, 0, j, V, C, BV)

@@ -21,50 +21,21 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ..kernels.common import as_f32, load_tile, store_tile, to_low
-from .tiles import cast_for, dot_round, load_block, load_t, sequence_of, store_block
-
-
-@triton.jit
-def _tile(ptr, i: tl.constexpr, iv, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr):
-    """Tile i of a [K, V] state at ptr, value block iv, in float32 (zeros past K)."""
-    if i * BK < K:
-        return load_tile(ptr, i, iv, K, V, BK, BV).to(tl.float32)
-    else:
-        return tl.zeros([BK, BV], tl.float32)
-
-
-@triton.jit
-def _put(ptr, s, i: tl.constexpr, iv, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr):
-    if i * BK < K:
-        store_tile(ptr, cast_for(s, ptr), i, iv, K, V, BK, BV)
-
-
-@triton.jit
-def _load_state(ptr, iv, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr):
-    return (_tile(ptr, 0, iv, K, V, BK, BV), _tile(ptr, 1, iv, K, V, BK, BV), _tile(ptr, 2, iv, K, V, BK, BV),
-            _tile(ptr, 3, iv, K, V, BK, BV))
-
-
-@triton.jit
-def _store_state(ptr, s0, s1, s2, s3, iv, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr):
-    _put(ptr, s0, 0, iv, K, V, BK, BV)
-    _put(ptr, s1, 1, iv, K, V, BK, BV)
-    _put(ptr, s2, 2, iv, K, V, BK, BV)
-    _put(ptr, s3, 3, iv, K, V, BK, BV)
+from ..kernels.common import as_f32, load_rows, load_state, store_rows, store_state, to_low
+from .tiles import dot_round, load_rows_t, sequence_of
 
 
 @triton.jit
 def _rows_times(acc, a_c, stride, n_rows, s0, s1, s2, s3, K: tl.constexpr, C: tl.constexpr, BK: tl.constexpr,
                 LOW: tl.constexpr):
     """acc + A S for a chunk's rows A [C, K] at a_c (input dtype) and a float32 state S (rounded)."""
-    acc = dot_round(load_block(a_c, stride, n_rows, 0, K, C, BK), s0, acc, True, False, LOW)
+    acc = dot_round(load_rows(a_c, stride, n_rows, 0, 0, K, C, BK), s0, acc, True, False, LOW)
     if BK < K:
-        acc = dot_round(load_block(a_c, stride, n_rows, BK, K, C, BK), s1, acc, True, False, LOW)
+        acc = dot_round(load_rows(a_c, stride, n_rows, 0, 1, K, C, BK), s1, acc, True, False, LOW)
     if 2 * BK < K:
-        acc = dot_round(load_block(a_c, stride, n_rows, 2 * BK, K, C, BK), s2, acc, True, False, LOW)
+        acc = dot_round(load_rows(a_c, stride, n_rows, 0, 2, K, C, BK), s2, acc, True, False, LOW)
     if 3 * BK < K:
-        acc = dot_round(load_block(a_c, stride, n_rows, 3 * BK, K, C, BK), s3, acc, True, False, LOW)
+        acc = dot_round(load_rows(a_c, stride, n_rows, 0, 3, K, C, BK), s3, acc, True, False, LOW)
     return acc
 
 
@@ -74,7 +45,7 @@ def _plus_at_x(s, i: tl.constexpr, a_c, stride, n_rows, x_hi, x_lo, K: tl.conste
     """Tile i of S + A^T X for a chunk's rows A [C, K] at a_c and X = x_hi (+ x_lo where SPLIT), [C, BV]
     in the input dtype."""
     if i * BK < K:
-        a_t = load_t(a_c, stride, n_rows, i * BK, K, C, BK)
+        a_t = load_rows_t(a_c, stride, n_rows, 0, i, K, C, BK)
         s = dot_round(a_t, x_hi, s, True, True, LOW)
         if SPLIT and LOW != 0:  # float32 inputs have no lo part
             s = dot_round(a_t, x_lo, s, True, True, LOW)
@@ -90,18 +61,18 @@ def state_fwd_kernel(k_ptr, w_ptr, u_ptr, h_ptr, s0_ptr, final_ptr, seqs_ptr, T,
     i_n, i_h = i_nh // H, i_nh % H
     bos, c0, nt, length = sequence_of(i_n, T, NT, seqs_ptr, PACKED)
     if HAS_S0:
-        s0, s1, s2, s3 = _load_state(s0_ptr + i_nh.to(tl.int64) * K * V, iv, K, V, BK, BV)
+        s0, s1, s2, s3 = load_state(s0_ptr + i_nh.to(tl.int64) * K * V, iv, K, V, BK, BV)
     else:
         s0 = tl.zeros([BK, BV], tl.float32)
         s1, s2, s3 = s0, s0, s0
     for i in range(nt):
         row0 = (bos + i * C) * H + i_h
         n_rows = tl.minimum(length - i * C, C)
-        _store_state(h_ptr + ((c0 + i) * H + i_h) * K * V, s0, s1, s2, s3, iv, K, V, BK, BV)
+        store_state(h_ptr + ((c0 + i) * H + i_h) * K * V, s0, s1, s2, s3, iv, K, V, BK, BV)
         ws = _rows_times(tl.zeros([C, BV], tl.float32), w_ptr + row0 * K, H * K, n_rows, s0, s1, s2, s3, K, C, BK,
                          LOW)
-        v_new = load_block(u_ptr + row0 * V, H * V, n_rows, iv * BV, V, C, BV) - ws
-        store_block(u_ptr + row0 * V, v_new, H * V, n_rows, iv * BV, V, C, BV)
+        v_new = load_rows(u_ptr + row0 * V, H * V, n_rows, 0, iv, V, C, BV) - ws
+        store_rows(u_ptr + row0 * V, v_new, H * V, n_rows, 0, iv, V, C, BV)
         x_hi = to_low(v_new, LOW)
         x_lo = to_low(v_new - x_hi.to(tl.float32), LOW)
         k_c = k_ptr + row0 * K
@@ -110,7 +81,7 @@ def state_fwd_kernel(k_ptr, w_ptr, u_ptr, h_ptr, s0_ptr, final_ptr, seqs_ptr, T,
         s2 = _plus_at_x(s2, 2, k_c, H * K, n_rows, x_hi, x_lo, K, C, BK, LOW, SPLIT)
         s3 = _plus_at_x(s3, 3, k_c, H * K, n_rows, x_hi, x_lo, K, C, BK, LOW, SPLIT)
     if HAS_FINAL:
-        _store_state(final_ptr + i_nh.to(tl.int64) * K * V, s0, s1, s2, s3, iv, K, V, BK, BV)
+        store_state(final_ptr + i_nh.to(tl.int64) * K * V, s0, s1, s2, s3, iv, K, V, BK, BV)
 
 
 @triton.jit
@@ -118,9 +89,9 @@ def _ds_step(ds, i: tl.constexpr, q_c, w_c, stride, n_rows, do, x, scale, K: tl.
              BK: tl.constexpr, LOW: tl.constexpr):
     """Tile i of dS + scale Q^T dO - W^T X (X = dV_new rounded)."""
     if i * BK < K:
-        qdo = dot_round(load_t(q_c, stride, n_rows, i * BK, K, C, BK), do, tl.zeros(ds.shape, tl.float32), True,
+        qdo = dot_round(load_rows_t(q_c, stride, n_rows, 0, i, K, C, BK), do, tl.zeros(ds.shape, tl.float32), True,
                         True, LOW)
-        wx = dot_round(load_t(w_c, stride, n_rows, i * BK, K, C, BK), x, tl.zeros(ds.shape, tl.float32), True, True,
+        wx = dot_round(load_rows_t(w_c, stride, n_rows, 0, i, K, C, BK), x, tl.zeros(ds.shape, tl.float32), True, True,
                        LOW)
         ds = ds + scale * qdo - wx
     return ds
@@ -136,7 +107,7 @@ def state_bwd_kernel(q_ptr, k_ptr, w_ptr, do_ptr, dv_ptr, dh_ptr, dfinal_ptr, ds
     bos, c0, nt, length = sequence_of(i_n, T, NT, seqs_ptr, PACKED)
     scale = as_f32(scale)
     if HAS_DFINAL:
-        ds0, ds1, ds2, ds3 = _load_state(dfinal_ptr + i_nh.to(tl.int64) * K * V, iv, K, V, BK, BV)
+        ds0, ds1, ds2, ds3 = load_state(dfinal_ptr + i_nh.to(tl.int64) * K * V, iv, K, V, BK, BV)
     else:
         ds0 = tl.zeros([BK, BV], tl.float32)
         ds1, ds2, ds3 = ds0, ds0, ds0
@@ -144,16 +115,16 @@ def state_bwd_kernel(q_ptr, k_ptr, w_ptr, do_ptr, dv_ptr, dh_ptr, dfinal_ptr, ds
         i = nt - 1 - j
         row0 = (bos + i * C) * H + i_h
         n_rows = tl.minimum(length - i * C, C)
-        _store_state(dh_ptr + ((c0 + i) * H + i_h) * K * V, ds0, ds1, ds2, ds3, iv, K, V, BK, BV)
-        dv_local = load_block(dv_ptr + row0 * V, H * V, n_rows, iv * BV, V, C, BV)
+        store_state(dh_ptr + ((c0 + i) * H + i_h) * K * V, ds0, ds1, ds2, ds3, iv, K, V, BK, BV)
+        dv_local = load_rows(dv_ptr + row0 * V, H * V, n_rows, 0, iv, V, C, BV)
         dv_new = _rows_times(dv_local, k_ptr + row0 * K, H * K, n_rows, ds0, ds1, ds2, ds3, K, C, BK, LOW)
-        store_block(dv_ptr + row0 * V, dv_new, H * V, n_rows, iv * BV, V, C, BV)
+        store_rows(dv_ptr + row0 * V, dv_new, H * V, n_rows, 0, iv, V, C, BV)
         x = to_low(dv_new, LOW)
-        do = load_block(do_ptr + row0 * V, H * V, n_rows, iv * BV, V, C, BV)
+        do = load_rows(do_ptr + row0 * V, H * V, n_rows, 0, iv, V, C, BV)
         q_c, w_c = q_ptr + row0 * K, w_ptr + row0 * K
         ds0 = _ds_step(ds0, 0, q_c, w_c, H * K, n_rows, do, x, scale, K, C, BK, LOW)
         ds1 = _ds_step(ds1, 1, q_c, w_c, H * K, n_rows, do, x, scale, K, C, BK, LOW)
         ds2 = _ds_step(ds2, 2, q_c, w_c, H * K, n_rows, do, x, scale, K, C, BK, LOW)
         ds3 = _ds_step(ds3, 3, q_c, w_c, H * K, n_rows, do, x, scale, K, C, BK, LOW)
     if HAS_DS0:
-        _store_state(ds0_ptr + i_nh.to(tl.int64) * K * V, ds0, ds1, ds2, ds3, iv, K, V, BK, BV)
+        store_state(ds0_ptr + i_nh.to(tl.int64) * K * V, ds0, ds1, ds2, ds3, iv, K, V, BK, BV)

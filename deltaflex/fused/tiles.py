@@ -5,7 +5,7 @@ Every token-indexed tensor, inputs and intermediates alike, is token-major as th
 (g H + h) D: row g H + h, rows of one head H D apart. Chunk-indexed tensors (the chunk states h and dh) are
 [total chunks, H, K, V]. `chunk_of` and `sequence_of` turn a program's indices into those places;
 without packed sequences they are arithmetic, with them they read the host-built tables of
-`packing.Packing`.
+`chunk.Packing`. A chunk's blocks load and store with kernels.common's load_rows / store_rows.
 
 Products (the precision scheme, docs/design-fused.md): tiles already in the input dtype LOW enter
 the tensor cores as they are; a float32 operand is either rounded to LOW (`dot_round`) or split into
@@ -18,7 +18,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ..kernels.common import _UPCAST_LOW_DOTS, mma
+from ..kernels.common import mma
 
 
 @triton.jit
@@ -51,48 +51,11 @@ def sequence_of(i_n, T, NT, seqs_ptr, PACKED: tl.constexpr):
 
 
 @triton.jit
-def load_t(ptr, stride, n_rows, col0, COLS: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr):
-    """The transpose [BC, BR] of rows 0..BR of a chunk at ptr (`stride` apart, zeros past n_rows),
-    columns col0..col0+BC (zeros past COLS), loaded transposed."""
-    r = tl.arange(0, BR)
-    c = col0 + tl.arange(0, BC)
-    return tl.load(ptr + r[None, :] * stride + c[:, None], mask=(r < n_rows)[None, :] & (c < COLS)[:, None],
-                   other=0.0)
-
-
-@triton.jit
-def load_block(ptr, stride, n_rows, col0, COLS: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr):
-    """Rows 0..BR of a chunk at ptr (`stride` apart, zeros past n_rows), columns col0..col0+BC."""
-    r = tl.arange(0, BR)
-    c = col0 + tl.arange(0, BC)
-    return tl.load(ptr + r[:, None] * stride + c[None, :], mask=(r < n_rows)[:, None] & (c < COLS)[None, :],
-                   other=0.0)
-
-
-@triton.jit
-def cast_for(x, ptr):
-    """x in the element type of ptr, rounded to nearest (as GPUs do; Triton's interpreter would
-    truncate float32 -> bf16: Veltkamp's split rounds to bf16's 8 significant bits first there)."""
-    if _UPCAST_LOW_DOTS:
-        if ptr.dtype.element_ty == tl.bfloat16:
-            t = x * 65537.0
-            x = t - (t - x)
-    return x.to(ptr.dtype.element_ty)
-
-
-@triton.jit
-def store_block(ptr, x, stride, n_rows, col0, COLS: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr):
-    """Writes x [BR, BC] into rows 0..BR of a chunk at ptr (those before n_rows), columns col0.. (< COLS)."""
-    r = tl.arange(0, BR)
-    c = col0 + tl.arange(0, BC)
-    tl.store(ptr + r[:, None] * stride + c[None, :], cast_for(x, ptr), mask=(r < n_rows)[:, None] & (c < COLS)[None, :])
-
-
-@triton.jit
-def load_column(ptr, stride, n_rows, C: tl.constexpr):
-    """A chunk's C values of a one-wide tensor (beta) in float32; zeros past n_rows."""
-    r = tl.arange(0, C)
-    return tl.load(ptr + r * stride, mask=r < n_rows, other=0.0).to(tl.float32)
+def load_rows_t(ptr, stride, rows, i, j, COLS: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr):
+    """The transpose [BC, BR] of kernels.common.load_rows's block (i, j), loaded transposed."""
+    r = i * BR + tl.arange(0, BR)
+    c = j * BC + tl.arange(0, BC)
+    return tl.load(ptr + r[None, :] * stride + c[:, None], mask=(r < rows)[None, :] & (c < COLS)[:, None], other=0.0)
 
 
 @triton.jit

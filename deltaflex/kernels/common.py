@@ -175,6 +175,17 @@ def to_low(x, LOW: tl.constexpr):
 
 
 @triton.jit
+def cast_for(x, ptr):
+    """x in the element type of ptr, rounded to nearest as GPUs round (the interpreter truncates
+    float32 -> bf16 in a cast: Veltkamp's split rounds to bf16's 8 significant bits first there)."""
+    if _UPCAST_LOW_DOTS:
+        if ptr.dtype.element_ty == tl.bfloat16:
+            t = x * 65537.0
+            x = t - (t - x)
+    return x.to(ptr.dtype.element_ty)
+
+
+@triton.jit
 def as_f32(x):
     """A float argument in float32: torch.compile passes Python floats to kernels as fp64, which
     would carry every product they scale into float64."""
@@ -280,6 +291,46 @@ def load_rows(ptr, stride, rows, i, j, COLS: tl.constexpr, BR: tl.constexpr, BC:
     r = i * BR + tl.arange(0, BR)
     c = j * BC + tl.arange(0, BC)
     return tl.load(ptr + r[:, None] * stride + c[None, :], mask=(r < rows)[:, None] & (c < COLS)[None, :], other=0.0)
+
+
+@triton.jit
+def store_rows(ptr, x, stride, rows, i, j, COLS: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr):
+    """Writes x into block (i, j) of a chunk's rows at ptr (as load_rows places it), in ptr's dtype;
+    nothing past `rows` or COLS."""
+    r = i * BR + tl.arange(0, BR)
+    c = j * BC + tl.arange(0, BC)
+    tl.store(ptr + r[:, None] * stride + c[None, :], cast_for(x, ptr), mask=(r < rows)[:, None] & (c < COLS)[None, :])
+
+
+@triton.jit
+def _state_tile(ptr, i: tl.constexpr, iv, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr):
+    if i * BK < K:
+        return load_tile(ptr, i, iv, K, V, BK, BV).to(tl.float32)
+    else:
+        return tl.zeros([BK, BV], tl.float32)
+
+
+@triton.jit
+def _put_state_tile(ptr, s, i: tl.constexpr, iv, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr,
+                    BV: tl.constexpr):
+    if i * BK < K:
+        store_tile(ptr, cast_for(s, ptr), i, iv, K, V, BK, BV)
+
+
+# A state [K, V] (K <= 256) in a pass over chunks: value block iv as four [BK, BV] float32 tiles of
+# rows [i BK, (i + 1) BK), those past K zero and never stored; stored in ptr's dtype.
+@triton.jit
+def load_state(ptr, iv, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr):
+    return (_state_tile(ptr, 0, iv, K, V, BK, BV), _state_tile(ptr, 1, iv, K, V, BK, BV),
+            _state_tile(ptr, 2, iv, K, V, BK, BV), _state_tile(ptr, 3, iv, K, V, BK, BV))
+
+
+@triton.jit
+def store_state(ptr, s0, s1, s2, s3, iv, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr):
+    _put_state_tile(ptr, s0, 0, iv, K, V, BK, BV)
+    _put_state_tile(ptr, s1, 1, iv, K, V, BK, BV)
+    _put_state_tile(ptr, s2, 2, iv, K, V, BK, BV)
+    _put_state_tile(ptr, s3, 3, iv, K, V, BK, BV)
 
 
 @triton.jit

@@ -26,7 +26,8 @@ import triton
 import triton.language as tl
 
 from .common import (FP32, INTERPRETED, as_f32, block, check_tensors, chunk_rows, define_op, exact, f32, geometry,
-                     launch, load_rows, load_tile, mma, policy_of, precision, store_tile, warps_stages)
+                     launch, load_rows, load_state, load_tile, mma, policy_of, precision, store_state, store_tile,
+                     warps_stages)
 
 
 # Launch parameters (BV, num_warps, num_stages) of the passes over chunks by key dim (<= 64, <= 128,
@@ -62,37 +63,6 @@ def pass_config(K: int, V: int, C: int, POLICY: int, kind: str, bv: int = 0, num
     BV, num_warps, num_stages = bv or BV, num_warps or warps, num_stages or stages
     cfg = dict(BK=block(K, 64), BV=min(BV, block(V)), num_warps=num_warps, num_stages=num_stages)
     return cfg
-
-
-@triton.jit
-def _load_state(ptr, i: tl.constexpr, iv, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr):
-    """State tile i: rows [i BK, (i + 1) BK), value block iv; zeros (and never stored) past K."""
-    if i * BK < K:
-        return load_tile(ptr, i, iv, K, V, BK, BV)
-    else:
-        return tl.zeros([BK, BV], tl.float32)
-
-
-@triton.jit
-def _store_state(ptr, s, i: tl.constexpr, iv, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr,
-                 BV: tl.constexpr):
-    if i * BK < K:
-        store_tile(ptr, s, i, iv, K, V, BK, BV)
-
-
-@triton.jit
-def _load_states(ptr, iv, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr):
-    """The four [BK, BV] tiles of a state (those past K zero)."""
-    return (_load_state(ptr, 0, iv, K, V, BK, BV), _load_state(ptr, 1, iv, K, V, BK, BV),
-            _load_state(ptr, 2, iv, K, V, BK, BV), _load_state(ptr, 3, iv, K, V, BK, BV))
-
-
-@triton.jit
-def _store_states(ptr, s0, s1, s2, s3, iv, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr):
-    _store_state(ptr, s0, 0, iv, K, V, BK, BV)
-    _store_state(ptr, s1, 1, iv, K, V, BK, BV)
-    _store_state(ptr, s2, 2, iv, K, V, BK, BV)
-    _store_state(ptr, s3, 3, iv, K, V, BK, BV)
 
 
 @triton.jit
@@ -144,15 +114,15 @@ def state_fwd_kernel(k_ptr, w_ptr, u_ptr, s0_ptr, v_new_ptr, states_ptr, final_p
         s0 = tl.zeros([BK, BV], tl.float32)
         s1, s2, s3 = s0, s0, s0
     else:
-        s0, s1, s2, s3 = _load_states(s0_ptr + bh * K * V, iv, K, V, BK, BV)
+        s0, s1, s2, s3 = load_state(s0_ptr + bh * K * V, iv, K, V, BK, BV)
     for n in range(N):
         chunk = bh * N + n
         if SEGMENTED:
             if tl.load(first_ptr + n) != 0:
-                s0, s1, s2, s3 = _load_states(_sequence_state(s0_ptr, seq_ptr, n, bh, K, V), iv, K, V, BK, BV)
+                s0, s1, s2, s3 = load_state(_sequence_state(s0_ptr, seq_ptr, n, bh, K, V), iv, K, V, BK, BV)
         k_off, k_stride, n_rows = chunk_rows(chunk, N, H, T, table_ptr, C, K, LAYOUT)
         states_c = states_ptr + chunk * K * V
-        _store_states(states_c, s0, s1, s2, s3, iv, K, V, BK, BV)
+        store_state(states_c, s0, s1, s2, s3, iv, K, V, BK, BV)
         # V_new = U - W S
         ws = _rows_times_state(tl.zeros([C, BV], tl.float32), w_ptr + chunk * C * K, K, C, s0, s1, s2, s3, C, K, BK,
                                False, POLICY, LOW)
@@ -163,9 +133,9 @@ def state_fwd_kernel(k_ptr, w_ptr, u_ptr, s0_ptr, v_new_ptr, states_ptr, final_p
                                           POLICY, LOW)
         if SEGMENTED:
             if tl.load(last_ptr + n) != 0:
-                _store_states(_sequence_state(final_ptr, seq_ptr, n, bh, K, V), s0, s1, s2, s3, iv, K, V, BK, BV)
+                store_state(_sequence_state(final_ptr, seq_ptr, n, bh, K, V), s0, s1, s2, s3, iv, K, V, BK, BV)
     if not SEGMENTED:
-        _store_states(final_ptr + bh * K * V, s0, s1, s2, s3, iv, K, V, BK, BV)
+        store_state(final_ptr + bh * K * V, s0, s1, s2, s3, iv, K, V, BK, BV)
 
 
 @triton.jit
@@ -190,19 +160,19 @@ def state_bwd_kernel(q_ptr, k_ptr, w_ptr, do_ptr, dv_local_ptr, ds_final_ptr, dv
         ds0 = tl.zeros([BK, BV], tl.float32)
         ds1, ds2, ds3 = ds0, ds0, ds0
     else:
-        ds0, ds1, ds2, ds3 = _load_states(ds_final_ptr + bh * K * V, iv, K, V, BK, BV)
+        ds0, ds1, ds2, ds3 = load_state(ds_final_ptr + bh * K * V, iv, K, V, BK, BV)
     for i in range(N):
         n = N - 1 - i
         chunk = bh * N + n
         if SEGMENTED:
             if tl.load(last_ptr + n) != 0:
-                ds0, ds1, ds2, ds3 = _load_states(_sequence_state(ds_final_ptr, seq_ptr, n, bh, K, V), iv, K, V, BK,
+                ds0, ds1, ds2, ds3 = load_state(_sequence_state(ds_final_ptr, seq_ptr, n, bh, K, V), iv, K, V, BK,
                                                   BV)
         qk_off, qk_stride, n_rows = chunk_rows(chunk, N, H, T, table_ptr, C, K, LAYOUT)
         do_off, do_stride, _ = chunk_rows(chunk, N, H, T, table_ptr, C, V, LAYOUT)
         q_c, k_c, w_c = q_ptr + qk_off, k_ptr + qk_off, w_ptr + chunk * C * K
         ds_next_c = ds_next_ptr + chunk * K * V
-        _store_states(ds_next_c, ds0, ds1, ds2, ds3, iv, K, V, BK, BV)
+        store_state(ds_next_c, ds0, ds1, ds2, ds3, iv, K, V, BK, BV)
         # dV_new = dV_local + K dS
         dv_new = _rows_times_state(load_tile(dv_local_ptr + chunk * C * V, 0, iv, C, V, C, BV), k_c, qk_stride, n_rows,
                                    ds0, ds1, ds2, ds3, C, K, BK, K_EXACT, POLICY, LOW)
@@ -222,9 +192,9 @@ def state_bwd_kernel(q_ptr, k_ptr, w_ptr, do_ptr, dv_local_ptr, ds_final_ptr, dv
                            POLICY, LOW)
         if SEGMENTED:
             if tl.load(first_ptr + n) != 0:
-                _store_states(_sequence_state(ds0_ptr, seq_ptr, n, bh, K, V), ds0, ds1, ds2, ds3, iv, K, V, BK, BV)
+                store_state(_sequence_state(ds0_ptr, seq_ptr, n, bh, K, V), ds0, ds1, ds2, ds3, iv, K, V, BK, BV)
     if not SEGMENTED:
-        _store_states(ds0_ptr + bh * K * V, ds0, ds1, ds2, ds3, iv, K, V, BK, BV)
+        store_state(ds0_ptr + bh * K * V, ds0, ds1, ds2, ds3, iv, K, V, BK, BV)
 
 
 @triton.jit
