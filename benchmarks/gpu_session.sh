@@ -22,6 +22,12 @@ pack() { (cd "$OUT" && n=$(find . -maxdepth 1 -name 'results-*.tgz' | wc -l) && 
   && find . -mindepth 1 ! -name 'results-*.tgz' -delete && mv "/tmp/results-$n.tgz" .); }
 [ "$*" = pack ] && { pack; exit; }
 export PYTHONUNBUFFERED=1
+# Triton's autotuning results (fla tunes 30-150 s per head dim on a first call) kept between calls:
+# the last call's come back as $OUT/tcache; carried back as .tcache, they spare the next machine the tuning.
+export TRITON_CACHE_AUTOTUNING=1 TRITON_CACHE_DIR=/tmp/triton-cache
+mkdir -p "$TRITON_CACHE_DIR" && { [ -d .tcache ] && cp -r .tcache/. "$TRITON_CACHE_DIR"/ || true; }
+save_tuning() { mkdir -p "$OUT/tcache" && (cd "$TRITON_CACHE_DIR" && find . -name '*.autotune.json' -print0 \
+  | tar --null -cf - -T - | tar -xf - -C "$OUT/tcache"); }
 export DELTAFLEX_CACHE_DIR=${DELTAFLEX_CACHE_DIR:-$PWD/.deltaflex-cache}
 if compgen -G ".whl/*.whl" >/dev/null; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
@@ -80,4 +86,5 @@ for step in "$@"; do
     *) echo "unknown step $step" ;;
   esac
 done
+save_tuning
 pack

@@ -32,7 +32,7 @@ SWEEP = {  # 32-wide blocks at most where Triton 3.6 built right on the H200 (fu
     "prepare_fwd_kernel": {"num_warps": (4,), "num_stages": (1, 2)},
     "prepare_bwd_kernel": {"num_warps": (4, 8), "num_stages": (1, 2)},
     "state_fwd_kernel": {"BV": (32, 64), "num_warps": (2, 4), "num_stages": (2, 3, 4)},
-    "state_bwd_kernel": {"BV": (32, 64), "num_warps": (2, 4), "num_stages": (2, 3)},
+    "state_bwd_kernel": {"BV": (32, 64), "num_warps": (2, 4, 8), "num_stages": (1, 2, 3), "PREFETCH_DV": (True, False)},
     "output_kernel": {"BV": (64, 128), "num_warps": (4,), "num_stages": (1, 2, 3)},
     "wy_grads_kernel": {"num_warps": (4, 8), "num_stages": (1, 2)},
     "qk_grads_kernel": {"BK": (64, 128), "num_warps": (4, 8), "num_stages": (1, 2, 3)},
@@ -140,16 +140,16 @@ def recorded_launches(shape):
     return calls
 
 
-def sweep(shape):
-    """Each recorded launch alone under every configuration of SWEEP (the first of two launches of one
-    kernel only: the forward state pass runs in both directions)."""
+def sweep(shape, spaces=SWEEP):
+    """Each recorded launch alone under every configuration of `spaces` (kernel name -> parameter ->
+    values; the first of two launches of one kernel only: the forward state pass runs in both directions)."""
     seen = set()
     for kernel, grid, args, kwargs in recorded_launches(shape):
         name = kernel.fn.__name__ if hasattr(kernel, "fn") else kernel.__name__
-        if name in seen:
+        if name in seen or name not in spaces:
             continue
         seen.add(name)
-        space = SWEEP[name]
+        space = spaces[name]
         for values in itertools.product(*space.values()):
             cfg = dict(zip(space, values))
             kw = {**kwargs, **cfg}
@@ -169,6 +169,9 @@ def main():
     parser.add_argument("--sweep", action="store_true", help="each fused launch under every configuration")
     parser.add_argument("--accuracy", action="store_true",
                         help="errors of o and every gradient against the float64 oracle, random and correlated keys")
+    parser.add_argument("--space", type=json.loads, default=None,
+                        help='--sweep only these: JSON {kernel: {parameter: [values]}}, keyed by head dim '
+                             '("64", "128", "256") where it varies, e.g. {"128": {"qk_grads_kernel": {"BK": [64, 128]}}}')
     parser.add_argument("--iters", type=int, default=10)
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
@@ -205,7 +208,8 @@ def main():
                     summary.append(f"{'':>15}   {r['kernel']:<60} x{r['calls']:.0f} {r['ms']:.3f} ms")
         if args.sweep:
             best = {}
-            for row in sweep(shape):
+            spaces = SWEEP if args.space is None else args.space.get(str(shape[3]), args.space)
+            for row in sweep(shape, spaces):
                 emit({"shape": text, **row})
                 if isinstance(row["ms"], float):
                     if row["default"]:

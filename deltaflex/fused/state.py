@@ -101,7 +101,7 @@ def _ds_step(ds, i: tl.constexpr, q_c, w_c, stride, n_rows, do, x, scale, K: tl.
 def state_bwd_kernel(q_ptr, k_ptr, w_ptr, do_ptr, dv_ptr, dh_ptr, dfinal_ptr, ds0_ptr, seqs_ptr, scale, T, NT,
                      H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr,
                      BV: tl.constexpr, LOW: tl.constexpr, PACKED: tl.constexpr, HAS_DFINAL: tl.constexpr,
-                     HAS_DS0: tl.constexpr):
+                     HAS_DS0: tl.constexpr, PREFETCH_DV: tl.constexpr):
     iv, i_nh = tl.program_id(0), tl.program_id(1)
     i_n, i_h = i_nh // H, i_nh % H
     bos, c0, nt, length = sequence_of(i_n, T, NT, seqs_ptr, PACKED)
@@ -117,7 +117,12 @@ def state_bwd_kernel(q_ptr, k_ptr, w_ptr, do_ptr, dv_ptr, dh_ptr, dfinal_ptr, ds
         n_rows = tl.minimum(length - i * C, C)
         store_state(dh_ptr + ((c0 + i) * H + i_h) * K * V, ds0, ds1, ds2, ds3, iv, K, V, BK, BV)
         dv_local = load_rows(dv_ptr + row0 * V, H * V, n_rows, 0, iv, V, C, BV)
-        dv_new = _rows_times(dv_local, k_ptr + row0 * K, H * K, n_rows, ds0, ds1, ds2, ds3, K, C, BK, LOW)
+        if PREFETCH_DV:  # added after the product: Triton then prefetches its load a step ahead, as it
+            # does the products' operands (a product's accumulator it loads within the step)
+            dv_new = dv_local + _rows_times(tl.zeros([C, BV], tl.float32), k_ptr + row0 * K, H * K, n_rows, ds0, ds1,
+                                            ds2, ds3, K, C, BK, LOW)
+        else:  # one pipeline buffer less (shared memory)
+            dv_new = _rows_times(dv_local, k_ptr + row0 * K, H * K, n_rows, ds0, ds1, ds2, ds3, K, C, BK, LOW)
         store_rows(dv_ptr + row0 * V, dv_new, H * V, n_rows, 0, iv, V, C, BV)
         x = to_low(dv_new, LOW)
         do = load_rows(do_ptr + row0 * V, H * V, n_rows, 0, iv, V, C, BV)
