@@ -172,9 +172,18 @@ def main():
     parser.add_argument("--space", type=json.loads, default=None,
                         help='--sweep only these: JSON {kernel: {parameter: [values]}}, keyed by head dim '
                              '("64", "128", "256") where it varies, e.g. {"128": {"qk_grads_kernel": {"BK": [64, 128]}}}')
+    parser.add_argument("--launch", type=Path, action="append", default=[],
+                        help="a fused_launch_{D}.json that --sweep wrote: its launch parameters replace "
+                             "fused.LAUNCH's at head dim D for this run")
     parser.add_argument("--iters", type=int, default=10)
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
+    for path in args.launch:
+        if path.exists():
+            D = int(path.stem.rsplit("_", 1)[1])
+            for kernel, cfg in json.loads(path.read_text()).items():
+                fused.LAUNCH[D][kernel] = {**fused.LAUNCH[D][kernel], **cfg}
+            print(f"launch parameters at head dim {D}: {fused.LAUNCH[D]}", flush=True)
     out = None
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)

@@ -8,7 +8,7 @@ Backward, 5 launches (fla: 7 and a PyTorch sum):
   1. prepare_bwd   per chunk    W, U from the saved T; dV_local = scale tril(Q K^T)^T dO
   2. state_fwd     per head     h[n], V_new again (nothing per chunk is kept between the passes)
   3. state_bwd     per head     dh[n] (end-of-chunk state gradients), dV_new (over dV_local), ds0
-  4. qk_grads      per chunk    dq, dW; dk's terms through the output and the state (a float32 partial)
+  4. qk_grads      per chunk    dq; dk's terms through the output and the state (a float32 partial)
   5. wy_grads      per chunk    dv, dbeta; dk = the partial + its terms through W and T
 dq, dk, dv, dbeta are each written once, in their inputs' layout and dtype.
 Between forward and backward only the inputs and T (B T H C floats) are kept.
@@ -68,23 +68,23 @@ LAUNCH = {
          "state_fwd": dict(BV=64, num_warps=4, num_stages=3),
          "output": dict(BV=64, num_warps=4, num_stages=1),
          "prepare_bwd": dict(num_warps=4, num_stages=2),
-         "state_bwd": dict(BV=32, num_warps=4, num_stages=3, PREFETCH_DV=True),
+         "state_bwd": dict(BV=32, num_warps=4, num_stages=3, PREFETCH_DV=False),
          "wy_grads": dict(BK=64, BV=64, num_warps=4, num_stages=1),
          "qk_grads": dict(BV=64, BK=64, num_warps=4, num_stages=3)},
     128: {"prepare_fwd": dict(num_warps=4, num_stages=1),
          "state_fwd": dict(BV=64, num_warps=4, num_stages=3),
          "output": dict(BV=64, num_warps=4, num_stages=3),
          "prepare_bwd": dict(num_warps=4, num_stages=2),
-         "state_bwd": dict(BV=64, num_warps=4, num_stages=3, PREFETCH_DV=True),
+         "state_bwd": dict(BV=64, num_warps=8, num_stages=3, PREFETCH_DV=True),
          "wy_grads": dict(BK=64, BV=64, num_warps=4, num_stages=2),
-         "qk_grads": dict(BV=64, BK=128, num_warps=8, num_stages=2)},
+         "qk_grads": dict(BV=64, BK=128, num_warps=4, num_stages=2)},
     256: {"prepare_fwd": dict(num_warps=4, num_stages=1),
          "state_fwd": dict(BV=64, num_warps=4, num_stages=2),
          "output": dict(BV=128, num_warps=4, num_stages=3),
          "prepare_bwd": dict(num_warps=4, num_stages=1),
          "state_bwd": dict(BV=32, num_warps=4, num_stages=2, PREFETCH_DV=False),
          "wy_grads": dict(BK=64, BV=64, num_warps=4, num_stages=2),
-         "qk_grads": dict(BV=64, BK=128, num_warps=8, num_stages=2)},
+         "qk_grads": dict(BV=64, BK=128, num_warps=4, num_stages=2)},
 }
 # NARROW_BLOCKS_FAULT: Triton 3.6 on the H200 built a one-kernel form of the gradients with 32-wide blocks
 # and 4 or 8 warps to read shared memory out of bounds (compute-sanitizer; benchmarks/probes/
@@ -190,14 +190,14 @@ def fused_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torc
     launch(state_bwd_kernel, (triton.cdiv(V, opts["BV"]), S * H), q, k, w, do, dv_new, dh,
            unused if dfinal is None else dfinal, ds0 if s0 is not None else unused, seqs, scale, T, NT, BK=BK,
            HAS_DFINAL=dfinal is not None, HAS_DS0=s0 is not None, **sizes, **opts)
-    dw = w  # W's buffer takes dW: only the state passes read W
+    del w
     dq = _empty(*q.shape, dtype=q.dtype, like=q)
     dk_part = _empty(B, T, H, K, dtype=torch.float32, like=k)
     qk = _opts("qk_grads", K, V)
-    launch(qk_grads_kernel, (triton.cdiv(K, qk["BK"]), n_chunks, B * H), q, k, do, h, dh, u, dv_new, dq, dw, dk_part,
-           chunks, scale, T, NT, **sizes, **qk)
-    del dh, u, h
+    launch(qk_grads_kernel, (triton.cdiv(K, qk["BK"]), n_chunks, B * H), q, k, do, h, dh, u, dq, dk_part, chunks,
+           scale, T, NT, **sizes, **qk)
+    del dh, u
     dk, dv, dbeta = (_empty(*x.shape, dtype=x.dtype, like=x) for x in (k, v, beta))
-    launch(wy_grads_kernel, (n_chunks, B * H), k, v, beta, t, dw, dv_new, dk_part, dk, dv, dbeta, chunks, T, NT, **sizes,
+    launch(wy_grads_kernel, (n_chunks, B * H), k, v, beta, t, h, dv_new, dk_part, dk, dv, dbeta, chunks, T, NT, **sizes,
            **_opts("wy_grads", K, V))
     return dq, dk, dv, dbeta, ds0
