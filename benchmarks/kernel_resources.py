@@ -9,7 +9,8 @@ its resources. A kernel that fails to compile, spills, or needs more shared memo
 has (227 KiB on sm_90) is flagged. Run without TRITON_INTERPRET.
 
 With --mutations it checks instead what torch.compile believes each kernel writes (Inductor's
-analysis of the kernel's IR): every output of the op, never one of its inputs. Where that analysis
+analysis of the kernel's IR): every output of the op, never one of its inputs, and never a buffer
+that the launch also takes in another argument (compiled, each written argument is a clone of its own). Where that analysis
 fails, Inductor silently assumes every argument is written and clones them all (with torch 2.11
 that broke compiling graphs with Triton plans); where it missed a write, a compiled graph could
 reorder or reuse the buffer.
@@ -114,6 +115,8 @@ def compile_and_measure(kernel, args, kwargs, capability: int) -> dict:
     for i, name in enumerate(kernel.arg_names):
         if kernel.params[i].is_constexpr and name not in constexprs:  # a constexpr passed positionally
             constexprs[name] = args[i]
+        if i < len(args) and args[i] is None and name not in constexprs:  # an untouched pointer: a constant
+            constexprs[name] = None
         if name in constexprs:
             signature[name] = "constexpr"
         elif i < len(args):
@@ -160,13 +163,23 @@ def check_writes(op, op_args, op_kwargs, capability: int) -> list[str]:
     """What is wrong with Inductor's view of an op's writes: an input written, an output not."""
     outputs = []
     calls = recorded_launches(op, op_args, outputs, op_kwargs)
-    written = [t for kernel, a, kw in calls for t in inductor_writes(kernel, a, kw, capability)]
+    written, aliased = [], []
+    for kernel, a, kw in calls:
+        writes = inductor_writes(kernel, a, kw, capability)
+        written += writes
+        # Under torch.compile each argument the analysis counts as written is cloned on its own: a tensor
+        # passed in two such places gets two clones, and the one the kernel did not write wins
+        tensors = [x for x in a if isinstance(x, torch.Tensor)]
+        aliased += [f"{kernel.fn.__name__}: one buffer in two arguments, written" for w in writes
+                    if sum(x is w for x in tensors) > 1]
+    aliased = sorted(set(aliased))
     returned = outputs[0] if isinstance(outputs[0], (tuple, list)) else (outputs[0],)
     # Packed sequences' index arrays (int32/int64) address the per-sequence states a pass stores to, so
     # the analysis counts them as written: Inductor then copies them (a few ints), which is harmless.
     problems = [f"input {i} written" for i, t in enumerate(op_args)
                 if any(t is w for w in written) and t.is_floating_point()]
-    return problems + [f"output {i} not written" for i, t in enumerate(returned) if not any(t is w for w in written)]
+    return problems + aliased + [f"output {i} not written" for i, t in enumerate(returned)
+                                 if not any(t is w for w in written)]
 
 
 def main():

@@ -137,10 +137,10 @@ def fused_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torch
     C, LOW, PACKED = chunk_size, _LOW[q.dtype], chunks is not None
     BK = block(K)
     o, final, t = _forward_fake(q, k, v, beta, s0, scale, chunk_size, chunks, seqs)
-    # Pointer arguments a launch never touches (no packed sequences, no initial state) are a buffer the
-    # op writes anyway: torch.compile's analysis counts the tables as written (their values address
-    # stores), and an input in their place would be cloned before every call.
-    chunks, seqs = (t, t) if chunks is None else (chunks, seqs)
+    # A pointer a launch never touches (no packed sequences, no initial state) is None (Triton makes it
+    # a constant). Not a stand-in buffer: torch.compile's analysis counts the sequence tables as written
+    # (their values address stores), so its functional form clones each such argument, and where one
+    # buffer stands in for two arguments, the untouched clone replaces what the kernel wrote.
     w = _empty(*k.shape, dtype=k.dtype, like=k)
     u = _empty(B, T, H, V, dtype=torch.float32, like=k)  # V_new after the state pass
     h = _empty(n_chunks if PACKED else B * NT, H, K, V, dtype=k.dtype, like=k)
@@ -148,7 +148,7 @@ def fused_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torch
     launch(prepare_fwd_kernel, (n_chunks, B * H), k, v, beta, t, w, u, chunks, T, NT, BK=BK, BV=block(V), **sizes,
            **_opts("prepare_fwd", K, V))
     opts = _opts("state_fwd", K, V)
-    launch(state_fwd_kernel, (triton.cdiv(V, opts["BV"]), S * H), k, w, u, h, t if s0 is None else s0, final, seqs,
+    launch(state_fwd_kernel, (triton.cdiv(V, opts["BV"]), S * H), k, w, u, h, s0, final, seqs,
            T, NT, BK=BK, HAS_S0=s0 is not None, HAS_FINAL=True, SPLIT=SPLIT_STATE, **sizes, **opts)
     launch(output_kernel, (n_chunks, B * H), q, k, u, h, o, chunks, scale, T, NT, BK=BK, **sizes, **_opts("output", K, V))
     return o, final, t
@@ -176,19 +176,17 @@ def fused_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torc
     w = _empty(*k.shape, dtype=k.dtype, like=k)
     u = _empty(B, T, H, V, dtype=torch.float32, like=k)  # U, then V_new
     dv_new = _empty(B, T, H, V, dtype=torch.float32, like=k)  # dV_local, then dV_new
-    unused = dv_new  # in place of pointers a launch never touches (see fused_forward)
-    chunks, seqs = (unused, unused) if chunks is None else (chunks, seqs)
     h = _empty(n_chunks if PACKED else B * NT, H, K, V, dtype=k.dtype, like=k)
     dh = _empty(*h.shape, dtype=h.dtype, like=h)
     sizes = dict(H=H, K=K, V=V, C=C, LOW=LOW, PACKED=PACKED)
     launch(prepare_bwd_kernel, (n_chunks, B * H), q, k, v, beta, t, do, w, u, dv_new, chunks, scale, T, NT, BK=BK,
            BV=block(V), **sizes, **_opts("prepare_bwd", K, V))
     opts = _opts("state_fwd", K, V)
-    launch(state_fwd_kernel, (triton.cdiv(V, opts["BV"]), S * H), k, w, u, h, unused if s0 is None else s0, unused,
+    launch(state_fwd_kernel, (triton.cdiv(V, opts["BV"]), S * H), k, w, u, h, s0, None,
            seqs, T, NT, BK=BK, HAS_S0=s0 is not None, HAS_FINAL=False, SPLIT=SPLIT_STATE, **sizes, **opts)
     opts = _opts("state_bwd", K, V)
     launch(state_bwd_kernel, (triton.cdiv(V, opts["BV"]), S * H), q, k, w, do, dv_new, dh,
-           unused if dfinal is None else dfinal, ds0 if s0 is not None else unused, seqs, scale, T, NT, BK=BK,
+           dfinal, ds0 if s0 is not None else None, seqs, scale, T, NT, BK=BK,
            HAS_DFINAL=dfinal is not None, HAS_DS0=s0 is not None, **sizes, **opts)
     del w
     dq = _empty(*q.shape, dtype=q.dtype, like=q)
