@@ -216,7 +216,7 @@ class Plan:
     def precision_for(self, device_type: str) -> str:
         """The matmul policy to run with on `device_type`. "auto": bf16x3 for all-Triton plans on CUDA
         (on the H200 twice as fast as fp32's 3xTF32 products, same error against the oracle:
-        docs/benchmarks.md), fp32 otherwise (the compiled stages' bf16x3 splits cost more
+        docs/benchmarks-history.md), fp32 otherwise (the compiled stages' bf16x3 splits cost more
         launches than they save there)."""
         if self.precision != "auto":
             return self.precision
