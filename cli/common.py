@@ -55,7 +55,7 @@ def say(text: str) -> None:
 
 def add_row(table: Table, *cells: str) -> None:
     """A table row of plain text: contender names and plans like 'deltaflex[eager]' or
-    'state=triton[BK=64 w4 s2]' are not rich markup."""
+    'triton state[BK=64 w4 s2]' are not rich markup."""
     table.add_row(*(Text(str(c)) for c in cells))
 
 
