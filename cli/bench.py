@@ -1,4 +1,4 @@
-"""`deltaflex bench`: DESIGN.md's benchmark protocol (deltaflex plans, fla, causal SDPA)."""
+"""`deltaflex bench`: the benchmark protocol of docs/benchmarks.md (deltaflex plans, fla, causal SDPA)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import torch
 import typer
 from rich.table import Table
 
-from .common import add_row, console, say, env, fmt, parse_device, parse_dtype, parse_shapes, device_name
+from .common import PAPER_SHAPES, add_row, console, say, env, fmt, parse_device, parse_dtype, parse_shapes, device_name
 
 
 def _bench_table(rows: list[dict]) -> Table:
@@ -32,7 +32,7 @@ def _bench_table(rows: list[dict]) -> Table:
 
 
 def bench(
-    shape: list[str] = typer.Option(None, help="B,T,H,K[,V]; repeatable. Default: DESIGN.md's shapes on CUDA, 1,512,4,64 on CPU."),
+    shape: list[str] = typer.Option(None, help=f"B,T,H,K[,V]; repeatable. Default on CUDA: {PAPER_SHAPES}; 1,512,4,64 on CPU."),
     plan: list[str] = typer.Option(None, help="deltaflex plans to time: a name, or a spec such as state_group=8,cuda_graph=1 or triton,precision=bf16; repeatable. Default: fused (the default plan there) and compiled on CUDA, eager and compiled on CPU."),
     device: str = typer.Option(None, help="cuda, cuda:N or cpu. Default: cuda when available."),
     dtype: str = typer.Option(None, help="bf16, fp16, fp32 or fp64. Default: bf16 on CUDA, fp32 on CPU."),
@@ -42,7 +42,7 @@ def bench(
     compile_checks: bool = typer.Option(True, help="for compiled plans: warm start in a new process and recompiles as T/B change"),
     out: Path = typer.Option(None, help="write bench.json here"),
 ):
-    """Time deltaflex plans against fla and causal SDPA (DESIGN.md's benchmark protocol)."""
+    """Time deltaflex plans against fla and causal SDPA at the shapes of the paper's kernel benchmark."""
     from deltaflex.bench import Shape, paper_shapes, recompile_check, run_benchmark, warm_start_seconds
 
     dev = parse_device(device)

@@ -13,6 +13,10 @@ from rich.text import Text
 
 console = Console(width=None if sys.stdout.isatty() else 160)
 
+# The shapes of the paper's kernel benchmark (deltaflex.bench.paper_shapes), as --help names them
+PAPER_SHAPES = ("the paper's kernel benchmark: d_model 2048, 16K tokens a batch (B,T = 8,2048 4,4096 2,8192), "
+                "head dims 64, 128, 256 (H = 2048 / head dim)")
+
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, "fp64": torch.float64}
 
 

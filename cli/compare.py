@@ -9,7 +9,7 @@ import torch
 import typer
 from rich.table import Table
 
-from .common import add_row, console, say, env, fail, fmt, parse_device, parse_dtype, parse_shapes
+from .common import PAPER_SHAPES, add_row, console, say, env, fail, fmt, parse_device, parse_dtype, parse_shapes
 
 BASELINE_NOTE = "speedup = the first plan's time / this time"
 
@@ -123,7 +123,7 @@ def plot_rows(rows: list[dict], path: Path) -> None:
 
 def compare(
     shape: list[str] = typer.Option(None, help=(
-        "B,T,H,K[,V]; repeatable. Default: DESIGN.md's shapes on CUDA, 1,512,4,64 on CPU.")),
+        f"B,T,H,K[,V]; repeatable. Default on CUDA: {PAPER_SHAPES}; 1,512,4,64 on CPU.")),
     plan: list[str] = typer.Option(None, help=(
         "Plan names (eager, compiled, fused, triton, mixed-<stage>, auto); repeatable; the first is the baseline. "
         "Default: compiled and every available hand-written and mixed plan (eager and compiled on CPU), "
