@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import platform
 import sys
+import warnings
 
 import torch
 import typer
@@ -61,6 +63,21 @@ def add_row(table: Table, *cells: str) -> None:
     """A table row of plain text: contender names and plans like 'deltaflex[eager]' or
     'triton state[BK=64 w4 s2]' are not rich markup."""
     table.add_row(*(Text(str(c)) for c in cells))
+
+
+@contextlib.contextmanager
+def library_warnings():
+    """Collects the warnings torch, Inductor and Triton raise during a measurement, which would break
+    up the progress lines; yields the list that `distinct_warnings` reads afterwards."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("default")
+        yield caught
+
+
+def distinct_warnings(caught) -> list[str]:
+    """One line a distinct warning: its category and the first line of its message."""
+    return list(dict.fromkeys(f"{w.category.__name__}: {(str(w.message).strip().splitlines() or [''])[0]}"
+                              for w in caught))
 
 
 def fmt(value, spec: str) -> str:

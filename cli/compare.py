@@ -135,7 +135,7 @@ def compare(
     out: Path = typer.Option(None, help="Write compare.json into this directory."),
 ):
     """Time plans side by side at given shapes, with each one's error against the float64 oracle."""
-    from deltaflex.bench import Shape, add_fla_ratios, measure, paper_shapes
+    from deltaflex.bench import Shape, add_fla_ratios, finished, measure, paper_shapes, starting
     from deltaflex.reference import recurrent_delta_rule_ref
     from deltaflex.testing import TOLERANCES, make_inputs
 
@@ -151,6 +151,7 @@ def compare(
         x = make_inputs(s.B, s.T, s.H, s.K, s.V, dtype=dt, device=dev)
         o_ref = recurrent_delta_rule_ref(**x)[0]
         for contender, description in _contenders(names, s, dev, dt, fla, with_auto=not plan):
+            say(starting(s, contender))
             try:
                 row = measure(contender, x, o_ref, dev)
             except torch.OutOfMemoryError:
@@ -161,6 +162,7 @@ def compare(
                 row = {"contender": contender.name, "error": f"{type(e).__name__}: {first_line}"[:120]}
             row.update(shape=str(s), plan=description, dtype=str(dt).removeprefix("torch."))
             rows.append(row)
+            say(finished(row))
     add_fla_ratios(rows)
     _add_speedups(rows)
     console.print(_table(rows))
