@@ -1,4 +1,4 @@
-"""The kernel benchmark of DESIGN.md: deltaflex plans against fla and causal SDPA, in one process
+"""The kernel benchmark of docs/benchmarks.md: deltaflex plans against fla and causal SDPA, in one process
 on the same inputs.
 
 For every shape: each contender's output is checked against the float64 oracle first, then forward
@@ -56,7 +56,7 @@ class Shape:
 
 
 def paper_shapes() -> list[Shape]:
-    """d_model 2048 and 16K tokens a batch, head dims 64/128/256 (DESIGN.md)."""
+    """The paper's kernel benchmark: d_model 2048 and 16K tokens a batch, head dims 64/128/256."""
     return [Shape(B, T, 2048 // D, D, D) for D in (64, 128, 256) for B, T in ((8, 2048), (4, 4096), (2, 8192))]
 
 
