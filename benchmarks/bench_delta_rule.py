@@ -1,4 +1,4 @@
-"""DESIGN.md's kernel benchmark; the same as `deltaflex bench` (see `--help`).
+"""The paper's kernel benchmark (docs/benchmarks.md); the same as `deltaflex bench` (see `--help`).
 
     python benchmarks/bench_delta_rule.py --out results/
 """

@@ -2,7 +2,7 @@
 
 What a chunk step costs under the scan op versus an unrolled loop, what bf16 tensor-core
 products with float32 results cost versus float32 ones, and the copy bandwidth: the numbers the
-compiled plan's design rests on (docs/notes-compiled-plan.md).
+compiled plan's design rests on (docs/design-compiled.md).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""`deltaflex bench`: DESIGN.md's benchmark protocol (deltaflex plans, fla, causal SDPA)."""
+"""`deltaflex bench`: the benchmark protocol of docs/benchmarks.md (deltaflex plans, fla, causal SDPA)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,8 @@ import torch
 import typer
 from rich.table import Table
 
-from .common import add_row, console, say, env, fmt, parse_device, parse_dtype, parse_shapes, device_name
+from .common import (PAPER_SHAPES, add_row, console, device_name, distinct_warnings, env, fmt, library_warnings,
+                     parse_device, parse_dtype, parse_shapes, say)
 
 
 def _bench_table(rows: list[dict]) -> Table:
@@ -31,8 +32,16 @@ def _bench_table(rows: list[dict]) -> Table:
     return table
 
 
+def _compile_line(plan: str, checks: dict) -> str:
+    line = f"{plan}: warm start {checks['warm_start_s']:.1f} s"
+    counts = checks.get("graphs_compiled_as_T_B_change")
+    if counts is not None:
+        line += ", graphs compiled as T and B change: " + ", ".join(f"{s} {n}" for s, n in counts.items())
+    return line
+
+
 def bench(
-    shape: list[str] = typer.Option(None, help="B,T,H,K[,V]; repeatable. Default: DESIGN.md's shapes on CUDA, 1,512,4,64 on CPU."),
+    shape: list[str] = typer.Option(None, help=f"B,T,H,K[,V]; repeatable. Default on CUDA: {PAPER_SHAPES}; 1,512,4,64 on CPU."),
     plan: list[str] = typer.Option(None, help="deltaflex plans to time: a name, or a spec such as state_group=8,cuda_graph=1 or triton,precision=bf16; repeatable. Default: fused (the default plan there) and compiled on CUDA, eager and compiled on CPU."),
     device: str = typer.Option(None, help="cuda, cuda:N or cpu. Default: cuda when available."),
     dtype: str = typer.Option(None, help="bf16, fp16, fp32 or fp64. Default: bf16 on CUDA, fp32 on CPU."),
@@ -42,7 +51,7 @@ def bench(
     compile_checks: bool = typer.Option(True, help="for compiled plans: warm start in a new process and recompiles as T/B change"),
     out: Path = typer.Option(None, help="write bench.json here"),
 ):
-    """Time deltaflex plans against fla and causal SDPA (DESIGN.md's benchmark protocol)."""
+    """Time deltaflex plans against fla and causal SDPA at the shapes of the paper's kernel benchmark."""
     from deltaflex.bench import Shape, paper_shapes, recompile_check, run_benchmark, warm_start_seconds
 
     dev = parse_device(device)
@@ -61,20 +70,28 @@ def bench(
         cache = tempfile.mkdtemp(prefix="deltaflex-bench-")
         os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", os.path.join(cache, "inductor"))
         os.environ.setdefault("TRITON_CACHE_DIR", os.path.join(cache, "triton"))
-    say(f"device {dev} ({device_name(dev)}), dtype {dt}, torch {torch.__version__}, plans {plans}")
-    rows = run_benchmark(shapes, plans, device=dev, dtype=dt, chunk_size=chunk_size, fla=fla, check=check,
-                         log=say)
+    name = device_name(dev)
+    say(f"device {dev}{'' if name == str(dev) else f' ({name})'}, dtype {dt}, torch {torch.__version__}, plans {plans}")
     extra = {}
-    if compile_checks:
-        for p in (p for p in plans if p != "eager"):
-            extra[p] = {"warm_start_s": warm_start_seconds(shapes[0], p, dt, str(dev), chunk_size)}
-            if dev.type == "cuda":
-                extra[p]["graphs_compiled_as_T_B_change"] = recompile_check(p, device=str(dev), dtype=dt)
-            say(f"{p}: {json.dumps(extra[p])}")
+    with library_warnings() as caught:
+        rows = run_benchmark(shapes, plans, device=dev, dtype=dt, chunk_size=chunk_size, fla=fla, check=check,
+                             log=say)
+        if compile_checks:
+            for p in (p for p in plans if p != "eager"):
+                say(f"{p}: warm start (a first call in a new process, compile caches filled)...")
+                extra[p] = {"warm_start_s": warm_start_seconds(shapes[0], p, dt, str(dev), chunk_size)}
+                if dev.type == "cuda":
+                    extra[p]["graphs_compiled_as_T_B_change"] = recompile_check(p, device=str(dev), dtype=dt)
+                say(_compile_line(p, extra[p]))
+    warned = distinct_warnings(caught)
     if out:
         out.mkdir(parents=True, exist_ok=True)
-        (out / "bench.json").write_text(json.dumps({"env": env(dev), "rows": rows, "compile": extra}, indent=1))
+        (out / "bench.json").write_text(json.dumps({"env": env(dev), "rows": rows, "compile": extra, "warnings": warned},
+                                                   indent=1))
     console.print(_bench_table(rows))
+    if warned:
+        say(f"{len(warned)} distinct warning(s) from torch / Triton during the run"
+            + (f": in {out / 'bench.json'}" if out else ":\n  " + "\n  ".join(warned)))
     failed = [r for r in rows if "error" in r or r.get("rel_err", 0) > 2e-2]
     if failed:
         console.print(f"[red]{len(failed)} contender(s) failed or exceeded the error bound[/red]")

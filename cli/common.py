@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import platform
 import sys
+import warnings
 
 import torch
 import typer
@@ -12,6 +14,10 @@ from rich.table import Table
 from rich.text import Text
 
 console = Console(width=None if sys.stdout.isatty() else 160)
+
+# The shapes of the paper's kernel benchmark (deltaflex.bench.paper_shapes), as --help names them
+PAPER_SHAPES = ("the paper's kernel benchmark: d_model 2048, 16K tokens a batch (B,T = 8,2048 4,4096 2,8192), "
+                "head dims 64, 128, 256 (H = 2048 / head dim)")
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, "fp64": torch.float64}
 
@@ -55,8 +61,23 @@ def say(text: str) -> None:
 
 def add_row(table: Table, *cells: str) -> None:
     """A table row of plain text: contender names and plans like 'deltaflex[eager]' or
-    'state=triton[BK=64 w4 s2]' are not rich markup."""
+    'triton state[BK=64 w4 s2]' are not rich markup."""
     table.add_row(*(Text(str(c)) for c in cells))
+
+
+@contextlib.contextmanager
+def library_warnings():
+    """Collects the warnings torch, Inductor and Triton raise during a measurement, which would break
+    up the progress lines; yields the list that `distinct_warnings` reads afterwards."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("default")
+        yield caught
+
+
+def distinct_warnings(caught) -> list[str]:
+    """One line a distinct warning: its category and the first line of its message."""
+    return list(dict.fromkeys(f"{w.category.__name__}: {(str(w.message).strip().splitlines() or [''])[0]}"
+                              for w in caught))
 
 
 def fmt(value, spec: str) -> str:

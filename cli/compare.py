@@ -9,7 +9,7 @@ import torch
 import typer
 from rich.table import Table
 
-from .common import add_row, console, say, env, fail, fmt, parse_device, parse_dtype, parse_shapes
+from .common import PAPER_SHAPES, add_row, console, say, env, fail, fmt, parse_device, parse_dtype, parse_shapes
 
 BASELINE_NOTE = "speedup = the first plan's time / this time"
 
@@ -123,7 +123,7 @@ def plot_rows(rows: list[dict], path: Path) -> None:
 
 def compare(
     shape: list[str] = typer.Option(None, help=(
-        "B,T,H,K[,V]; repeatable. Default: DESIGN.md's shapes on CUDA, 1,512,4,64 on CPU.")),
+        f"B,T,H,K[,V]; repeatable. Default on CUDA: {PAPER_SHAPES}; 1,512,4,64 on CPU.")),
     plan: list[str] = typer.Option(None, help=(
         "Plan names (eager, compiled, fused, triton, mixed-<stage>, auto); repeatable; the first is the baseline. "
         "Default: compiled and every available hand-written and mixed plan (eager and compiled on CPU), "
@@ -135,7 +135,7 @@ def compare(
     out: Path = typer.Option(None, help="Write compare.json into this directory."),
 ):
     """Time plans side by side at given shapes, with each one's error against the float64 oracle."""
-    from deltaflex.bench import Shape, add_fla_ratios, measure, paper_shapes
+    from deltaflex.bench import Shape, add_fla_ratios, finished, measure, paper_shapes, starting
     from deltaflex.reference import recurrent_delta_rule_ref
     from deltaflex.testing import TOLERANCES, make_inputs
 
@@ -151,6 +151,7 @@ def compare(
         x = make_inputs(s.B, s.T, s.H, s.K, s.V, dtype=dt, device=dev)
         o_ref = recurrent_delta_rule_ref(**x)[0]
         for contender, description in _contenders(names, s, dev, dt, fla, with_auto=not plan):
+            say(starting(s, contender))
             try:
                 row = measure(contender, x, o_ref, dev)
             except torch.OutOfMemoryError:
@@ -161,6 +162,7 @@ def compare(
                 row = {"contender": contender.name, "error": f"{type(e).__name__}: {first_line}"[:120]}
             row.update(shape=str(s), plan=description, dtype=str(dt).removeprefix("torch."))
             rows.append(row)
+            say(finished(row))
     add_fla_ratios(rows)
     _add_speedups(rows)
     console.print(_table(rows))

@@ -9,7 +9,7 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from .common import add_row, console, say, device_name, fail, fmt, parse_device, parse_dtype, parse_shapes
+from .common import PAPER_SHAPES, add_row, console, say, device_name, fail, fmt, parse_device, parse_dtype, parse_shapes
 
 
 class Mode(str, enum.Enum):
@@ -29,7 +29,7 @@ def _target_device(gpu: bool, cpu: bool, device: str | None) -> torch.device:
 
 
 def _fitting_paper_shapes(dev: torch.device, dtype: torch.dtype):
-    """DESIGN.md's benchmark shapes whose working set (a generous 32x the inputs in float32) fits
+    """The paper's kernel-benchmark shapes whose working set (a generous 32x the inputs in float32) fits
     in the device's free memory."""
     from deltaflex.bench import paper_shapes
 
@@ -59,7 +59,7 @@ def tune(
     cpu: bool = typer.Option(False, "--cpu", help="Tune the CPU path."),
     device: str = typer.Option(None, help="Tune this device: cuda:N (or cpu)."),
     shape: list[str] = typer.Option(None, help=(
-        "B,T,H,K[,V]; repeatable. Default: DESIGN.md's benchmark shapes that fit the GPU; 1,512,4,64 on CPU.")),
+        f"B,T,H,K[,V]; repeatable. Default: those of {PAPER_SHAPES} that fit the GPU; 1,512,4,64 on CPU.")),
     dtype: str = typer.Option(None, help="bf16, fp16, fp32 or fp64. Default: bf16 on CUDA, fp32 on CPU."),
     trials: int = typer.Option(20, min=1, help="New trials per shape (the default plan's baseline is one of them)."),
     timeout: float = typer.Option(540.0, min=0, help=(

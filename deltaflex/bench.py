@@ -1,4 +1,4 @@
-"""The kernel benchmark of DESIGN.md: deltaflex plans against fla and causal SDPA, in one process
+"""The kernel benchmark of docs/benchmarks.md: deltaflex plans against fla and causal SDPA, in one process
 on the same inputs.
 
 For every shape: each contender's output is checked against the float64 oracle first, then forward
@@ -13,7 +13,6 @@ Used by `deltaflex bench` and `benchmarks/bench_delta_rule.py`.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import statistics
 import subprocess
@@ -57,7 +56,7 @@ class Shape:
 
 
 def paper_shapes() -> list[Shape]:
-    """d_model 2048 and 16K tokens a batch, head dims 64/128/256 (DESIGN.md)."""
+    """The paper's kernel benchmark: d_model 2048 and 16K tokens a batch, head dims 64/128/256."""
     return [Shape(B, T, 2048 // D, D, D) for D in (64, 128, 256) for B, T in ((8, 2048), (4, 4096), (2, 8192))]
 
 
@@ -67,6 +66,7 @@ class Contender:
     forward: Forward
     computes_delta_rule: bool = True  # False for the attention baseline: timed, not checked
     compiles: bool = False
+    first_call: str = ""  # what a first call does besides running (compiles, autotuning), for progress lines
 
 
 def deltaflex_contender(plan: str | Plan, chunk_size: int | None = None, name: str | None = None) -> Contender:
@@ -78,7 +78,10 @@ def deltaflex_contender(plan: str | Plan, chunk_size: int | None = None, name: s
     def forward(q, k, v, beta):
         return delta_rule(q, k, v, beta, chunk_size=chunk_size, plan=plan)[0]
 
-    return Contender(name, forward, compiles=plan.compile or "triton" in plan.backends().values())
+    builds = "triton" in plan.backends().values()
+    first_call = ("torch.compile compiles the plan" + (", Triton its kernels" if builds else "") if plan.compile
+                  else "Triton compiles the kernels" if builds else "")
+    return Contender(name, forward, compiles=plan.compile or builds, first_call=first_call)
 
 
 def _plan(plan: str | Plan) -> Plan | str:
@@ -90,9 +93,11 @@ def fla_contenders() -> list[Contender]:
         from fla.ops.delta_rule import chunk_delta_rule, fused_recurrent_delta_rule
     except Exception:  # fla is an optional peer, absent on most machines
         return []
+    autotunes = "fla autotunes its kernels: up to minutes a head dim"
     return [
-        Contender("fla chunk", lambda q, k, v, beta: chunk_delta_rule(q, k, v, beta)[0]),
-        Contender("fla recurrent", lambda q, k, v, beta: fused_recurrent_delta_rule(q, k, v, beta)[0]),
+        Contender("fla chunk", lambda q, k, v, beta: chunk_delta_rule(q, k, v, beta)[0], first_call=autotunes),
+        Contender("fla recurrent", lambda q, k, v, beta: fused_recurrent_delta_rule(q, k, v, beta)[0],
+                  first_call=autotunes),
     ]
 
 
@@ -165,6 +170,21 @@ def measure(contender: Contender, x: dict[str, torch.Tensor], o_ref: torch.Tenso
     return row
 
 
+def starting(shape: Shape, contender: Contender) -> str:
+    """The progress line before a contender's first call, which may take minutes."""
+    what = contender.first_call or ("compiles" if contender.compiles else "")
+    return f"{shape} {contender.name}: first call" + (f" ({what})..." if what else "...")
+
+
+def finished(row: dict) -> str:
+    """The progress line after a contender is measured."""
+    if "error" in row:
+        return f"{row['shape']} {row['contender']}: {row['error']}"
+    err = f", err {row['rel_err']:.1e}" if "rel_err" in row else ""
+    return (f"{row['shape']} {row['contender']}: fwd {row['fwd_ms']:.3f} ms, fwd+bwd {row['fwd_bwd_ms']:.3f} ms"
+            f"{err}, first call {row['first_call_s']:.1f} s")
+
+
 def peak_extra_gib(fn: Callable[[], object], device: torch.device, grad_to_none=()) -> float:
     """GiB that one call of fn allocates on the CUDA device beyond what is already there (the
     leaves' old gradients dropped first, so the new ones count)."""
@@ -195,6 +215,7 @@ def run_benchmark(
         x = make_inputs(shape.B, shape.T, shape.H, shape.K, shape.V, dtype=dtype, device=device)
         o_ref = recurrent_delta_rule_ref(**x)[0] if check else None
         for contender in contenders(plans, device, chunk_size, fla):
+            log(starting(shape, contender))
             try:
                 row = measure(contender, x, o_ref, device)
             except torch.OutOfMemoryError:
@@ -202,7 +223,7 @@ def run_benchmark(
                 torch.cuda.empty_cache()
             row.update(shape=str(shape), dtype=str(dtype).removeprefix("torch."))
             rows.append(row)
-            log(json.dumps(row))
+            log(finished(row))
     add_fla_ratios(rows)
     return rows
 

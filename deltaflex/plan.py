@@ -216,7 +216,7 @@ class Plan:
     def precision_for(self, device_type: str) -> str:
         """The matmul policy to run with on `device_type`. "auto": bf16x3 for all-Triton plans on CUDA
         (on the H200 twice as fast as fp32's 3xTF32 products, same error against the oracle:
-        docs/benchmarks.md), fp32 otherwise (the compiled stages' bf16x3 splits cost more
+        docs/benchmarks-history.md), fp32 otherwise (the compiled stages' bf16x3 splits cost more
         launches than they save there)."""
         if self.precision != "auto":
             return self.precision
@@ -259,16 +259,22 @@ class Plan:
         return cls.from_dict(data)
 
     def describe(self) -> str:
-        """One line for tables, e.g. 'C64 compiled', 'C128 eager, state=triton[BK=64 w4 s2]' or 'C64 fused'."""
+        """One line for tables: 'C64 compiled', 'C64 eager', 'C64 fused', 'C64 triton stages' (every
+        stage a hand-written kernel) or 'C128 compiled, triton state[BK=64 w4 s2]' (compiled stages
+        with one hand-written stage)."""
         if self.fused:
             return f"C{self.chunk_size} fused"
-        hand = [f"{s}=triton{_launch(getattr(self, f'{s}_kernel'))}" for s in STAGES if getattr(self, s) == "triton"]
+        hand = [s for s in STAGES if getattr(self, s) == "triton"]
         extras = [f"precision={self.precision}"] if self.precision != "auto" else []
         extras += ["unrolled"] if self.unroll else []
         extras += [f"state_group={self.state_group}"] if self.state_group > 1 else []
         extras += ["cuda graphs"] if self.cuda_graph else []
-        extras += ["fused"] if self.fused else []
-        return ", ".join([f"C{self.chunk_size} {self._compiler()}", *extras, *hand])
+        if len(hand) == len(STAGES):  # nothing runs as blocked ops: only the glue between kernels
+            glue = [f"{self._compiler()} glue"] if self.compile else []
+            launches = [f"{s}{_launch(getattr(self, f'{s}_kernel'))}" for s in hand if getattr(self, f"{s}_kernel")]
+            return ", ".join([f"C{self.chunk_size} triton stages", *glue, *extras, *launches])
+        mixed = [f"triton {s}{_launch(getattr(self, f'{s}_kernel'))}" for s in hand]
+        return ", ".join([f"C{self.chunk_size} {self._compiler()}", *extras, *mixed])
 
     def _compiler(self) -> str:
         if not self.compile:

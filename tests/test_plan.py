@@ -6,8 +6,8 @@ import torch
 
 from deltaflex import Plan, delta_rule, plan as plan_module
 from deltaflex.plan import (
-    NAMED_PLANS, KernelConfig, KernelSpace, available_backends, check_available, default_plan, register_triton_stage,
-    resolve_plan,
+    NAMED_PLANS, STAGES, KernelConfig, KernelSpace, available_backends, check_available, default_plan,
+    register_triton_stage, resolve_plan,
 )
 from deltaflex.testing import make_inputs
 
@@ -179,7 +179,12 @@ def test_describe():
     assert Plan(chunk_size=32, compile=False).describe() == "C32 eager"
     assert Plan(compile_mode="max-autotune-no-cudagraphs").describe() == "C64 compiled(max-autotune-no-cudagraphs)"
     plan = Plan(chunk_size=128, state="triton", state_kernel=KernelConfig({"BK": 64}, num_warps=8, num_stages=3))
-    assert plan.describe() == "C128 compiled, state=triton[BK=64 w8 s3]"
+    assert plan.describe() == "C128 compiled, triton state[BK=64 w8 s3]"
+    assert NAMED_PLANS["mixed-solve"].describe() == "C64 compiled, triton solve"
+    assert NAMED_PLANS["triton"].describe() == "C64 triton stages"
+    assert NAMED_PLANS["fused"].describe() == "C64 fused"
+    tuned = Plan(**{s: "triton" for s in STAGES}, compile=False, precision="bf16", wy_kernel=KernelConfig({"BK": 32}))
+    assert tuned.describe() == "C64 triton stages, precision=bf16, wy[BK=32 w4 s2]"
 
 
 def test_triton_stages_refuse_float64_clearly():

@@ -17,7 +17,7 @@ from deltaflex.plan import (CHUNK_SIZES, FUSED_CHUNK_SIZES, STAGES, TRITON_DEVIC
 
 
 # What a compiled plan may vary on a GPU: fewer sequential state-pass steps (state_group) and
-# CUDA-graph replay, the two levers of the compiled plan's speed (docs/notes-compiled-plan.md).
+# CUDA-graph replay, the two levers of the compiled plan's speed (docs/design-compiled.md).
 COMPILED_OPTIONS_CUDA = (("state_group", (1, 4, 8)), ("cuda_graph", (False, True)))
 
 

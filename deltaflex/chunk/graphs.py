@@ -1,7 +1,7 @@
 """The compiled chunk graphs replayed under CUDA graphs, captured once per input signature.
 
 A compiled chunk graph runs its state pass as a loop of small kernels launched from the host, and
-on a GPU it is the launches, not the work, that cost (docs/notes-compiled-plan.md). Capturing the
+on a GPU it is the launches, not the work, that cost (docs/design-compiled.md). Capturing the
 compiled call in a CUDA graph replays every launch at device speed. The capture is per input
 signature (shapes, dtypes, device), not a recompile: one compiled graph with symbolic B and T still
 serves every shape, and a new shape costs one capture (milliseconds) instead of a compile.

@@ -153,6 +153,14 @@ def check_plotting() -> None:
 
 def plot_curves(results: dict, path: Path) -> None:
     """Test accuracy against training step: one panel a width, one line a run."""
+    fig = curves_figure(results)
+    import matplotlib.pyplot as plt
+
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def curves_figure(results: dict):
     import matplotlib
 
     matplotlib.use("Agg")
@@ -160,7 +168,10 @@ def plot_curves(results: dict, path: Path) -> None:
 
     runs = [r for r in results["runs"].values() if r.get("curve")]
     widths = sorted({r["width"] for r in runs}) or [0]
-    fig, axes = plt.subplots(1, len(widths), figsize=(4.5 * len(widths), 3.6), squeeze=False, sharey=True)
+    # constrained layout leaves room for the title, which wraps to the figure's width (one panel
+    # is narrower than the title's line)
+    fig, axes = plt.subplots(1, len(widths), figsize=(4.5 * len(widths), 3.6), squeeze=False, sharey=True,
+                             layout="constrained")
     colors = dict(zip(MQAR_MIXERS, ("tab:blue", "tab:orange", "tab:green")))
     for ax, width in zip(axes[0], widths):
         for r in (r for r in runs if r["width"] == width):
@@ -175,7 +186,6 @@ def plot_curves(results: dict, path: Path) -> None:
         ax.legend(fontsize=7)
     task = results["settings"]["task"]
     axes[0][0].set_ylabel("MQAR accuracy (test)")
-    fig.suptitle(f"MQAR: sequence {task['seq_len']}, {task['num_pairs']} key-value pairs, vocabulary {task['vocab_size']}")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    fig.suptitle(f"MQAR: sequence {task['seq_len']}, {task['num_pairs']} key-value pairs, vocabulary {task['vocab_size']}",
+                 wrap=True)
+    return fig

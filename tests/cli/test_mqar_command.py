@@ -62,3 +62,20 @@ def test_plot_without_matplotlib_fails_before_training(tmp_path, monkeypatch):
     result = runner.invoke(app, ["mqar", "--quick", "--device", "cpu", "--out", str(tmp_path)])
     assert result.exit_code == 1 and "needs matplotlib" in result.output
     assert not (tmp_path / "mqar.json").exists()
+
+
+def test_plot_title_fits_the_figure(tmp_path):
+    """One width is the narrowest figure: the title wraps instead of running past its edges, and
+    stays clear of the panel's own title."""
+    from deltaflex.models.mqar_sweep import curves_figure
+
+    result = runner.invoke(app, [*(a for a in QUICK if a != "--no-plot"), "--mixers", "linear", "--out", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "mqar.png").stat().st_size > 0
+    fig = curves_figure(json.loads((tmp_path / "mqar.json").read_text()))
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    title = fig._suptitle.get_window_extent(renderer)  # matplotlib has no public getter for the Text
+    assert "vocabulary 64" in fig.get_suptitle()
+    assert 0 <= title.x0 and title.x1 <= fig.bbox.width and title.y1 <= fig.bbox.height
+    assert title.y0 >= fig.axes[0].title.get_window_extent(renderer).y1

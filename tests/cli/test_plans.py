@@ -92,3 +92,12 @@ def test_missing_arguments():
     assert invoke().exit_code == 2  # no subcommand: help, exit 2
     assert invoke("show").exit_code == 2
     assert invoke("import").exit_code == 2
+
+
+def test_list_describes_each_named_plan_by_what_runs():
+    result = invoke("list")
+    assert result.exit_code == 0, result.output
+    rows = {line.split("│")[1].strip(): line.split("│")[2].strip() for line in result.output.splitlines()
+            if line.count("│") >= 3 and line.split("│")[1].strip()}
+    assert rows["triton"] == "C64 triton stages" and rows["fused"] == "C64 fused"
+    assert rows["mixed-state"] == "C64 compiled, triton state" and rows["eager"] == "C64 eager"
