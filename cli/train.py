@@ -105,8 +105,10 @@ def train(
     with Progress(TextColumn("train"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
                   TimeElapsedColumn(), console=console, disable=not main) as progress:
         bar = progress.add_task("train", total=train_config.steps, info="")
+        records = []
 
         def on_log(r: dict):
+            records.append(r)
             mem = f" {r['peak_gib']:.1f} GiB" if "peak_gib" in r else ""
             progress.update(bar, completed=r["step"],
                             info=f"loss {r['loss']:.4f} {r['tokens_per_s']:.4g} tok/s{mem} lr {r['lr']:.2e}")
@@ -121,6 +123,10 @@ def train(
         state = "complete" if summary["complete"] else "stopped by --max-minutes; the same command resumes"
         say(f"step {summary['step']} of {train_config.steps} ({state}); {summary['params'] / 1e6:.1f}M parameters; "
             f"metrics: {summary['metrics']}; checkpoint: {summary['checkpoint']}")
+        if len(records) > 1:  # the first window holds the compiles
+            rates = sorted(r["tokens_per_s"] for r in records[1:])
+            say(f"tokens/s after the first {records[0]['step'] - summary['start_step']} steps: median "
+                f"{rates[len(rates) // 2]:.4g} over {len(rates)} records of {train_config.log_every} steps")
 
 
 def _exit():

@@ -10,8 +10,8 @@ number of ranks, data from a memory-mapped token file or the synthetic MQAR task
 """
 
 from .config import TrainConfig
-from .data import TOKEN_DTYPES, MQARData, TokenFile
+from .data import TOKEN_DTYPES, MQARData, TokenFile, write_token_file
 from .loop import METRICS_FILE, check_data, optimizer_for, train, warmup_cosine
 
 __all__ = ["METRICS_FILE", "TOKEN_DTYPES", "MQARData", "TokenFile", "TrainConfig", "check_data", "optimizer_for",
-           "train", "warmup_cosine"]
+           "train", "warmup_cosine", "write_token_file"]

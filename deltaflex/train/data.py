@@ -25,6 +25,24 @@ TOKEN_DTYPES = {"uint16": torch.uint16, "uint32": torch.uint32}
 _CHECKED_TOKENS = 1 << 20  # token ids checked against the vocabulary before training
 
 
+def write_token_file(path: str | Path, ids: torch.Tensor, dtype: str = "uint16") -> Path:
+    """Writes token ids (a 1-D integer tensor) as the flat array TokenFile reads; refuses to overwrite."""
+    if dtype not in TOKEN_DTYPES:
+        raise ValueError(f"token dtype must be one of {tuple(TOKEN_DTYPES)}, got {dtype!r}")
+    if not isinstance(ids, torch.Tensor) or ids.dim() != 1 or ids.numel() == 0 or ids.is_floating_point() or ids.is_complex():
+        raise ValueError(f"ids must be a non-empty 1-D integer tensor, got {getattr(ids, 'shape', type(ids).__name__)}")
+    top = (1 << (8 * TOKEN_DTYPES[dtype].itemsize)) - 1
+    if int(ids.min()) < 0 or int(ids.max()) > top:
+        raise ValueError(f"ids must lie in [0, {top}] to be stored as {dtype}, got [{int(ids.min())}, {int(ids.max())}]")
+    path = Path(path)
+    if path.exists():
+        raise FileExistsError(f"{str(path)!r} exists; token files are not overwritten")
+    mapped = torch.from_file(str(path), shared=True, size=ids.numel(), dtype=TOKEN_DTYPES[dtype])  # creates the file
+    mapped.copy_(ids.to(torch.int64).to(TOKEN_DTYPES[dtype]))
+    del mapped
+    return path
+
+
 class TokenFile:
     def __init__(self, path: str | Path, dtype: str = "uint16", seq_len: int = 2048, vocab_size: int | None = None,
                  seed: int = 0, shuffle: bool = True):

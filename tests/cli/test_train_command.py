@@ -9,6 +9,7 @@ import torch
 from typer.testing import CliRunner
 
 from deltaflex.cli import app
+from deltaflex.train import write_token_file
 
 runner = CliRunner()
 TINY = ["train", "--quick", "--device", "cpu", "--steps", "4", "--log-every", "2", "--seq-len", "16"]
@@ -16,9 +17,7 @@ TINY = ["train", "--quick", "--device", "cpu", "--steps", "4", "--log-every", "2
 
 @pytest.fixture
 def tokens(tmp_path):
-    path = tmp_path / "tokens.bin"
-    path.write_bytes(torch.randint(0, 64, (500,)).to(torch.uint16).numpy().tobytes())
-    return path
+    return write_token_file(tmp_path / "tokens.bin", torch.randint(0, 64, (500,)))
 
 
 def snapshot(folder):
@@ -77,9 +76,7 @@ def _truncated(tmp_path):
 
 
 def _out_of_vocab(tmp_path):
-    path = tmp_path / "t.bin"
-    path.write_bytes(torch.full((100,), 64).to(torch.uint16).numpy().tobytes())
-    return path
+    return write_token_file(tmp_path / "t.bin", torch.full((100,), 64))
 
 
 @pytest.mark.parametrize(

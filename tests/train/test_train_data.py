@@ -5,19 +5,19 @@ import pytest
 import torch
 
 from deltaflex.models.mqar import MQARTask
-from deltaflex.train import MQARData, TokenFile
+from deltaflex.train import MQARData, TokenFile, write_token_file
 from deltaflex.train.data import rank_batch
 
 
-def write_tokens(path, tokens: torch.Tensor, dtype=torch.uint16):
-    path.write_bytes(tokens.to(dtype).numpy().tobytes() if dtype == torch.uint16 else tokens.to(torch.int64).numpy().astype("uint32").tobytes())
-    return path
+def write_tokens(path, tokens: torch.Tensor, dtype="uint16"):
+    return write_token_file(path, tokens.long(), dtype)
 
 
 @pytest.mark.parametrize("dtype", ["uint16", "uint32"])
 def test_windows_and_labels(tmp_path, dtype):
     ids = torch.randint(0, 70000 if dtype == "uint32" else 60000, (8 * 5 + 3,))
-    path = write_tokens(tmp_path / "t.bin", ids, torch.uint16 if dtype == "uint16" else torch.uint32)
+    path = write_tokens(tmp_path / "t.bin", ids, dtype)
+    assert path.stat().st_size == ids.numel() * (2 if dtype == "uint16" else 4)
     data = TokenFile(path, dtype, seq_len=8, shuffle=False)
     assert data.num_tokens == ids.numel() and data.num_windows == 5
     inputs, labels = data.examples(1, 3)
@@ -56,8 +56,7 @@ def test_truncated_file(tmp_path):
     path.write_bytes(b"\x01\x00" * 40 + b"\x01")
     with pytest.raises(ValueError, match="truncated: 81 bytes is not a whole number of uint16 tokens"):
         TokenFile(path, seq_len=8)
-    write_tokens(path, torch.randint(0, 10, (21,)), torch.uint32)
-    path.write_bytes(path.read_bytes()[:-2])
+    path.write_bytes(write_tokens(tmp_path / "u.bin", torch.randint(0, 10, (21,)), "uint32").read_bytes()[:-2])
     with pytest.raises(ValueError, match="truncated: 82 bytes is not a whole number of uint32"):
         TokenFile(path, "uint32", seq_len=8)
 
@@ -77,3 +76,15 @@ def test_ids_outside_the_vocabulary(tmp_path):
 def test_bad_dtype(tmp_path):
     with pytest.raises(ValueError, match="token dtype must be one of"):
         TokenFile(write_tokens(tmp_path / "t.bin", torch.zeros(100)), "int32")
+
+
+def test_write_token_file_refuses_to_overwrite_and_out_of_range_ids(tmp_path):
+    path = write_tokens(tmp_path / "t.bin", torch.tensor([1, 2, 3]))
+    with pytest.raises(FileExistsError, match="not overwritten"):
+        write_tokens(path, torch.tensor([4]))
+    assert TokenFile(path, seq_len=2).tokens.tolist() == [1, 2, 3]
+    with pytest.raises(ValueError, match="ids must lie in \\[0, 65535\\] to be stored as uint16"):
+        write_tokens(tmp_path / "u.bin", torch.tensor([65536]))
+    with pytest.raises(ValueError, match="non-empty 1-D integer tensor"):
+        write_tokens(tmp_path / "u.bin", torch.zeros(2, 2, dtype=torch.long))
+    assert not (tmp_path / "u.bin").exists()

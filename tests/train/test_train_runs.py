@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from deltaflex.models import preset
-from deltaflex.train import TokenFile, TrainConfig, train
+from deltaflex.train import TokenFile, TrainConfig, train, write_token_file
 from deltaflex.train.checkpoint import check_compatible
 
 MODEL = preset("hybrid-sliding-window", 2, vocab_size=64, hidden_size=32, num_heads=2, window_size=16)
@@ -27,10 +27,8 @@ CLI_ARGS = ["--preset", "hybrid-sliding-window", "--layers", "2", "--vocab", "64
 
 @pytest.fixture(scope="module")
 def tokens(tmp_path_factory):
-    path = tmp_path_factory.mktemp("data") / "tokens.bin"
     g = torch.Generator().manual_seed(0)
-    path.write_bytes(torch.randint(0, 64, (4000,), generator=g).to(torch.uint16).numpy().tobytes())
-    return path
+    return write_token_file(tmp_path_factory.mktemp("data") / "tokens.bin", torch.randint(0, 64, (4000,), generator=g))
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +52,7 @@ def assert_same_curve(out, reference):
 
 def torchrun(tokens, out, *args):
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-               "-m", "deltaflex.cli.app", "train", "--data", str(tokens), "--out", str(out), *CLI_ARGS, *args]
+               "-m", "deltaflex.cli", "train", "--data", str(tokens), "--out", str(out), *CLI_ARGS, *args]
     done = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     return done.stdout
