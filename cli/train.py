@@ -110,8 +110,10 @@ def train(
         def on_log(r: dict):
             records.append(r)
             mem = f" {r['peak_gib']:.1f} GiB" if "peak_gib" in r else ""
-            progress.update(bar, completed=r["step"],
-                            info=f"loss {r['loss']:.4f} {r['tokens_per_s']:.4g} tok/s{mem} lr {r['lr']:.2e}")
+            info = f"loss {r['loss']:.4f} {r['tokens_per_s']:.4g} tok/s{mem} lr {r['lr']:.2e}"
+            progress.update(bar, completed=r["step"], info=info)
+            if not console.is_terminal:  # a log file gets a line a record (the bar is drawn once, at the end)
+                progress.console.print(f"step {r['step']}: {info}", markup=False, highlight=False)
 
         try:
             summary = run_training(model_config, train_config, source, out, device=dev, max_minutes=max_minutes, on_log=on_log)
