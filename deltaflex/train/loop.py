@@ -28,7 +28,7 @@ from ..models.mqar import IGNORE
 from . import checkpoint
 from .config import TrainConfig
 from .data import MQARData, TokenFile, rank_batch
-from .distributed import Runtime, all_sum, shard, start, stop
+from .distributed import Runtime, all_sum, barrier, shard, start, stop
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -124,6 +124,7 @@ def _train(model_config, config, data, out, runtime: Runtime, max_minutes, on_lo
     local, micro = config.micro_batches(runtime.world_size)
     record = checkpoint.run_record(model_config, config, data)
     resume_from = _check_folder(out, record)
+    barrier(runtime)  # every rank has read the folder before rank 0 writes to it
 
     torch.manual_seed(config.seed)  # every rank builds the same full model, then keeps its shards
     model = shard(CausalLM(model_config, plan=config.plan), runtime, config.compile)
@@ -140,11 +141,11 @@ def _train(model_config, config, data, out, runtime: Runtime, max_minutes, on_lo
     cuda = device.type == "cuda"
     autocast = cuda if config.bf16 is None else config.bf16
     fsdp = runtime.distributed
-    params = [p for p in model.parameters()]
+    params = list(model.parameters())
     deadline = None if max_minutes is None else time.monotonic() + 60 * max_minutes
     loss_sum = torch.zeros((), device=device)
     grad_norm = torch.zeros((), device=device)
-    window_start, window_steps, stopped, saved = time.perf_counter(), 0, False, None
+    window_start, window_steps, stopped, saved = time.perf_counter(), 0, False, resume_from
     run_start = window_start
     if cuda:
         torch.cuda.reset_peak_memory_stats(device)
