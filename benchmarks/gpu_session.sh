@@ -12,7 +12,8 @@
 # kernels (benchmarks/profile_kernels.py: Triton stage, fusion and launch-config timings; $KERNELS_FLAGS),
 # packed (profile_plan.py on 16K packed tokens, documents of mean length 512, $PACKED_PLANS against fla),
 # layer (benchmarks/bench_layer.py; $LAYER_FLAGS), lm (benchmarks/bench_lm.py; $LM_FLAGS),
-# mqar (benchmarks/mqar.py; $MQAR_FLAGS).
+# mqar (benchmarks/mqar.py; $MQAR_FLAGS), train (deltaflex train on random tokens, $TRAIN_GPUS ranks under torchrun
+# when > 1, $TRAIN_FLAGS; the run folder, checkpoints included, stays in /tmp: run.json and metrics.jsonl come back).
 set -uo pipefail
 OUT=${OUT:-/tmp/deltaflex-out}
 mkdir -p "$OUT"
@@ -83,6 +84,12 @@ for step in "$@"; do
       python3 benchmarks/bench_lm.py --out "$OUT" ${LM_FLAGS:-} 2>&1 | grep -v -i warn | tee "$OUT/lm.log" | tail -12 ;;
     mqar)
       python3 benchmarks/mqar.py --out "$OUT/mqar" ${MQAR_FLAGS:-} 2>&1 | grep -v -i warn | tee "$OUT/mqar.log" | tail -25 ;;
+    train)
+      tokens=/tmp/deltaflex-tokens.bin gpus=${TRAIN_GPUS:-1} run=/tmp/deltaflex-train-${TRAIN_GPUS:-1}gpu
+      [ -f $tokens ] || python3 -c "import torch; from deltaflex.train import write_token_file; write_token_file('$tokens', torch.randint(0, 32000, (${TRAIN_TOKENS:-20000000},)))"
+      launch=(python3 -m deltaflex.cli); [ "$gpus" -gt 1 ] && launch=(python3 -m torch.distributed.run --standalone --nproc-per-node "$gpus" -m deltaflex.cli)
+      rm -rf "$run"; "${launch[@]}" train --data $tokens --out "$run" ${TRAIN_FLAGS:-} 2>&1 | grep -v -i warn | tee "$OUT/train-${gpus}gpu.log" | tail -4
+      mkdir -p "$OUT/train-${gpus}gpu" && cp "$run"/run.json "$run"/metrics.jsonl "$OUT/train-${gpus}gpu/" ;;
     *) echo "unknown step $step" ;;
   esac
 done

@@ -9,6 +9,7 @@ from .bench import bench
 from .compare import compare
 from .info import info
 from .mqar import mqar
+from .train import train
 from .tune import tune
 
 app = typer.Typer(help="deltaflex: the DeltaNet delta rule as compiled blocked PyTorch ops.", no_args_is_help=True)
@@ -17,6 +18,7 @@ app.command()(tune)
 app.command()(compare)
 app.command()(info)
 app.command()(mqar)
+app.command()(train)
 app.add_typer(plans.app, name="plans")
 
 

@@ -1,0 +1,5 @@
+"""`python -m deltaflex.cli ...` (e.g. under torchrun: `torchrun --nproc-per-node 8 -m deltaflex.cli train ...`)."""
+
+from .app import main
+
+main()
