@@ -30,11 +30,12 @@ import torch
 import triton
 import triton.language as tl
 
+from ..plan import STATE_SEGMENTS
 from ..kernels.common import INTERPRETED, launch, load_rows, load_state, load_tile, store_state, to_low
 from .state import state_fwd_kernel
 from .tiles import block, dot_fine, dot_round, dot_split, load_rows_t, sequence_of
 
-SEGMENT_CHUNKS = (4, 8, 16, 32, 64, 128, 256)  # the segment lengths G a plan may fix (plan.py)
+SEGMENT_CHUNKS = tuple(G for G in STATE_SEGMENTS if G > 1)  # the segment lengths G a plan may fix
 
 # Launch parameters by key head dim (<= 64, <= 128, <= 256): phase 1 ("maps") and 2 ("starts").
 # Not yet swept on the H200; the sm_90 builds fit without spills (benchmarks/kernel_resources.py).
@@ -299,7 +300,7 @@ def state_two_level(k, w, u, h, s0: Optional[torch.Tensor], final, segments: Opt
     p = empty(n_segs, H, K, K, dtype=torch.float32, like=k)
     d = empty(n_segs, H, K, V, dtype=torch.float32, like=k)
     starts = empty(n_segs, H, K, V, dtype=torch.float32, like=k)
-    table = segments.table if PACKED else empty(n_segs, 4, dtype=torch.int64, like=k)
+    table = segments.table if PACKED else torch.empty(n_segs, 4, dtype=torch.int64, device=k.device)  # phase 1 fills it
     of_sequence = segments.of_sequence if PACKED else table
     maps = _opts("maps", K, V)
     if n_segs:
