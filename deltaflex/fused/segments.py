@@ -31,20 +31,20 @@ import triton
 import triton.language as tl
 
 from ..plan import STATE_SEGMENTS
-from ..kernels.common import INTERPRETED, launch, load_rows, load_state, load_tile, store_state, to_low
+from ..kernels.common import INTERPRETED, dot_low, launch, load_rows, load_state, load_tile, store_state, to_low
 from .state import state_fwd_kernel
 from .tiles import block, dot_fine, dot_round, dot_split, load_rows_t, sequence_of
 
 SEGMENT_CHUNKS = tuple(G for G in STATE_SEGMENTS if G > 1)  # the segment lengths G a plan may fix
 
 # Launch parameters by key head dim (<= 64, <= 128, <= 256): phase 1 ("maps") and 2 ("starts").
-# Not yet swept on the H200; the sm_90 builds fit without spills (benchmarks/kernel_resources.py).
+# Not yet swept on the H200; the sm_90 builds fit without spills (benchmarks/kernel_resources.py): phase 2's
+# P tiles all load at the top of its loop, hence its narrow value blocks at K >= 128.
 LAUNCH = {
     64: {"maps": dict(BV=64, num_warps=4, num_stages=2), "starts": dict(BV=64, num_warps=4, num_stages=2)},
-    128: {"maps": dict(BV=64, num_warps=4, num_stages=2), "starts": dict(BV=64, num_warps=4, num_stages=2)},
-    256: {"maps": dict(BV=64, num_warps=4, num_stages=2), "starts": dict(BV=32, num_warps=4, num_stages=1)},
+    128: {"maps": dict(BV=64, num_warps=4, num_stages=2), "starts": dict(BV=32, num_warps=4, num_stages=1)},
+    256: {"maps": dict(BV=64, num_warps=4, num_stages=2), "starts": dict(BV=16, num_warps=4, num_stages=1)},
 }
-
 
 def _opts(kernel: str, K: int, V: int) -> dict:
     opts = dict(LAUNCH[next(d for d in (64, 128, 256) if K <= d)][kernel])
@@ -245,17 +245,38 @@ def segment_maps_kernel(k_ptr, w_ptr, u_ptr, p_ptr, d_ptr, segs_ptr, T, NT, NS,
 
 
 @triton.jit
-def _p_times_s(acc, p_c, i: tl.constexpr, s0, s1, s2, s3, K: tl.constexpr, BK: tl.constexpr, LOW: tl.constexpr):
-    """Tile i of acc + P S, P [K, K] float32 at p_c, both operands split (float32 inputs: 3xTF32)."""
-    if i * BK < K:
-        acc = dot_fine(load_tile(p_c, i, 0, K, K, BK, BK), s0, acc, LOW)
-        if BK < K:
-            acc = dot_fine(load_tile(p_c, i, 1, K, K, BK, BK), s1, acc, LOW)
-        if 2 * BK < K:
-            acc = dot_fine(load_tile(p_c, i, 2, K, K, BK, BK), s2, acc, LOW)
-        if 3 * BK < K:
-            acc = dot_fine(load_tile(p_c, i, 3, K, K, BK, BK), s3, acc, LOW)
+def _p_dot(acc, p_c, i: tl.constexpr, m: tl.constexpr, s_hi, s_lo, s, K: tl.constexpr, BK: tl.constexpr,
+           LOW: tl.constexpr):
+    """acc + P[i, m] S_m, P float32 [K, K] at p_c: S split in advance into s_hi + s_lo (bf16/fp16: three
+    products, as dot_fine), float32 inputs: 3xTF32 on s."""
+    if m * BK < K:
+        p = load_tile(p_c, i, m, K, K, BK, BK)
+        if LOW == 0:
+            acc = dot_fine(p, s, acc, LOW)
+        else:
+            p_hi = to_low(p, LOW)
+            acc = dot_low(p_hi, s_hi, acc)
+            acc = dot_low(p_hi, s_lo, acc)
+            acc = dot_low(to_low(p - p_hi.to(tl.float32), LOW), s_hi, acc)
     return acc
+
+
+@triton.jit
+def _p_times_s(acc, p_c, i: tl.constexpr, h0, l0, s0, h1, l1, s1, h2, l2, s2, h3, l3, s3, K: tl.constexpr,
+               BK: tl.constexpr, LOW: tl.constexpr):
+    """Tile i of acc + P S."""
+    if i * BK < K:
+        acc = _p_dot(acc, p_c, i, 0, h0, l0, s0, K, BK, LOW)
+        acc = _p_dot(acc, p_c, i, 1, h1, l1, s1, K, BK, LOW)
+        acc = _p_dot(acc, p_c, i, 2, h2, l2, s2, K, BK, LOW)
+        acc = _p_dot(acc, p_c, i, 3, h3, l3, s3, K, BK, LOW)
+    return acc
+
+
+@triton.jit
+def _hi_lo(s, LOW: tl.constexpr):
+    hi = to_low(s, LOW)
+    return hi, to_low(s - hi.to(tl.float32), LOW)
 
 
 @triton.jit
@@ -279,13 +300,17 @@ def segment_starts_kernel(p_ptr, d_ptr, starts_ptr, s0_ptr, final_ptr, of_seq_pt
     for j in range(count):
         sh = (first + j) * H + i_h
         store_state(starts_ptr + sh * K * V, s0, s1, s2, s3, iv, K, V, BK, BV)
+        h0, l0 = _hi_lo(s0, LOW)
+        h1, l1 = _hi_lo(s1, LOW)
+        h2, l2 = _hi_lo(s2, LOW)
+        h3, l3 = _hi_lo(s3, LOW)
         d0, d1, d2, d3 = load_state(d_ptr + sh * K * V, iv, K, V, BK, BV)
         p_c = p_ptr + sh * K * K
-        n0 = _p_times_s(d0, p_c, 0, s0, s1, s2, s3, K, BK, LOW)
-        n1 = _p_times_s(d1, p_c, 1, s0, s1, s2, s3, K, BK, LOW)
-        n2 = _p_times_s(d2, p_c, 2, s0, s1, s2, s3, K, BK, LOW)
-        n3 = _p_times_s(d3, p_c, 3, s0, s1, s2, s3, K, BK, LOW)
-        s0, s1, s2, s3 = n0, n1, n2, n3
+        n0 = _p_times_s(d0, p_c, 0, h0, l0, s0, h1, l1, s1, h2, l2, s2, h3, l3, s3, K, BK, LOW)
+        n1 = _p_times_s(d1, p_c, 1, h0, l0, s0, h1, l1, s1, h2, l2, s2, h3, l3, s3, K, BK, LOW)
+        n2 = _p_times_s(d2, p_c, 2, h0, l0, s0, h1, l1, s1, h2, l2, s2, h3, l3, s3, K, BK, LOW)
+        n3 = _p_times_s(d3, p_c, 3, h0, l0, s0, h1, l1, s1, h2, l2, s2, h3, l3, s3, K, BK, LOW)
+        s0, s1, s2, s3 = n0, n1, n2, n3  # (bf16/fp16: the float32 tiles are dead once split)
     store_state(final_ptr + i_nh.to(tl.int64) * K * V, s0, s1, s2, s3, iv, K, V, BK, BV)
 
 
