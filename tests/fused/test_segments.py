@@ -101,6 +101,7 @@ def test_setting():
     assert segments.segment_length(1, [1024], 8, 128, 128, cpu) == 0
     assert segments.segment_length(16, [1024], 8, 128, 128, cpu) == 16
     assert segments.segment_length(0, [1024], 8, 128, 128, cpu) == 0  # no SMs to fill off CUDA
+    assert segments.segment_length(2, [4096], 32, 64, 64, cpu) == 4  # 2048 segments x 32 heads: too many programs
     assert plan_from_spec("fused,state_segment=32") == two_level(32)
     assert two_level(32).describe() == "C64 fused, segments of 32" and ONE_LEVEL.describe().endswith("one-level state")
     with pytest.raises(ValueError, match="state_segment"):
