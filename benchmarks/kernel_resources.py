@@ -79,7 +79,7 @@ def op_calls(K: int, V: int, C: int, policy: str, low: torch.dtype, layout: str 
         pk = {"chunks": t(N, 2, dtype=torch.int32), "seqs": t(1, 4, dtype=torch.int64)} if layout == "packed" else {}
         seg = {"segment_table": t(N, 4, dtype=torch.int64), "segment_of_sequence": t(1, 2, dtype=torch.int64)}
         calls += [("fused_fwd", fused.fused_forward, (q, k, v, beta.to(low), s0, 0.5, C), pk),
-                  ("fused_fwd_segments", fused.fused_forward, (q, k, v, beta.to(low), s0, 0.5, C),
+                  ("fused_fwd_seg", fused.fused_forward, (q, k, v, beta.to(low), s0, 0.5, C),
                    {**(pk or {"chunks": None, "seqs": None}), "segment": 2, **(seg if pk else {})}),
                   ("fused_bwd", fused.fused_backward, (q, k, v, beta.to(low), tf, s0, do, s0, 0.5, C), pk)]
     if layout == "chunk":  # decoding reads tokens [B, T, H, D] (T = 2) whatever the chunk stages' layout

@@ -9,6 +9,8 @@ import torch
 
 from deltaflex import bench_prefill as bp
 
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
 
 def test_shapes_and_segment_lengths():
     names = [str(s) for s in bp.prefill_shapes()]
@@ -32,7 +34,7 @@ def test_rows_table_and_jsonl(monkeypatch, tmp_path):
     monkeypatch.setattr(bp, "fla_run", lambda cu_always: bp.ours(1))  # a stand-in for fla
     monkeypatch.setattr(bp, "_ORACLE", {})
     shapes = [bp.PrefillShape((40,), 1, 16), bp.PrefillShape((20, 30), 1, 16)]
-    rows = bp.run_in_process(torch.device("cpu"), shapes, fla=True, log=lambda s: None)
+    rows = bp.run_in_process(DEVICE, shapes, fla=True, log=lambda s: None)
     bp.add_ratios(rows)
     timed = [r for r in rows if "ms" in r]
     assert [r["contender"] for r in timed] == ["ours auto (one-level)", "ours one-level", "ours G=2", "fla chunk"] * 2
