@@ -78,7 +78,10 @@ def op_calls(K: int, V: int, C: int, policy: str, low: torch.dtype, layout: str 
     if layout in ("tokens", "packed") and C in fused.CHUNK_SIZES:  # the fused path reads the caller's layout only
         tf = t(B, T, H, C)
         pk = {"chunks": t(N, 2, dtype=torch.int32), "seqs": t(1, 4, dtype=torch.int64)} if layout == "packed" else {}
+        seg = {"segment_table": t(N, 4, dtype=torch.int64), "segment_of_sequence": t(1, 2, dtype=torch.int64)}
         calls += [("fused_fwd", fused.fused_forward, (q, k, v, beta.to(low), s0, 0.5, C), pk),
+                  ("fused_fwd_seg", fused.fused_forward, (q, k, v, beta.to(low), s0, 0.5, C),
+                   {**(pk or {"chunks": None, "seqs": None}), "segment": 2, **(seg if pk else {})}),
                   ("fused_bwd", fused.fused_backward, (q, k, v, beta.to(low), tf, s0, do, s0, 0.5, C), pk)]
     if layout == "chunk":  # decoding reads tokens [B, T, H, D] (T = 2) whatever the chunk stages' layout
         calls.append(("recurrent_step", recurrent_step.recurrent_step,
@@ -92,9 +95,11 @@ def recorded_launches(op, args, outputs: list | None = None, kwargs: dict | None
     `outputs`)."""
     from deltaflex import kernels
     from deltaflex.fused import chunk as fused
+    from deltaflex.fused import segments
 
     calls = []
-    modules = (kernels.common, kernels.solve, kernels.wy, kernels.state, kernels.output, kernels.recurrent_step, fused)
+    modules = (kernels.common, kernels.solve, kernels.wy, kernels.state, kernels.output, kernels.recurrent_step, fused,
+               segments)
     saved = [m.launch for m in modules]
     for m in modules:
         m.launch = lambda kernel, grid, *a, **kw: calls.append((kernel, a, kw))

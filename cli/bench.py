@@ -50,8 +50,22 @@ def bench(
     check: bool = typer.Option(True, help="check outputs against the float64 oracle first"),
     compile_checks: bool = typer.Option(True, help="for compiled plans: warm start in a new process and recompiles as T/B change"),
     out: Path = typer.Option(None, help="write bench.json here"),
+    regime: str = typer.Option("training", help="training: the shapes above, forward and backward; prefill: long "
+                               "prompts at few heads, forward only under inference_mode (deltaflex/bench_prefill.py; "
+                               "its own shapes and contenders; --out gets prefill.jsonl)"),
 ):
     """Time deltaflex plans against fla and causal SDPA at the shapes of the paper's kernel benchmark."""
+    if regime not in ("training", "prefill"):
+        raise typer.BadParameter(f"expected training or prefill, got {regime!r}", param_hint="--regime")
+    if regime == "prefill":
+        from deltaflex.bench_prefill import run
+
+        if not torch.cuda.is_available():
+            raise typer.BadParameter("the prefill regime needs a CUDA device", param_hint="--regime")
+        if out:
+            out.mkdir(parents=True, exist_ok=True)
+        run(out=str(out / "prefill.jsonl") if out else None, fla=fla, log=say)
+        return
     from deltaflex.bench import Shape, paper_shapes, recompile_check, run_benchmark, warm_start_seconds
 
     dev = parse_device(device)

@@ -63,13 +63,18 @@ def delta_rule(
     plan = resolve_plan(plan, chunk_size, q.device.type, auto=auto)  # checks the plan can run here
     if plan.fused:
         from .fused.function import FusedDeltaRuleFunction, Packing
+        from .fused.segments import Segments, segment_length
 
         if q.dtype not in (torch.bfloat16, torch.float16, torch.float32):
             raise TypeError(f"plan 'fused' takes bfloat16, float16 or float32 inputs, got q of dtype {q.dtype}; "
                             "use plan='compiled' or 'eager' for float64")
-        packing = None if lengths is None else Packing.of(lengths, plan.chunk_size, q.device)
+        C = plan.chunk_size
+        packing = None if lengths is None else Packing.of(lengths, C, q.device)
+        chunks = [-(-n // C) for n in lengths] if packed else [-(-T // C)] * B
+        segment = segment_length(plan.state_segment, chunks, H, K, v.shape[-1], q.device)
+        segments = Segments.of(lengths, C, segment, q.device) if packed and segment else None
         return FusedDeltaRuleFunction.apply(q, k, v, beta, initial_state, scale, bool(use_qk_l2norm),
-                                            bool(output_final_state), plan.chunk_size, packing)
+                                            bool(output_final_state), C, packing, segment, segments)
     layout = None if lengths is None else packed_layout(lengths, plan.chunk_size, plan.state_group, q.device)
     return ChunkDeltaRuleFunction.apply(
         q, k, v, beta, initial_state, scale, bool(use_qk_l2norm), bool(output_final_state), plan, layout

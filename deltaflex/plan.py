@@ -28,6 +28,7 @@ COMPILE_MODES = ("default", "reduce-overhead", "max-autotune-no-cudagraphs")  # 
 PRECISIONS = ("auto", *POLICIES)  # matmul policy of the chunk stages (chunk/matmul.py)
 STATE_GROUPS = (1, 2, 4, 8, 16)
 FUSED_CHUNK_SIZES = (16, 32, 64)  # the fused path's inverse (deltaflex/fused/prepare.py)
+STATE_SEGMENTS = (0, 1, 2, 4, 8, 16, 32, 64, 128, 256)  # 0: automatic, 1: one-level (deltaflex/fused/segments.py)
 TRITON_DEVICE_TYPES = ("cuda",)
 NUM_WARPS = (1, 2, 4, 8, 16, 32)
 BLOCK_SIZES = (16, 32, 64, 128, 256)  # tl.arange needs powers of two
@@ -163,6 +164,9 @@ class Plan:
     # All-Triton plans: the fused path (deltaflex/fused/chunk.py: 3 forward and 5 backward launches,
     # its own precision scheme) instead of the stage-by-stage kernels; chunk sizes 16 to 64.
     fused: bool = False
+    # The fused forward's state pass: 0 chooses from the shape and the GPU (fused/segments.py), 1 takes
+    # the one-level pass, G the two-level, sequence-parallel pass in segments of G chunks (prefill).
+    state_segment: int = 0
     precision: str = "auto"  # matmul policy; auto: see precision_for
     # Launch configurations of the hand-written stages; None: the kernel's own default.
     solve_kernel: KernelConfig | None = None
@@ -208,6 +212,11 @@ class Plan:
                                  "leave precision='auto' and state_group=1")
             if any(getattr(self, f"{stage}_kernel") is not None for stage in STAGES):
                 raise ValueError("plan fused runs none of the stage kernels: leave the *_kernel configurations unset")
+        if self.state_segment not in STATE_SEGMENTS or not _is_int(self.state_segment):
+            raise ValueError(f"plan state_segment must be one of {STATE_SEGMENTS}, got {self.state_segment!r}")
+        if self.state_segment and not self.fused:
+            raise ValueError("plan state_segment chooses the fused path's state pass: it needs fused=True "
+                             "(compiled plans group chunks with state_group)")
         if self.state_group not in STATE_GROUPS:
             raise ValueError(f"plan state_group must be one of {STATE_GROUPS}, got {self.state_group!r}")
         if self.precision not in PRECISIONS:
@@ -263,7 +272,8 @@ class Plan:
         stage a hand-written kernel) or 'C128 compiled, triton state[BK=64 w4 s2]' (compiled stages
         with one hand-written stage)."""
         if self.fused:
-            return f"C{self.chunk_size} fused"
+            segment = {0: "", 1: ", one-level state"}.get(self.state_segment, f", segments of {self.state_segment}")
+            return f"C{self.chunk_size} fused{segment}"
         hand = [s for s in STAGES if getattr(self, s) == "triton"]
         extras = [f"precision={self.precision}"] if self.precision != "auto" else []
         extras += ["unrolled"] if self.unroll else []
@@ -401,7 +411,7 @@ def resolve_plan(plan, chunk_size: int | None, device_type: str, auto=None, dtyp
 
 
 __all__ = [
-    "BACKENDS", "CHUNK_SIZES", "COMPILE_MODES", "FUSED_CHUNK_SIZES", "NAMED_PLANS", "PLAN_NAMES", "PRECISIONS", "STAGES", "KernelConfig", "KernelSpace",
+    "BACKENDS", "CHUNK_SIZES", "COMPILE_MODES", "FUSED_CHUNK_SIZES", "NAMED_PLANS", "PLAN_NAMES", "PRECISIONS", "STAGES", "STATE_SEGMENTS", "KernelConfig", "KernelSpace",
     "Plan", "available_backends", "check_available", "default_plan", "kernel_space", "register_triton_stage",
     "resolve_plan",
 ]

@@ -1,7 +1,8 @@
 """The tuner's search space, derived from what the Plan record and the backend registry offer.
 
 Dimensions: where every stage has a hand-written kernel, first whether to take the fused path
-(deltaflex/fused: chunk sizes up to 64, its own launch parameters); else the chunk size; per stage,
+(deltaflex/fused: chunk sizes up to 64, its own launch parameters, its forward's state pass: one-level or
+in segments of G chunks); else the chunk size; per stage,
 its available backends (only "compiled" until a hand-written kernel registers); per hand-written
 stage, its block sizes, num_warps and num_stages; whether to compile, torch.compile's mode and, on
 CUDA, the compiled plan's state grouping and CUDA graphs. A dimension with one choice is fixed, not
@@ -19,6 +20,8 @@ from deltaflex.plan import (CHUNK_SIZES, FUSED_CHUNK_SIZES, STAGES, TRITON_DEVIC
 # What a compiled plan may vary on a GPU: fewer sequential state-pass steps (state_group) and
 # CUDA-graph replay, the two levers of the compiled plan's speed (docs/design-compiled.md).
 COMPILED_OPTIONS_CUDA = (("state_group", (1, 4, 8)), ("cuda_graph", (False, True)))
+# The fused forward's state pass: automatic, one-level, or two-level in segments of G chunks (prefill).
+FUSED_STATE_SEGMENTS = (0, 1, 16, 32, 64, 128)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,6 +58,7 @@ class SearchSpace:
         if all_triton and _pick(trial, "fused", (False, True)):
             chunk_sizes = tuple(c for c in self.chunk_sizes if c in FUSED_CHUNK_SIZES)
             return Plan(chunk_size=_pick(trial, "fused.chunk_size", chunk_sizes), compile=False, fused=True,
+                        state_segment=_pick(trial, "fused.state_segment", FUSED_STATE_SEGMENTS),
                         **{stage: "triton" for stage in STAGES})
         fields = {"chunk_size": _pick(trial, "chunk_size", self.chunk_sizes)}
         kernels = dict(self.kernels)
@@ -98,7 +102,7 @@ class SearchSpace:
         for _, choices in self.compiled_options:
             per_compiled *= len(choices)
         compiles = sum(per_compiled if c else 1 for c in self.compile)
-        fused = len([c for c in self.chunk_sizes if c in FUSED_CHUNK_SIZES]) if all_triton else 0
+        fused = len([c for c in self.chunk_sizes if c in FUSED_CHUNK_SIZES]) * len(FUSED_STATE_SEGMENTS) if all_triton else 0
         return len(self.chunk_sizes) * per_stage * compiles + fused
 
 
@@ -122,7 +126,8 @@ class _Recorder:
 
     def __init__(self, plan: Plan):
         self.params: dict = {}
-        values = {**dataclasses.asdict(plan), "fused.chunk_size": plan.chunk_size}
+        values = {**dataclasses.asdict(plan), "fused.chunk_size": plan.chunk_size,
+                  "fused.state_segment": plan.state_segment}
         for stage in STAGES:
             config = plan.kernel(stage)
             if config is not None:

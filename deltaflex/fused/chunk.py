@@ -4,6 +4,7 @@ Forward, 3 launches (fla: 6):
   1. prepare_fwd   per chunk    T = (I + A)^-1 (kept for backward), W, U
   2. state_fwd     per head     h[n] (chunk start states), V_new (over U), the final state
   3. output        per chunk    o, in the caller's layout and dtype
+  (long sequences at small B*H: 2 is segments.py's two-level pass, three launches over segments of chunks)
 Backward, 5 launches (fla: 7 and a PyTorch sum):
   1. prepare_bwd   per chunk    W, U from the saved T; dV_local = scale tril(Q K^T)^T dO
   2. state_fwd     per head     h[n], V_new again (nothing per chunk is kept between the passes)
@@ -36,6 +37,7 @@ from ..validation import state_dtype
 from .grads import qk_grads_kernel, wy_grads_kernel
 from .output import output_kernel
 from .prepare import prepare_bwd_kernel, prepare_fwd_kernel
+from .segments import Segments, state_two_level
 from .state import state_bwd_kernel, state_fwd_kernel
 from .tiles import block
 
@@ -122,7 +124,8 @@ def _geometry(q, v, chunk_size, chunks, seqs):
     return B, T, H, K, v.shape[-1], chunks.shape[0], seqs.shape[0], NT
 
 
-def _forward_fake(q, k, v, beta, s0, scale, chunk_size, chunks=None, seqs=None):
+def _forward_fake(q, k, v, beta, s0, scale, chunk_size, chunks=None, seqs=None, segment=0, segment_table=None,
+                  segment_of_sequence=None):
     B, T, H, K, V, n_chunks, S, _ = _geometry(q, v, chunk_size, chunks, seqs)
     return (_empty(B, T, H, V, dtype=v.dtype, like=q), _empty(S, H, K, V, dtype=state_dtype(q.dtype), like=q),
             _empty(B, T, H, chunk_size, dtype=torch.float32, like=q))
@@ -131,8 +134,11 @@ def _forward_fake(q, k, v, beta, s0, scale, chunk_size, chunks=None, seqs=None):
 @define_op("fused_fwd", _forward_fake)
 def fused_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torch.Tensor, s0: Optional[torch.Tensor],
                   scale: float, chunk_size: int, chunks: Optional[torch.Tensor] = None,
-                  seqs: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(o [B, T, H, V] in v's dtype, final state [sequences, H, K, V] float32, T [B, T, H, C] float32)."""
+                  seqs: Optional[torch.Tensor] = None, segment: int = 0, segment_table: Optional[torch.Tensor] = None,
+                  segment_of_sequence: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(o [B, T, H, V] in v's dtype, final state [sequences, H, K, V] float32, T [B, T, H, C] float32).
+    segment > 1: the two-level state pass in segments of that many chunks (segments.py; packed
+    sequences: with their `Segments` tables)."""
     B, T, H, K, V, n_chunks, S, NT = _geometry(q, v, chunk_size, chunks, seqs)
     C, LOW, PACKED = chunk_size, _LOW[q.dtype], chunks is not None
     BK = block(K)
@@ -148,8 +154,12 @@ def fused_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torch
     launch(prepare_fwd_kernel, (n_chunks, B * H), k, v, beta, t, w, u, chunks, T, NT, BK=BK, BV=block(V), **sizes,
            **_opts("prepare_fwd", K, V))
     opts = _opts("state_fwd", K, V)
-    launch(state_fwd_kernel, (triton.cdiv(V, opts["BV"]), S * H), k, w, u, h, s0, final, seqs,
-           T, NT, BK=BK, HAS_S0=s0 is not None, HAS_FINAL=True, SPLIT=SPLIT_STATE, **sizes, **opts)
+    if segment > 1:
+        segments = Segments(segment_table, segment_of_sequence) if PACKED else None
+        state_two_level(k, w, u, h, s0, final, segments, T, NT, S, segment, sizes, opts, SPLIT_STATE, _empty)
+    else:
+        launch(state_fwd_kernel, (triton.cdiv(V, opts["BV"]), S * H), k, w, u, h, s0, final, seqs,
+               T, NT, BK=BK, HAS_S0=s0 is not None, HAS_FINAL=True, SPLIT=SPLIT_STATE, **sizes, **opts)
     launch(output_kernel, (n_chunks, B * H), q, k, u, h, o, chunks, scale, T, NT, BK=BK, **sizes, **_opts("output", K, V))
     return o, final, t
 

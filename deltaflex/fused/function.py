@@ -24,12 +24,15 @@ def _normalised(q: torch.Tensor, k: torch.Tensor, use_qk_l2norm: bool):
 class FusedDeltaRuleFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, beta, initial_state, scale, use_qk_l2norm, output_final_state, chunk_size,
-                packing: Packing | None):
+                packing: Packing | None, segment: int = 0, segments=None):
         q, k, v, beta = (x.contiguous() for x in (q, k, v, beta))
         s0 = None if initial_state is None else initial_state.to(state_dtype(q.dtype)).contiguous()
         qn, kn = _normalised(q, k, use_qk_l2norm)
         tables = () if packing is None else (packing.chunks, packing.seqs)
-        o, final, t = fused_forward(qn, kn, v, beta, s0, scale, chunk_size, *tables)
+        two_level = ()  # segment > 1: the forward's two-level state pass (segments.py); backward's stay one-level
+        if segment > 1:
+            two_level = (*(tables or (None, None)), segment, *(segments or ()))
+        o, final, t = fused_forward(qn, kn, v, beta, s0, scale, chunk_size, *(two_level or tables))
         ctx.save_for_backward(q, k, v, beta, s0, t)
         ctx.options = (scale, use_qk_l2norm, chunk_size, packing, None if initial_state is None else initial_state.dtype)
         return o, (final if output_final_state else None)
@@ -47,4 +50,4 @@ class FusedDeltaRuleFunction(torch.autograd.Function):
             dq = l2norm_backward(q.float(), dq.float()).to(q.dtype)
             dk = l2norm_backward(k.float(), dk.float()).to(k.dtype)
         ds0 = None if initial_dtype is None else ds0.to(initial_dtype)
-        return dq, dk, dv, dbeta, ds0, None, None, None, None, None
+        return dq, dk, dv, dbeta, ds0, None, None, None, None, None, None, None

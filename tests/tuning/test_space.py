@@ -5,13 +5,13 @@ import pytest
 
 from deltaflex import plan as plan_module
 from deltaflex.plan import CHUNK_SIZES, KernelConfig, KernelSpace, Plan, default_plan, register_triton_stage
-from deltaflex.tuning.space import SearchSpace
+from deltaflex.tuning.space import FUSED_STATE_SEGMENTS, SearchSpace
 
 
 def all_plans(space: SearchSpace) -> set[Plan]:
     """Every plan the space holds, by sampling it exhaustively with optuna's grid of fixed trials."""
-    names = ["chunk_size", "compile", "compile_mode", "fused", "fused.chunk_size"]
-    choices = [space.chunk_sizes, space.compile, space.compile_modes, (False, True), (16, 32, 64)]
+    names = ["chunk_size", "compile", "compile_mode", "fused", "fused.chunk_size", "fused.state_segment"]
+    choices = [space.chunk_sizes, space.compile, space.compile_modes, (False, True), (16, 32, 64), FUSED_STATE_SEGMENTS]
     for stage, backends in space.backends:
         names.append(stage), choices.append(backends)
     for name, options in space.compiled_options:
@@ -90,9 +90,11 @@ def test_the_fused_path_is_searched_where_every_stage_has_a_kernel(no_kernels):
         register_triton_stage(stage, KernelSpace(num_warps=(4, 8), num_stages=(2,), default=KernelConfig()))
     space = SearchSpace.for_device("cuda", compile=False)
     plans = all_plans(space)
-    # per chunk size: (compiled or 2 launch configs) per stage = 3^4; plus the fused path at chunk sizes 16-64
-    assert len(plans) == space.size() == 4 * 3**4 + 3
+    # per chunk size: (compiled or 2 launch configs) per stage = 3^4; plus the fused path at chunk sizes 16-64,
+    # each with its forward's state pass automatic, one-level or in segments of 16 to 128 chunks
+    assert len(plans) == space.size() == 4 * 3**4 + 3 * 6
     fused = [p for p in plans if p.fused]
-    assert sorted(p.chunk_size for p in fused) == [16, 32, 64]
+    assert sorted({p.chunk_size for p in fused}) == [16, 32, 64]
+    assert {p.state_segment for p in fused} == set(FUSED_STATE_SEGMENTS) == {0, 1, 16, 32, 64, 128}
     assert all(set(p.backends().values()) == {"triton"} and not p.compile for p in fused)
     assert all(space.params(p) is not None for p in fused)
