@@ -92,7 +92,8 @@ LAUNCH = {
 # and 4 or 8 warps to read shared memory out of bounds (compute-sanitizer; benchmarks/probes/
 # fused_configs.py finds such configurations); 64-wide blocks were right at 2, 4 and 8 warps, 32-wide
 # ones at 2, and a test with K = 32 faulted at the table's launches. Head dims under 64 (narrow key or
-# value blocks everywhere) therefore launch every kernel with 2 warps: not yet checked on the H200.
+# value blocks everywhere) therefore launch every kernel with 2 warps: on the H200 that is right at K = V
+# = 16 and K = 32, V = 24, where wy_grads at 4 warps faults (benchmarks/probes/fused_nan.py).
 NARROW_WARPS = 2
 SPLIT_STATE = True  # the state update's V_new as hi + lo (state.py)
 
