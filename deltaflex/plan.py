@@ -370,6 +370,8 @@ def check_available(plan: Plan, device_type: str) -> None:
     wrong_device = [
         s for s, backend in plan.backends().items() if backend == "triton" and backend not in available_backends(s, device_type)
     ]
+    if wrong_device and plan.fused:
+        raise ValueError(f"the fused path's kernels run on {triton_device_types()} devices only, not on {device_type!r}")
     if wrong_device:
         raise ValueError(
             f"plan stages {wrong_device} use the triton backend, which runs on {triton_device_types()} devices only, "

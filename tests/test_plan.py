@@ -156,6 +156,12 @@ def test_triton_stages_are_refused_until_they_exist(no_kernels):
             delta_rule(**x, plan=name)
 
 
+def test_the_fused_plan_says_it_needs_cuda():
+    pytest.importorskip("triton")
+    with pytest.raises(ValueError, match="the fused path's kernels run on .* devices only, not on 'mps'"):
+        check_available(NAMED_PLANS["fused"], "mps")  # (the CPU runs them under TRITON_INTERPRET)
+
+
 def test_registered_kernels_become_available_on_cuda_only(fake_state_kernel):
     assert available_backends("state", "cuda") == ("compiled", "triton")
     assert available_backends("state", "cpu") == ("compiled",)
