@@ -12,10 +12,10 @@ the passes, Tb = T diag(beta) and P = tril(Q K^T):
     dk  = Tb^T dW + (diag(beta) dA + (diag(beta) dA)^T) K + dP^T Q + V_new dh^T
 `qk_grads_kernel` (one program per chunk and block of BK keys) takes the output and state terms: dq,
 and dk's last two terms as a float32 partial; then `wy_grads_kernel` (one program per chunk) the WY
-and inverse terms: dv, dbeta, and dk, the partial plus its first two terms (dW kept in registers, in
-the input dtype, from the first of its terms to the last: the partial is read once). (In this order the
-passes' V_new and dh are freed before the second launch, which needs neither.) Products split their float32 operand where the float64 oracle
-showed rounding it costs accuracy (dV_new in dTb and dv, V_new in dP, dP in dq), and round it
+and inverse terms: dv, dbeta, and dk, the partial plus its first two terms; dW stays in registers,
+in the input dtype, from its first term to dk's, so the partial is read once. (In this order the
+passes' V_new and dh are freed before the second launch, which needs neither.) Products split their
+float32 operand where the float64 oracle showed rounding it costs accuracy (dV_new in dTb and dv, V_new in dP, dP in dq), and round it
 elsewhere (docs/design-fused.md).
 
 Grid: (chunks, B*H) and (cdiv(K, BK), chunks, B*H). Blocks: [C, C] tiles for T, dTb, dP, dA; head
