@@ -38,6 +38,8 @@ def bench(
     dtype: str = typer.Option(None, help="bf16, fp16, fp32 or fp64. Default: bf16 on CUDA, fp32 on CPU."),
     chunk_size: int = typer.Option(None, help="chunk size for every deltaflex plan (default: each plan's own, 64 unless its spec says)"),
     fla: bool = typer.Option(True, help="include fla-core's kernels when importable"),
+    transformers: bool = typer.Option(True, help="include transformers' torch fallback (eager and compiled) when importable"),
+    threads: int = typer.Option(None, min=1, help="torch.set_num_threads for the run (CPU)"),
     check: bool = typer.Option(True, help="check outputs against the float64 oracle first"),
     compile_checks: bool = typer.Option(True, help="for compiled plans: warm start in a new process and recompiles as T/B change"),
     out: Path = typer.Option(None, help="write bench.json here"),
@@ -63,7 +65,7 @@ def bench(
         os.environ.setdefault("TRITON_CACHE_DIR", os.path.join(cache, "triton"))
     say(f"device {dev} ({device_name(dev)}), dtype {dt}, torch {torch.__version__}, plans {plans}")
     rows = run_benchmark(shapes, plans, device=dev, dtype=dt, chunk_size=chunk_size, fla=fla, check=check,
-                         log=say)
+                         log=say, transformers=transformers, threads=threads)
     extra = {}
     if compile_checks:
         for p in (p for p in plans if p != "eager"):
