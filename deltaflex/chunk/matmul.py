@@ -81,6 +81,8 @@ def dot_add(c: torch.Tensor, a: torch.Tensor, b: torch.Tensor, dot: Dot, alpha: 
     dtype (on a CPU every separate pass over a [B, H, N, C, D] tensor costs about as much as a third of
     a chunk product)."""
     if is_plain(dot) and a.dtype == b.dtype == c.dtype:
+        if a.dim() == b.dim() == c.dim() == 3 and a.shape[0] == b.shape[0] == c.shape[0]:
+            return torch.baddbmm(c, a, b, beta=beta, alpha=alpha)
         batch = c.shape[:-2]
         return torch.baddbmm(c.reshape(-1, *c.shape[-2:]), _batched(a, batch), _batched(b, batch), beta=beta,
                              alpha=alpha).reshape(c.shape)

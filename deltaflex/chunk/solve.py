@@ -22,7 +22,7 @@ _PLAIN = {dtype: make_dot("fp32", dtype) for dtype in (torch.float32, torch.floa
 
 def kkt(k: torch.Tensor, beta: torch.Tensor, dot: Dot) -> torch.Tensor:
     """A = tril(diag(beta) K K^T, -1); k [..., C, K], beta [..., C] -> [..., C, C]."""
-    return torch.tril(dot(k, k.transpose(-1, -2)).mul_(beta[..., None]), -1)
+    return dot(k, k.transpose(-1, -2)).mul_(beta[..., None]).tril_(-1)
 
 
 def _diagonal_pairs(a: torch.Tensor, b: int) -> torch.Tensor:
@@ -61,7 +61,7 @@ def invert_unit_lower_blocks(a: torch.Tensor) -> torch.Tensor:
 def solve_unit_lower_backward(t: torch.Tensor, dt: torch.Tensor) -> torch.Tensor:
     """Gradient w.r.t. the strictly lower A of T = (I + A)^-1: tril(-T^T dT T^T, -1)."""
     tt = t.transpose(-1, -2)
-    return torch.tril(torch.matmul(scaled_dot(tt, dt, dot=_PLAIN[t.dtype], alpha=-1.0), tt), -1)
+    return torch.matmul(scaled_dot(tt, dt, dot=_PLAIN[t.dtype], alpha=-1.0), tt).tril_(-1)
 
 
 def kkt_backward(k: torch.Tensor, beta: torch.Tensor, da: torch.Tensor, dot: Dot) -> tuple[torch.Tensor, torch.Tensor]:

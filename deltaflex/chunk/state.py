@@ -28,7 +28,7 @@ from torch._higher_order_ops.scan import scan
 from torch.utils._pytree import tree_map
 
 from .layout import Segments
-from .matmul import Dot, dot_add, is_plain
+from .matmul import Dot, dot_add, is_plain, scaled_dot
 
 KINDS = ("loop", "scan")
 
@@ -48,9 +48,16 @@ def _run(step, carry, xs: tuple[torch.Tensor, ...], kind: str, dim: int, reverse
         return final, tree_map(lambda y: y.movedim(0, dim), ys)
     if kind != "loop":
         raise ValueError(f"stepping kind must be one of {KINDS}, got {kind!r}")
+    # The batch dims before `dim` merged into one, so a step's products are plain 3-d baddbmm calls:
+    # at small sizes a step costs its Python and dispatch overhead, not its arithmetic.
+    batch = carry.shape[:dim]
+    if dim > 1 and all(x.shape[:dim] in (batch, (1,) * dim) for x in xs):
+        final, ys = _run(step, carry.flatten(0, dim - 1), tuple(x.flatten(0, dim - 1) for x in xs), kind, 1, reverse)
+        return final.unflatten(0, batch), tree_map(lambda y: y.unflatten(0, batch), ys)
     outs = []
-    for n in reversed(range(xs[0].shape[dim])) if reverse else range(xs[0].shape[dim]):
-        carry, y = step(carry, tuple(x.select(dim, n) for x in xs))
+    slices = list(zip(*(x.unbind(dim) for x in xs)))
+    for x_n in reversed(slices) if reverse else slices:
+        carry, y = step(carry, x_n)
         outs.append(y)
     if reverse:
         outs.reverse()
@@ -164,7 +171,7 @@ def state_pass_backward(
 
     With `segments` (packed sequences, B = 1), ds_final and dS_0 are [S, H, K, V]."""
     q, k, w, do = _operands(dot, ds_final.dtype, q, k, w, do)
-    g = scale * dot(q.transpose(-1, -2), do)  # the part of dS_n from chunk n's own output
+    g = scaled_dot(q.transpose(-1, -2), do, dot, scale)  # the part of dS_n from chunk n's own output
     if segments is not None:
         return _segmented_state_pass_backward(k, w, g, dv_local, ds_final, dot, impl, segments)
     m = impl.group
