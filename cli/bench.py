@@ -33,7 +33,7 @@ def _bench_table(rows: list[dict]) -> Table:
 
 def bench(
     shape: list[str] = typer.Option(None, help="B,T,H,K[,V]; repeatable. Default: DESIGN.md's shapes on CUDA, 1,512,4,64 on CPU."),
-    plan: list[str] = typer.Option(None, help="deltaflex plans to time: a name, or a spec such as state_group=8,cuda_graph=1 or triton,precision=bf16; repeatable. Default: fused (the default plan there) and compiled on CUDA, eager and compiled on CPU."),
+    plan: list[str] = typer.Option(None, help="deltaflex plans to time: a name (auto: the tuned or default plan), or a spec such as state_group=8,cuda_graph=1 or triton,precision=bf16; repeatable. Default: fused (the default plan there) and compiled on CUDA, eager and compiled on CPU."),
     device: str = typer.Option(None, help="cuda, cuda:N or cpu. Default: cuda when available."),
     dtype: str = typer.Option(None, help="bf16, fp16, fp32 or fp64. Default: bf16 on CUDA, fp32 on CPU."),
     chunk_size: int = typer.Option(None, help="chunk size for every deltaflex plan (default: each plan's own, 64 unless its spec says)"),
@@ -55,7 +55,7 @@ def bench(
 
     for p in plans:
         try:
-            plan_from_spec(p)
+            plan_from_spec(p) if p != "auto" else None  # auto: the tuned or default plan per shape
         except (TypeError, ValueError) as e:
             raise typer.BadParameter(str(e), param_hint="--plan") from None
     if any(p != "eager" for p in plans):
@@ -68,7 +68,7 @@ def bench(
                          log=say, transformers=transformers, threads=threads)
     extra = {}
     if compile_checks:
-        for p in (p for p in plans if p != "eager"):
+        for p in (p for p in plans if p not in ("eager", "auto")):
             extra[p] = {"warm_start_s": warm_start_seconds(shapes[0], p, dt, str(dev), chunk_size)}
             if dev.type == "cuda":
                 extra[p]["graphs_compiled_as_T_B_change"] = recompile_check(p, device=str(dev), dtype=dt)

@@ -79,7 +79,8 @@ def deltaflex_contender(plan: str | Plan, chunk_size: int | None = None, name: s
     def forward(q, k, v, beta):
         return delta_rule(q, k, v, beta, chunk_size=chunk_size, plan=plan)[0]
 
-    return Contender(name, forward, compiles=plan.compile or "triton" in plan.backends().values())
+    compiles = isinstance(plan, Plan) and (plan.compile or "triton" in plan.backends().values())  # auto: per shape
+    return Contender(name, forward, compiles=compiles)
 
 
 def _plan(plan: str | Plan) -> Plan | str:
