@@ -19,9 +19,9 @@ def output(q, k, v_new, states, scale: float, dot: Dot) -> torch.Tensor:
 def output_backward(q, k, v_new, states, do, scale: float, dot: Dot):
     """Returns (dq, dk, dv_new) of `output`; its gradient for the states is taken in the reverse
     state pass (`state.state_pass_backward`)."""
-    dov = scaled_dot(do, v_new.transpose(-1, -2), dot, scale).tril_()  # scale tril(dO V_new^T)
+    dov = dot(do, v_new.transpose(-1, -2)).tril_()  # unscaled: under bf16 policies it is rounded as the kernels do
     scores = dot(q, k.transpose(-1, -2)).tril_()
-    dq = dot_add(scaled_dot(do, states.transpose(-1, -2), dot, scale), dov, k, dot)
-    dk = dot(dov.transpose(-1, -2), q)
+    dq = dot_add(scaled_dot(do, states.transpose(-1, -2), dot, scale), dov, k, dot, alpha=scale)
+    dk = scaled_dot(dov.transpose(-1, -2), q, dot, scale)
     dv_new = scaled_dot(scores.transpose(-1, -2), do, dot, scale)
     return dq, dk, dv_new

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from .matmul import Dot, dot_add, make_dot, scaled_dot
+from .matmul import Dot, dot_add, is_plain, make_dot, scaled_dot
 
 _PLAIN = {dtype: make_dot("fp32", dtype) for dtype in (torch.float32, torch.float64)}
 
@@ -66,7 +66,11 @@ def solve_unit_lower_backward(t: torch.Tensor, dt: torch.Tensor) -> torch.Tensor
 
 def kkt_backward(k: torch.Tensor, beta: torch.Tensor, da: torch.Tensor, dot: Dot) -> tuple[torch.Tensor, torch.Tensor]:
     """(dk, dbeta) of A = tril(diag(beta) K K^T, -1), given a strictly lower da."""
-    # With M = dA K: dbeta_i = k_i . M_i and dk = beta M + (beta dA)^T K (no K K^T to rebuild).
-    m = dot(da, k)
-    dbeta = (m * k).sum(-1)
-    return dot_add(beta[..., None] * m, (beta[..., None] * da).transpose(-1, -2), k, dot), dbeta
+    da_beta = beta[..., None] * da
+    if is_plain(dot):
+        # With M = dA K: dbeta_i = k_i . M_i and dk = beta M + (beta dA)^T K (no K K^T to rebuild).
+        m = dot(da, k)
+        return dot_add(beta[..., None] * m, da_beta.transpose(-1, -2), k, dot), (m * k).sum(-1)
+    # bf16 policies: K K^T of exact operands, not a product of a rounded dA (as the kernels do)
+    dbeta = (da * dot(k, k.transpose(-1, -2))).sum(-1)
+    return dot(da_beta, k) + dot(da_beta.transpose(-1, -2), k), dbeta

@@ -9,10 +9,11 @@ where dV_local_n is the part of dV_new_n that comes from chunk n's own output.
 Only what must be sequential runs step by step: each step is two fused multiply-adds (`dot_add`).
 A scanned step's only output is V_new_n (dV_new_n) and the per-chunk states are rebuilt afterwards,
 in parallel, by a cumulative sum over chunks; a Python loop hands out the states it carries anyway
-(the rebuild's product and cumulative sum cost more than the forward's solve on a CPU). On a GPU a step costs its kernel launches, not its work, so
-`Stepping.group` = m > 1 cuts the number of steps from N to m + N/m with a two-level pass: the m
-chunks of every state chunk are first combined (from a zero state, in parallel over state chunks)
-into the state chunk's own WY factors, then one pass runs over the N/m state chunks.
+(the rebuild's product and cumulative sum cost more than the forward's solve on a CPU).
+On a GPU a step costs its kernel launches, not its work, so `Stepping.group` = m > 1 cuts the
+number of steps from N to m + N/m with a two-level pass: the m chunks of every state chunk are
+first combined (from a zero state, in parallel over state chunks) into the state chunk's own WY
+factors, then one pass runs over the N/m state chunks.
 
 `Stepping.kind` picks how steps run: "loop", a Python loop (eager; Dynamo would unroll it, one
 graph per N), or "scan", torch's scan higher-order op, which traces one step so one compiled graph
