@@ -42,11 +42,13 @@ def _compile_line(plan: str, checks: dict) -> str:
 
 def bench(
     shape: list[str] = typer.Option(None, help=f"B,T,H,K[,V]; repeatable. Default on CUDA: {PAPER_SHAPES}; 1,512,4,64 on CPU."),
-    plan: list[str] = typer.Option(None, help="deltaflex plans to time: a name, or a spec such as state_group=8,cuda_graph=1 or triton,precision=bf16; repeatable. Default: fused (the default plan there) and compiled on CUDA, eager and compiled on CPU."),
+    plan: list[str] = typer.Option(None, help="deltaflex plans to time: a name (auto: the tuned or default plan), or a spec such as state_group=8,cuda_graph=1 or triton,precision=bf16; repeatable. Default: fused (the default plan there) and compiled on CUDA, eager and compiled on CPU."),
     device: str = typer.Option(None, help="cuda, cuda:N or cpu. Default: cuda when available."),
     dtype: str = typer.Option(None, help="bf16, fp16, fp32 or fp64. Default: bf16 on CUDA, fp32 on CPU."),
     chunk_size: int = typer.Option(None, help="chunk size for every deltaflex plan (default: each plan's own, 64 unless its spec says)"),
     fla: bool = typer.Option(True, help="include fla-core's kernels when importable"),
+    transformers: bool = typer.Option(True, help="include transformers' torch fallback (eager and compiled) when importable"),
+    threads: int = typer.Option(None, min=1, help="torch.set_num_threads for the run (CPU)"),
     check: bool = typer.Option(True, help="check outputs against the float64 oracle first"),
     compile_checks: bool = typer.Option(True, help="for compiled plans: warm start in a new process and recompiles as T/B change"),
     out: Path = typer.Option(None, help="write bench.json here"),
@@ -76,7 +78,7 @@ def bench(
 
     for p in plans:
         try:
-            plan_from_spec(p)
+            plan_from_spec(p) if p != "auto" else None  # auto: the tuned or default plan per shape
         except (TypeError, ValueError) as e:
             raise typer.BadParameter(str(e), param_hint="--plan") from None
     if any(p != "eager" for p in plans):
@@ -89,9 +91,9 @@ def bench(
     extra = {}
     with library_warnings() as caught:
         rows = run_benchmark(shapes, plans, device=dev, dtype=dt, chunk_size=chunk_size, fla=fla, check=check,
-                             log=say)
+                             log=say, transformers=transformers, threads=threads)
         if compile_checks:
-            for p in (p for p in plans if p != "eager"):
+            for p in (p for p in plans if p not in ("eager", "auto")):
                 say(f"{p}: warm start (a first call in a new process, compile caches filled)...")
                 extra[p] = {"warm_start_s": warm_start_seconds(shapes[0], p, dt, str(dev), chunk_size)}
                 if dev.type == "cuda":

@@ -42,7 +42,8 @@ def _checked_plan_names(names: list[str], device_type: str) -> list[str]:
     return names
 
 
-def _contenders(names: list[str], shape, dev: torch.device, dtype: torch.dtype, fla: bool, with_auto: bool):
+def _contenders(names: list[str], shape, dev: torch.device, dtype: torch.dtype, fla: bool, with_auto: bool,
+                transformers: bool = True):
     """(contender, plan description) pairs; "auto" joins the defaults when it differs from them."""
     from deltaflex.bench import deltaflex_contender, fla_contenders
     from deltaflex.plan import resolve_plan
@@ -55,6 +56,10 @@ def _contenders(names: list[str], shape, dev: torch.device, dtype: torch.dtype, 
     out = [(deltaflex_contender(plan, name=f"deltaflex[{name}]"), plan.describe()) for name, plan in plans.items()]
     if fla and dev.type == "cuda":
         out += [(c, "") for c in fla_contenders()]
+    if transformers:
+        from deltaflex.bench import transformers_contenders
+
+        out += [(c, c.note) for c in transformers_contenders()]
     return out
 
 
@@ -131,6 +136,8 @@ def compare(
     device: str = typer.Option(None, help="cuda, cuda:N or cpu. Default: cuda when available."),
     dtype: str = typer.Option(None, help="bf16, fp16, fp32 or fp64. Default: bf16 on CUDA, fp32 on CPU."),
     fla: bool = typer.Option(True, help="Include fla-core's kernels when importable (CUDA)."),
+    transformers: bool = typer.Option(True, help="Include transformers' torch fallback (eager and compiled) when importable."),
+    threads: int = typer.Option(None, min=1, help="torch.set_num_threads for the run (CPU)."),
     plot: Path = typer.Option(None, help="Draw the times into this image (needs matplotlib)."),
     out: Path = typer.Option(None, help="Write compare.json into this directory."),
 ):
@@ -145,12 +152,14 @@ def compare(
     names = _checked_plan_names(plan, dev.type) if plan else _default_plan_names(dev.type)
     if plot:
         _import_pyplot()  # fail before measuring, not after
+    if threads is not None:
+        torch.set_num_threads(threads)
     say(f"comparing on {dev}, {dt}: {names}")
     rows = []
     for s in shapes:
         x = make_inputs(s.B, s.T, s.H, s.K, s.V, dtype=dt, device=dev)
         o_ref = recurrent_delta_rule_ref(**x)[0]
-        for contender, description in _contenders(names, s, dev, dt, fla, with_auto=not plan):
+        for contender, description in _contenders(names, s, dev, dt, fla, with_auto=not plan, transformers=transformers):
             say(starting(s, contender))
             try:
                 row = measure(contender, x, o_ref, dev)

@@ -50,7 +50,8 @@ def delta_rule(
             path), or "auto": the plan `deltaflex tune` cached for this device, dtype and shape,
             else the default plan (`deltaflex.plan.default_plan`: on CUDA "fused" for bf16 with
             head dims of 64 or more, else "triton"; "compiled" for float64).
-            None picks "auto" on CUDA and "eager" on CPU.
+            None picks "auto" on CUDA and on CPU the eager blocked ops, in chunks of 32 for head
+            dims up to 64 (else 64).
 
     Returns:
         (o [B, T, H, V] in q's dtype, final_state or None).
@@ -60,7 +61,7 @@ def delta_rule(
     packed = cu_seqlens is not None or cu_seqlens_cpu is not None
     lengths = check_cu_seqlens(cu_seqlens, cu_seqlens_cpu, B, T, q.device) if packed else None
     auto = lambda: auto_plan(q.device, q.dtype, B, T, H, K, v.shape[-1])  # noqa: E731 - only called for "auto"
-    plan = resolve_plan(plan, chunk_size, q.device.type, auto=auto)  # checks the plan can run here
+    plan = resolve_plan(plan, chunk_size, q.device.type, auto=auto, dtype=q.dtype, head_dims=(K, v.shape[-1]))
     if plan.fused:
         from .fused.function import FusedDeltaRuleFunction, Packing
         from .fused.segments import Segments, segment_length

@@ -1,5 +1,5 @@
-"""The kernel benchmark of docs/benchmarks.md: deltaflex plans against fla and causal SDPA, in one process
-on the same inputs.
+"""The kernel benchmark of docs/benchmarks.md: deltaflex plans against fla, transformers' torch
+fallback (eager and compiled; `transformers_peer.py`) and causal SDPA, in one process on the same inputs.
 
 For every shape: each contender's output is checked against the float64 oracle first, then forward
 and forward+backward are timed (median of `triton.testing.do_bench` on CUDA, of a wall-clock loop on
@@ -67,6 +67,7 @@ class Contender:
     computes_delta_rule: bool = True  # False for the attention baseline: timed, not checked
     compiles: bool = False
     first_call: str = ""  # what a first call does besides running (compiles, autotuning), for progress lines
+    note: str = ""  # what runs, where the name does not say (peers)
 
 
 def deltaflex_contender(plan: str | Plan, chunk_size: int | None = None, name: str | None = None) -> Contender:
@@ -78,6 +79,8 @@ def deltaflex_contender(plan: str | Plan, chunk_size: int | None = None, name: s
     def forward(q, k, v, beta):
         return delta_rule(q, k, v, beta, chunk_size=chunk_size, plan=plan)[0]
 
+    if not isinstance(plan, Plan):  # auto: the plan is chosen per shape
+        return Contender(name, forward, compiles=True, first_call="the plan for the shape is chosen (and built)")
     builds = "triton" in plan.backends().values()
     first_call = ("torch.compile compiles the plan" + (", Triton its kernels" if builds else "") if plan.compile
                   else "Triton compiles the kernels" if builds else "")
@@ -101,15 +104,40 @@ def fla_contenders() -> list[Contender]:
     ]
 
 
+def transformers_contenders() -> list[Contender]:
+    """transformers' torch fallback (g = 0), eager and under torch.compile, where transformers is
+    importable; the fallback itself runs even where fla is importable (transformers_peer.py)."""
+    from . import transformers_peer
+
+    try:
+        transformers_peer.fallback()
+    except ImportError:  # transformers is an optional peer
+        return []
+    note = " (fla bypassed)" if transformers_peer.fla_importable() else ""
+
+    def eager(q, k, v, beta):
+        return transformers_peer.delta_rule(q, k, v, beta)[0]
+
+    def compiled(q, k, v, beta):
+        return transformers_peer.delta_rule(q, k, v, beta, compiled=True)[0]
+
+    about = transformers_peer.describe()
+    return [Contender(f"transformers fallback{note}", eager, note=about),
+            Contender(f"transformers fallback compiled{note}", compiled, compiles=True, note=about + ", torch.compile")]
+
+
 def _sdpa(q, k, v, beta):
     o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True)
     return o.transpose(1, 2)
 
 
-def contenders(plans: list[str], device: torch.device, chunk_size: int | None = None, fla: bool = True) -> list[Contender]:
+def contenders(plans: list[str], device: torch.device, chunk_size: int | None = None, fla: bool = True,
+               transformers: bool = True) -> list[Contender]:
     out = [deltaflex_contender(plan, chunk_size) for plan in plans]
     if fla and device.type == "cuda":
         out += fla_contenders()
+    if transformers:
+        out += transformers_contenders()
     return out + [Contender("sdpa causal", _sdpa, computes_delta_rule=False)]
 
 
@@ -146,7 +174,7 @@ def measure(contender: Contender, x: dict[str, torch.Tensor], o_ref: torch.Tenso
     """One contender at one shape: error, first-call time, forward and forward+backward times, memory."""
     leaves = [x[n].detach().requires_grad_() for n in ("q", "k", "v", "beta")]
     do = torch.randn_like(x["v"])
-    row: dict = {"contender": contender.name}
+    row: dict = {"contender": contender.name, **({"note": contender.note} if contender.note else {})}
 
     def fwd():
         return contender.forward(*leaves)
@@ -206,15 +234,20 @@ def run_benchmark(
     dtype: torch.dtype = torch.bfloat16,
     chunk_size: int | None = None,
     fla: bool = True,
+    transformers: bool = True,
     check: bool = True,
     log: Callable[[str], None] = print,
+    threads: int | None = None,
 ) -> list[dict]:
+    """Every contender at every shape (`threads`: torch.set_num_threads for the CPU runs)."""
+    if threads is not None:
+        torch.set_num_threads(threads)
     device = torch.device(device)
     rows = []
     for shape in shapes:
         x = make_inputs(shape.B, shape.T, shape.H, shape.K, shape.V, dtype=dtype, device=device)
         o_ref = recurrent_delta_rule_ref(**x)[0] if check else None
-        for contender in contenders(plans, device, chunk_size, fla):
+        for contender in contenders(plans, device, chunk_size, fla, transformers):
             log(starting(shape, contender))
             try:
                 row = measure(contender, x, o_ref, device)
@@ -222,6 +255,8 @@ def run_benchmark(
                 row = {"contender": contender.name, "error": "out of memory"}
                 torch.cuda.empty_cache()
             row.update(shape=str(shape), dtype=str(dtype).removeprefix("torch."))
+            if device.type == "cpu":
+                row["threads"] = torch.get_num_threads()
             rows.append(row)
             log(finished(row))
     add_fla_ratios(rows)

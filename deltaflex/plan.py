@@ -319,6 +319,7 @@ NAMED_PLANS = {
     **{f"mixed-{stage}": Plan(**{stage: "triton"}) for stage in STAGES},
 }
 PLAN_NAMES = (*NAMED_PLANS, "auto")
+CPU_SMALL_HEADS = Plan(chunk_size=32, compile=False)  # the CPU default for head dims up to 64
 
 
 def plan_from_spec(spec: str) -> Plan:
@@ -348,8 +349,12 @@ def default_plan(device_type: str, dtype=None, head_dims: tuple[int, int] | None
     measured: docs/benchmarks.md) where it has been checked on the H200 (bf16 inputs, key and value
     head dims of 64 or more), else the stage-by-stage kernels ("triton"); the compiled plan for
     float64 (which the kernels do not take) or where Triton is missing; eager on CPU, where compile
-    time (tens of seconds a graph) rarely pays off."""
+    time (tens of seconds a graph) rarely pays off, in chunks of 32 for head dims up to 64 (fewer
+    FLOPs in the chunk products; measured faster at 1 x 512 x 4 x 64 and 2 x 2048 x 8 x 64, slower
+    at head dim 128: docs/benchmarks.md, CPU)."""
     if device_type != "cuda":
+        if head_dims is not None and max(head_dims) <= 64:
+            return CPU_SMALL_HEADS
         return NAMED_PLANS["eager"]
     if dtype == torch.float64 or any(kernel_space(stage) is None for stage in STAGES):
         return NAMED_PLANS["compiled"]
@@ -386,14 +391,16 @@ def check_available(plan: Plan, device_type: str) -> None:
                 raise ValueError(f"plan {stage}_kernel does not fit the registered kernel: {e}") from None
 
 
-def resolve_plan(plan, chunk_size: int | None, device_type: str, auto=None, dtype=None) -> Plan:
+def resolve_plan(plan, chunk_size: int | None, device_type: str, auto=None, dtype=None,
+                 head_dims: tuple[int, int] | None = None) -> Plan:
     """A Plan from delta_rule's `plan` and `chunk_size` arguments; an explicit chunk_size wins.
 
     `auto` is a callable returning the plan for "auto" (the plan cache's lookup for the caller's
-    device, dtype and shape); None plans resolve to "auto" on CUDA and "eager" elsewhere.
+    device, dtype and shape); None plans resolve to "auto" on CUDA and to the CPU default
+    (`default_plan`, for the caller's head dims) elsewhere.
     """
     if plan is None:
-        plan = "auto" if device_type == "cuda" else "eager"
+        plan = "auto" if device_type == "cuda" else default_plan(device_type, dtype, head_dims)
     defaulted = plan == "auto"
     if isinstance(plan, str):
         if plan == "auto":

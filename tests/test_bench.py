@@ -12,7 +12,7 @@ from deltaflex.cli import app
 
 def test_run_benchmark_checks_and_times_every_contender():
     rows = run_benchmark([Shape(1, 40, 2, 16, 8)], ["eager", "eager,chunk_size=16,state_group=2"], device="cpu",
-                         dtype=torch.float32, log=lambda _: None)
+                         dtype=torch.float32, log=lambda _: None, transformers=False)
     by_name = {r["contender"]: r for r in rows}
     assert set(by_name) == {"deltaflex[eager]", "deltaflex[eager,chunk_size=16,state_group=2]", "sdpa causal"}
     assert by_name["deltaflex[eager]"]["rel_err"] < 1e-4
@@ -20,6 +20,21 @@ def test_run_benchmark_checks_and_times_every_contender():
     assert "rel_err" not in by_name["sdpa causal"]  # attention computes another function: timed only
     for r in rows:
         assert r["fwd_ms"] > 0 and r["fwd_bwd_ms"] > 0 and r["shape"] == "1x40x2x16x8"
+
+
+@pytest.mark.compile
+def test_run_benchmark_times_transformers_fallback_where_installed():
+    pytest.importorskip("transformers")
+    rows = run_benchmark([Shape(1, 40, 2, 16, 8)], ["eager"], device="cpu", dtype=torch.float32,
+                         log=lambda _: None, threads=2)
+    by_name = {r["contender"]: r for r in rows}
+    assert set(by_name) == {"deltaflex[eager]", "transformers fallback", "transformers fallback compiled",
+                            "sdpa causal"}
+    for name in ("transformers fallback", "transformers fallback compiled"):
+        row = by_name[name]
+        assert row["rel_err"] < 1e-4 and row["fwd_ms"] > 0 and row["fwd_bwd_ms"] > 0 and row["threads"] == 2
+        assert row["note"].startswith("torch fallback of transformers")
+    assert by_name["transformers fallback compiled"]["graphs_compiled"] >= 1
 
 
 def test_shapes():
@@ -33,7 +48,8 @@ def test_shapes():
 
 def test_cli_bench_on_cpu(tmp_path):
     result = CliRunner().invoke(
-        app, ["bench", "--device", "cpu", "--shape", "1,24,2,8", "--plan", "eager", "--out", str(tmp_path)]
+        app, ["bench", "--device", "cpu", "--shape", "1,24,2,8", "--plan", "eager", "--no-transformers", "--out",
+              str(tmp_path)]
     )
     assert result.exit_code == 0, result.output
     assert "deltaflex[eager]" in result.output

@@ -221,3 +221,10 @@ def test_auto_precision():
     assert NAMED_PLANS["triton"].precision_for("cpu") == "fp32"
     assert NAMED_PLANS["mixed-state"].precision_for("cuda") == "fp32"
     assert dataclasses.replace(NAMED_PLANS["triton"], precision="bf16").precision_for("cuda") == "bf16"
+
+
+def test_cpu_default_takes_chunks_of_32_for_small_heads():
+    assert default_plan("cpu", torch.float32, (64, 64)) == Plan(chunk_size=32, compile=False)
+    assert default_plan("cpu", torch.float32, (64, 128)) == default_plan("cpu") == NAMED_PLANS["eager"]
+    assert resolve_plan(None, None, "cpu", head_dims=(16, 32)).chunk_size == 32
+    assert resolve_plan(None, 16, "cpu", head_dims=(16, 32)).chunk_size == 16  # an explicit chunk size wins

@@ -109,7 +109,7 @@ def backward_chunks(q, k, v, beta, t, s0, do, ds_final, segments, *, scale, use_
     )
     dt, dk_wy, dv, dbeta_wy = wy_bwd(t, k, v, beta, dw, dv_new, dot)
     dk_solve, dbeta_solve = solve_bwd(k, beta, t, dt, dot)
-    dk = dk_output + dk_state + dk_wy + dk_solve
+    dk = (dk_output + dk_state).add_(dk_wy).add_(dk_solve)  # summed in place past the first sum
     dbeta = dbeta_wy + dbeta_solve
     if use_qk_l2norm and not chunk_size:
         dq, dk = l2norm_backward(q_raw, dq), l2norm_backward(k_raw, dk)

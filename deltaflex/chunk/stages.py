@@ -32,6 +32,7 @@ from . import output as _output
 from . import solve as _solve
 from . import state as _state
 from . import wy as _wy
+from .matmul import scaled_dot
 
 STAGES = ("solve", "wy", "state", "output")
 _REGISTRY: dict[tuple[str, str], tuple[Callable, Callable]] = {}
@@ -87,7 +88,7 @@ def _state_backward(q, k, w, v_new, states, do, dv_local, ds_final, scale, dot, 
         q, k, w, do, dv_local, ds_final, scale, dot=dot, impl=impl, segments=segments
     )
     dk = dot(v_new, ds_next.transpose(-1, -2))
-    dw = -dot(dv_new, states.transpose(-1, -2))
+    dw = scaled_dot(dv_new, states.transpose(-1, -2), dot, -1.0)
     return dv_new, dw, dk, ds0
 
 

@@ -6,12 +6,14 @@ Backward runs in reverse with dS_{n+1} (the gradient of the state leaving chunk 
     dV_new_n = dV_local_n + K_n dS_{n+1},   dS_n = dS_{n+1} + scale Q_n^T dO_n - W_n^T dV_new_n,
 where dV_local_n is the part of dV_new_n that comes from chunk n's own output.
 
-Only what must be sequential runs step by step: each step is two fused multiply-adds (`dot_add`)
-and its only output is V_new_n (dV_new_n); the per-chunk states are rebuilt afterwards, in parallel,
-by a cumulative sum over chunks. On a GPU a step costs its kernel launches, not its work, so
-`Stepping.group` = m > 1 cuts the number of steps from N to m + N/m with a two-level pass: the m
-chunks of every state chunk are first combined (from a zero state, in parallel over state chunks)
-into the state chunk's own WY factors, then one pass runs over the N/m state chunks.
+Only what must be sequential runs step by step: each step is two fused multiply-adds (`dot_add`).
+A scanned step's only output is V_new_n (dV_new_n) and the per-chunk states are rebuilt afterwards,
+in parallel, by a cumulative sum over chunks; a Python loop hands out the states it carries anyway
+(the rebuild's product and cumulative sum cost more than the forward's solve on a CPU).
+On a GPU a step costs its kernel launches, not its work, so `Stepping.group` = m > 1 cuts the
+number of steps from N to m + N/m with a two-level pass: the m chunks of every state chunk are
+first combined (from a zero state, in parallel over state chunks) into the state chunk's own WY
+factors, then one pass runs over the N/m state chunks.
 
 `Stepping.kind` picks how steps run: "loop", a Python loop (eager; Dynamo would unroll it, one
 graph per N), or "scan", torch's scan higher-order op, which traces one step so one compiled graph
@@ -27,7 +29,7 @@ from torch._higher_order_ops.scan import scan
 from torch.utils._pytree import tree_map
 
 from .layout import Segments
-from .matmul import Dot, dot_add, is_plain
+from .matmul import Dot, dot_add, is_plain, scaled_dot
 
 KINDS = ("loop", "scan")
 
@@ -47,9 +49,16 @@ def _run(step, carry, xs: tuple[torch.Tensor, ...], kind: str, dim: int, reverse
         return final, tree_map(lambda y: y.movedim(0, dim), ys)
     if kind != "loop":
         raise ValueError(f"stepping kind must be one of {KINDS}, got {kind!r}")
+    # The batch dims before `dim` merged into one, so a step's products are plain 3-d baddbmm calls:
+    # at small sizes a step costs its Python and dispatch overhead, not its arithmetic.
+    batch = carry.shape[:dim]
+    if dim > 1 and all(x.shape[:dim] in (batch, (1,) * dim) for x in xs):
+        final, ys = _run(step, carry.flatten(0, dim - 1), tuple(x.flatten(0, dim - 1) for x in xs), kind, 1, reverse)
+        return final.unflatten(0, batch), tree_map(lambda y: y.unflatten(0, batch), ys)
     outs = []
-    for n in reversed(range(xs[0].shape[dim])) if reverse else range(xs[0].shape[dim]):
-        carry, y = step(carry, tuple(x.select(dim, n) for x in xs))
+    slices = list(zip(*(x.unbind(dim) for x in xs)))
+    for x_n in reversed(slices) if reverse else slices:
+        carry, y = step(carry, x_n)
         outs.append(y)
     if reverse:
         outs.reverse()
@@ -86,24 +95,29 @@ def _state_chunks(x: torch.Tensor) -> torch.Tensor:
     return x.reshape(*x.shape[:3], x.shape[3] * x.shape[4], x.shape[5])
 
 
-def _forward_steps(k, w, u, s0, dot: Dot, kind: str, dim: int):
+def _forward_steps(k, w, u, s0, dot: Dot, kind: str, dim: int, with_states: bool = False):
+    """Returns (V_new, final state), and the state entering every step where `with_states`."""
+
     def step(s, x):
         k_n, w_n, u_n = x
         v_new = dot_add(u_n, w_n, s, dot, alpha=-1.0)
-        return dot_add(s, k_n.transpose(-1, -2), v_new, dot), v_new
+        return dot_add(s, k_n.transpose(-1, -2), v_new, dot), ((v_new, s) if with_states else v_new)
 
-    final, v_new = _run(step, s0, (k, w, u), kind, dim)
-    return v_new, final
+    final, ys = _run(step, s0, (k, w, u), kind, dim)
+    return (*ys, final) if with_states else (ys, final)
 
 
-def _backward_steps(k, w, g, x, ds_end, dot: Dot, kind: str, dim: int):
+def _backward_steps(k, w, g, x, ds_end, dot: Dot, kind: str, dim: int, with_states: bool = False):
+    """Returns (dV_new, dS_0), and the gradient entering every (reverse) step, dS_{n+1}, where
+    `with_states`."""
+
     def step(ds, xs):
         k_n, w_n, g_n, x_n = xs
         e = dot_add(x_n, k_n, ds, dot)
-        return ds + dot_add(g_n, w_n.transpose(-1, -2), e, dot, alpha=-1.0), e
+        return ds + dot_add(g_n, w_n.transpose(-1, -2), e, dot, alpha=-1.0), ((e, ds) if with_states else e)
 
-    ds_start, e = _run(step, ds_end, (k, w, g, x), kind, dim, reverse=True)
-    return e, ds_start
+    ds_start, ys = _run(step, ds_end, (k, w, g, x), kind, dim, reverse=True)
+    return (*ys, ds_start) if with_states else (ys, ds_start)
 
 
 def _state_chunk_wy(k, w, u, dot: Dot, impl: Stepping):
@@ -140,6 +154,8 @@ def state_pass(k, w, u, s0, *, dot: Dot, impl: Stepping, segments: Segments | No
     if segments is not None:
         return _segmented_state_pass(k, w, u, s0, dot, impl, segments)
     m = impl.group
+    if m == 1 and impl.kind == "loop":
+        return _forward_steps(k, w, u, s0, dot, impl.kind, dim=2, with_states=True)
     if m == 1:
         v_new, final = _forward_steps(k, w, u, s0, dot, impl.kind, dim=2)
     else:
@@ -156,10 +172,12 @@ def state_pass_backward(
 
     With `segments` (packed sequences, B = 1), ds_final and dS_0 are [S, H, K, V]."""
     q, k, w, do = _operands(dot, ds_final.dtype, q, k, w, do)
-    g = scale * dot(q.transpose(-1, -2), do)  # the part of dS_n from chunk n's own output
+    g = scaled_dot(q.transpose(-1, -2), do, dot, scale)  # the part of dS_n from chunk n's own output
     if segments is not None:
         return _segmented_state_pass_backward(k, w, g, dv_local, ds_final, dot, impl, segments)
     m = impl.group
+    if m == 1 and impl.kind == "loop":
+        return _backward_steps(k, w, g, dv_local, ds_final, dot, impl.kind, dim=2, with_states=True)
     if m == 1:
         dv_new, ds0 = _backward_steps(k, w, g, dv_local, ds_final, dot, impl.kind, dim=2)
     else:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from .matmul import Dot
+from .matmul import Dot, dot_add
 
 
 def wy(t: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torch.Tensor, dot: Dot):
@@ -18,6 +18,6 @@ def wy(t: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torch.Tensor, do
 def wy_backward(t, k, v, beta, dw, du, dot: Dot):
     """Returns (dt, dk, dv, dbeta) of W = (T diag(beta)) K, U = (T diag(beta)) V."""
     tb = t * beta[..., None, :]
-    dtb = dot(dw, k.transpose(-1, -2)) + dot(du, v.transpose(-1, -2))
+    dtb = dot_add(dot(dw, k.transpose(-1, -2)), du, v.transpose(-1, -2), dot)
     tbt = tb.transpose(-1, -2)
     return dtb * beta[..., None, :], dot(tbt, dw), dot(tbt, du), (dtb * t).sum(-2)

@@ -1,7 +1,9 @@
 import pytest
 import torch
 
-from deltaflex.chunk.solve import kkt, kkt_backward, solve_unit_lower, solve_unit_lower_backward
+from deltaflex.chunk.solve import (
+    invert_unit_lower_blocks, kkt, kkt_backward, solve_unit_lower, solve_unit_lower_backward,
+)
 from deltaflex.chunk.matmul import make_dot
 from deltaflex.testing import make_inputs, relative_error
 
@@ -21,14 +23,17 @@ def _exact_inverse(a):
 @pytest.mark.parametrize("C", [16, 32, 64, 128])
 @pytest.mark.parametrize("keys", ["random", "correlated"])
 @pytest.mark.parametrize("beta_scale", [1.0, 2.0])  # 2.0: beta near 2, as allow_neg_eigval permits
-def test_solve_unit_lower_is_accurate(C, keys, beta_scale):
+@pytest.mark.parametrize("inverse", [solve_unit_lower, invert_unit_lower_blocks])  # the CPU's, the GPU's
+def test_solve_unit_lower_is_accurate(C, keys, beta_scale, inverse):
     k, beta = _chunk_keys(C, keys, beta_scale=beta_scale)
     a64 = kkt(k, beta, DOT64)
     ref = _exact_inverse(a64)
-    assert relative_error(solve_unit_lower(a64), ref) < 1e-12
+    assert relative_error(inverse(a64), ref) < 1e-12
     # float32, where the loop-free power product is off by orders of magnitude on correlated keys
     a32 = kkt(k.float(), beta.float(), DOT32)
-    assert relative_error(solve_unit_lower(a32), _exact_inverse(a32)) < 1e-5
+    t32 = inverse(a32)
+    assert t32.dtype == torch.float32
+    assert relative_error(t32, _exact_inverse(a32)) < 1e-5
 
 
 def test_solve_unit_lower_backward_matches_autograd():

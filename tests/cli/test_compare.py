@@ -12,7 +12,7 @@ from deltaflex.tuning.cache import Entry, PlanCache
 from deltaflex.tuning.key import CacheKey, environment
 
 runner = CliRunner()
-SHAPE = ["--device", "cpu", "--shape", "1,40,2,16"]
+SHAPE = ["--device", "cpu", "--shape", "1,40,2,16", "--no-transformers"]
 
 
 def test_compare_times_and_checks_every_plan(tmp_path):
@@ -21,9 +21,23 @@ def test_compare_times_and_checks_every_plan(tmp_path):
     assert "deltaflex[eager]" in result.output and "deltaflex[auto]" in result.output  # not taken for markup
     rows = json.loads((tmp_path / "compare.json").read_text())["rows"]
     assert [r["contender"] for r in rows] == ["deltaflex[eager]", "deltaflex[auto]"]
+    assert [r["plan"] for r in rows] == ["C64 eager", "C32 eager"]  # auto: the CPU default for head dim 16
     for r in rows:
-        assert r["rel_err"] < 1e-4 and r["fwd_ms"] > 0 and r["fwd_bwd_ms"] > 0 and r["plan"] == "C64 eager"
+        assert r["rel_err"] < 1e-4 and r["fwd_ms"] > 0 and r["fwd_bwd_ms"] > 0
     assert rows[0]["speedup_fwd"] == 1.0 and rows[1]["speedup_fwd_bwd"] > 0  # against the first plan
+
+
+@pytest.mark.compile
+def test_compare_includes_transformers_fallback_where_installed(tmp_path):
+    pytest.importorskip("transformers")
+    result = runner.invoke(app, ["compare", "--device", "cpu", "--shape", "1,40,2,16,8", "--plan", "eager",
+                                 "--threads", "2", "--out", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    rows = json.loads((tmp_path / "compare.json").read_text())["rows"]
+    assert [r["contender"] for r in rows] == ["deltaflex[eager]", "transformers fallback",
+                                              "transformers fallback compiled"]
+    for r in rows[1:]:
+        assert r["rel_err"] < 1e-4 and r["plan"].startswith("torch fallback of transformers")
 
 
 def test_compare_adds_the_tuned_plan_by_default(tmp_path, monkeypatch):
@@ -86,7 +100,7 @@ def test_compare_help():
 
 @pytest.mark.gpu
 def test_compare_on_cuda(tmp_path):
-    result = runner.invoke(app, ["compare", "--device", "cuda", "--shape", "1,256,2,64", "--plan", "eager",
+    result = runner.invoke(app, ["compare", "--device", "cuda", "--shape", "1,256,2,64", "--no-transformers", "--plan", "eager",
                                  "--plan", "auto", "--out", str(tmp_path)])
     assert result.exit_code == 0, result.output
     rows = json.loads((tmp_path / "compare.json").read_text())["rows"]

@@ -34,15 +34,15 @@ def lookup(B=1, T=100, H=2, K=16, V=16, dtype=torch.float32):
 
 
 def test_default_without_a_tuned_plan():
-    assert lookup() == default_plan("cpu")
+    assert lookup() == default_plan("cpu", torch.float32, (16, 16))
 
 
 def test_tuned_plan_by_bucket(monkeypatch):
     save()
     assert lookup() == TUNED
     assert lookup(T=65) == TUNED and lookup(B=2, H=1) == TUNED  # same buckets (T <= 128, B*H <= 2)
-    assert lookup(T=129) == default_plan("cpu") and lookup(K=32) == default_plan("cpu")
-    assert lookup(dtype=torch.float64) == default_plan("cpu")
+    assert lookup(T=129) == default_plan("cpu", torch.float32, (16, 16)) and lookup(K=32) == default_plan("cpu", torch.float32, (16, 16))
+    assert lookup(dtype=torch.float64) == default_plan("cpu", torch.float32, (16, 16))
     seen = plans_used(monkeypatch)
     x = make_inputs(1, 100, 2, 16, dtype=torch.float32)
     o, _ = delta_rule(**x, plan="auto")
@@ -53,7 +53,7 @@ def test_tuned_plan_by_bucket(monkeypatch):
 
 
 def test_a_new_tuned_plan_is_seen_without_restarting():
-    assert lookup() == default_plan("cpu")
+    assert lookup() == default_plan("cpu", torch.float32, (16, 16))
     save()
     assert lookup() == TUNED
     save(plan=Plan(chunk_size=128, compile=False))
@@ -72,13 +72,13 @@ def test_cached_plan_that_cannot_run_here_falls_back_to_the_default(monkeypatch)
     monkeypatch.setattr("deltaflex.plan.triton_device_types", lambda: ("cuda",))  # a CPU without Triton's interpreter
     save(plan=Plan(chunk_size=32, state="triton"))  # hand-written kernels run on CUDA only
     with pytest.warns(PlanCacheWarning, match="cannot run here"):
-        assert lookup() == default_plan("cpu")
+        assert lookup() == default_plan("cpu", torch.float32, (16, 16))
 
 
 def test_plans_of_other_versions_are_not_used():
     save(env=dataclasses.replace(environment("cpu"), deltaflex="0.0.1"))
     with pytest.warns(PlanCacheWarning, match="other versions"):
-        assert lookup() == default_plan("cpu")
+        assert lookup() == default_plan("cpu", torch.float32, (16, 16))
 
 
 @pytest.mark.compile

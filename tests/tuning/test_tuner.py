@@ -15,8 +15,8 @@ from deltaflex.tuning import check, tuner
 from deltaflex.tuning.cache import PlanCache
 from deltaflex.tuning.tuner import DeviceFault, Evaluator, TuningFailed, is_device_fault, tune
 
-SHAPE = Shape(1, 64, 2, 16, 16)
-DEFAULT = default_plan("cpu")  # eager, chunk 64
+SHAPE = Shape(1, 64, 2, 16, 128)  # a value head dim over 64: the CPU default has chunks of 64
+DEFAULT = default_plan("cpu", torch.float32, (SHAPE.K, SHAPE.V))  # eager, chunk 64
 
 
 def fake_times(monkeypatch, times):
@@ -98,7 +98,7 @@ def test_a_plan_that_faults_the_gpu_ends_the_run_and_is_skipped_when_it_resumes(
 
 def test_a_default_plan_that_faults_the_gpu_fails_the_tuning(monkeypatch):
     fake_times(monkeypatch, {16: 1.0, 32: 1.0, 64: RuntimeError("CUDA error: misaligned address"), 128: 1.0})
-    with pytest.raises(DeviceFault, match="the default plan failed at 1x64x2x16: plan C64 .* faulted the GPU"):
+    with pytest.raises(DeviceFault, match="the default plan failed at 1x64x2x16x128: plan C64 .* faulted the GPU"):
         run()
 
 
@@ -129,7 +129,7 @@ def test_no_trial_starts_that_would_end_past_the_timeout(monkeypatch):
 
 def test_a_broken_default_fails_the_tuning(monkeypatch):
     fake_times(monkeypatch, {16: 1.0, 32: 1.0, 64: RuntimeError("boom"), 128: 1.0})
-    with pytest.raises(TuningFailed, match="the default plan .* failed at 1x64x2x16: RuntimeError: boom"):
+    with pytest.raises(TuningFailed, match="the default plan .* failed at 1x64x2x16x128: RuntimeError: boom"):
         run()
 
 
