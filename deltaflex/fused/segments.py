@@ -32,8 +32,8 @@ import triton.language as tl
 
 from ..plan import STATE_SEGMENTS
 from ..kernels.common import INTERPRETED, dot_low, launch, load_rows, load_state, load_tile, store_state, to_low
-from .state import state_fwd_kernel
-from .tiles import block, dot_fine, dot_round, dot_split, load_rows_t, sequence_of
+from .state import plus_at_x, rows_times, state_fwd_kernel
+from .tiles import block, dot_fine, sequence_of
 
 SEGMENT_CHUNKS = tuple(G for G in STATE_SEGMENTS if G > 1)  # the segment lengths G a plan may fix
 
@@ -144,42 +144,6 @@ class Segments(NamedTuple):
 
 
 @triton.jit
-def _times_state(acc, a_c, stride, n_rows, s0, s1, s2, s3, K: tl.constexpr, C: tl.constexpr, BK: tl.constexpr,
-                 LOW: tl.constexpr, SPLIT_S: tl.constexpr):
-    """acc + A S for a chunk's rows A [C, K] at a_c (input dtype) and the float32 state tiles S, S split
-    into hi + lo where SPLIT_S, else rounded (as the one-level pass)."""
-    acc = _times_tile(acc, a_c, stride, n_rows, s0, 0, K, C, BK, LOW, SPLIT_S)
-    acc = _times_tile(acc, a_c, stride, n_rows, s1, 1, K, C, BK, LOW, SPLIT_S)
-    acc = _times_tile(acc, a_c, stride, n_rows, s2, 2, K, C, BK, LOW, SPLIT_S)
-    acc = _times_tile(acc, a_c, stride, n_rows, s3, 3, K, C, BK, LOW, SPLIT_S)
-    return acc
-
-
-@triton.jit
-def _times_tile(acc, a_c, stride, n_rows, s, i: tl.constexpr, K: tl.constexpr, C: tl.constexpr, BK: tl.constexpr,
-                LOW: tl.constexpr, SPLIT_S: tl.constexpr):
-    if i * BK < K:
-        a = load_rows(a_c, stride, n_rows, 0, i, K, C, BK)
-        if SPLIT_S:
-            acc = dot_split(a, s, acc, True, False, LOW)
-        else:
-            acc = dot_round(a, s, acc, True, False, LOW)
-    return acc
-
-
-@triton.jit
-def _plus_kt(s, i: tl.constexpr, k_c, stride, n_rows, x_hi, x_lo, K: tl.constexpr, C: tl.constexpr,
-             BK: tl.constexpr, LOW: tl.constexpr):
-    """Tile i of S + K^T X, X = x_hi + x_lo [C, BV] in the input dtype (float32 inputs: x_lo unused)."""
-    if i * BK < K:
-        k_t = load_rows_t(k_c, stride, n_rows, 0, i, K, C, BK)
-        s = dot_round(k_t, x_hi, s, True, True, LOW)
-        if LOW != 0:
-            s = dot_round(k_t, x_lo, s, True, True, LOW)
-    return s
-
-
-@triton.jit
 def _identity_tile(i: tl.constexpr, ib, K: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr):
     """Tile (i, ib) [BK, BV] of the K x K identity (zero outside it)."""
     r = i * BK + tl.arange(0, BK)
@@ -202,7 +166,7 @@ def _segment_walk(k_ptr, w_ptr, u_ptr, out_ptr, bos, nt, length, i_h, ib, H: tl.
     for i in range(nt):
         row0 = (bos + i * C) * H + i_h
         n_rows = tl.minimum(length - i * C, C)
-        ws = _times_state(tl.zeros([C, BV], tl.float32), w_ptr + row0 * K, H * K, n_rows, s0, s1, s2, s3, K, C, BK,
+        ws = rows_times(tl.zeros([C, BV], tl.float32), w_ptr + row0 * K, H * K, n_rows, s0, s1, s2, s3, K, C, BK,
                           LOW, TRANSITION)
         if TRANSITION:
             x = -ws
@@ -211,10 +175,10 @@ def _segment_walk(k_ptr, w_ptr, u_ptr, out_ptr, bos, nt, length, i_h, ib, H: tl.
         x_hi = to_low(x, LOW)
         x_lo = to_low(x - x_hi.to(tl.float32), LOW)
         k_c = k_ptr + row0 * K
-        s0 = _plus_kt(s0, 0, k_c, H * K, n_rows, x_hi, x_lo, K, C, BK, LOW)
-        s1 = _plus_kt(s1, 1, k_c, H * K, n_rows, x_hi, x_lo, K, C, BK, LOW)
-        s2 = _plus_kt(s2, 2, k_c, H * K, n_rows, x_hi, x_lo, K, C, BK, LOW)
-        s3 = _plus_kt(s3, 3, k_c, H * K, n_rows, x_hi, x_lo, K, C, BK, LOW)
+        s0 = plus_at_x(s0, 0, k_c, H * K, n_rows, x_hi, x_lo, K, C, BK, LOW, True)
+        s1 = plus_at_x(s1, 1, k_c, H * K, n_rows, x_hi, x_lo, K, C, BK, LOW, True)
+        s2 = plus_at_x(s2, 2, k_c, H * K, n_rows, x_hi, x_lo, K, C, BK, LOW, True)
+        s3 = plus_at_x(s3, 3, k_c, H * K, n_rows, x_hi, x_lo, K, C, BK, LOW, True)
     store_state(out_ptr, s0, s1, s2, s3, ib, K, WIDTH, BK, BV)
 
 

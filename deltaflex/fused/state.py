@@ -22,25 +22,35 @@ import triton
 import triton.language as tl
 
 from ..kernels.common import as_f32, load_rows, load_state, store_rows, store_state, to_low
-from .tiles import dot_round, load_rows_t, sequence_of
+from .tiles import dot_round, dot_split, load_rows_t, sequence_of
 
 
 @triton.jit
-def _rows_times(acc, a_c, stride, n_rows, s0, s1, s2, s3, K: tl.constexpr, C: tl.constexpr, BK: tl.constexpr,
-                LOW: tl.constexpr):
-    """acc + A S for a chunk's rows A [C, K] at a_c (input dtype) and a float32 state S (rounded)."""
-    acc = dot_round(load_rows(a_c, stride, n_rows, 0, 0, K, C, BK), s0, acc, True, False, LOW)
-    if BK < K:
-        acc = dot_round(load_rows(a_c, stride, n_rows, 0, 1, K, C, BK), s1, acc, True, False, LOW)
-    if 2 * BK < K:
-        acc = dot_round(load_rows(a_c, stride, n_rows, 0, 2, K, C, BK), s2, acc, True, False, LOW)
-    if 3 * BK < K:
-        acc = dot_round(load_rows(a_c, stride, n_rows, 0, 3, K, C, BK), s3, acc, True, False, LOW)
+def _tile_times(acc, a_c, stride, n_rows, s, i: tl.constexpr, K: tl.constexpr, C: tl.constexpr, BK: tl.constexpr,
+                LOW: tl.constexpr, SPLIT_S: tl.constexpr):
+    if i * BK < K:
+        a = load_rows(a_c, stride, n_rows, 0, i, K, C, BK)
+        if SPLIT_S:
+            acc = dot_split(a, s, acc, True, False, LOW)
+        else:
+            acc = dot_round(a, s, acc, True, False, LOW)
     return acc
 
 
 @triton.jit
-def _plus_at_x(s, i: tl.constexpr, a_c, stride, n_rows, x_hi, x_lo, K: tl.constexpr, C: tl.constexpr,
+def rows_times(acc, a_c, stride, n_rows, s0, s1, s2, s3, K: tl.constexpr, C: tl.constexpr, BK: tl.constexpr,
+               LOW: tl.constexpr, SPLIT_S: tl.constexpr):
+    """acc + A S for a chunk's rows A [C, K] at a_c (input dtype) and a float32 state S in tiles, S
+    split into hi + lo where SPLIT_S (segments.py's transitions), else rounded (the passes here)."""
+    acc = _tile_times(acc, a_c, stride, n_rows, s0, 0, K, C, BK, LOW, SPLIT_S)
+    acc = _tile_times(acc, a_c, stride, n_rows, s1, 1, K, C, BK, LOW, SPLIT_S)
+    acc = _tile_times(acc, a_c, stride, n_rows, s2, 2, K, C, BK, LOW, SPLIT_S)
+    acc = _tile_times(acc, a_c, stride, n_rows, s3, 3, K, C, BK, LOW, SPLIT_S)
+    return acc
+
+
+@triton.jit
+def plus_at_x(s, i: tl.constexpr, a_c, stride, n_rows, x_hi, x_lo, K: tl.constexpr, C: tl.constexpr,
                BK: tl.constexpr, LOW: tl.constexpr, SPLIT: tl.constexpr):
     """Tile i of S + A^T X for a chunk's rows A [C, K] at a_c and X = x_hi (+ x_lo where SPLIT), [C, BV]
     in the input dtype."""
@@ -69,17 +79,17 @@ def state_fwd_kernel(k_ptr, w_ptr, u_ptr, h_ptr, s0_ptr, final_ptr, seqs_ptr, T,
         row0 = (bos + i * C) * H + i_h
         n_rows = tl.minimum(length - i * C, C)
         store_state(h_ptr + ((c0 + i) * H + i_h) * K * V, s0, s1, s2, s3, iv, K, V, BK, BV)
-        ws = _rows_times(tl.zeros([C, BV], tl.float32), w_ptr + row0 * K, H * K, n_rows, s0, s1, s2, s3, K, C, BK,
-                         LOW)
+        ws = rows_times(tl.zeros([C, BV], tl.float32), w_ptr + row0 * K, H * K, n_rows, s0, s1, s2, s3, K, C, BK,
+                        LOW, False)
         v_new = load_rows(u_ptr + row0 * V, H * V, n_rows, 0, iv, V, C, BV) - ws
         store_rows(u_ptr + row0 * V, v_new, H * V, n_rows, 0, iv, V, C, BV)
         x_hi = to_low(v_new, LOW)
         x_lo = to_low(v_new - x_hi.to(tl.float32), LOW)
         k_c = k_ptr + row0 * K
-        s0 = _plus_at_x(s0, 0, k_c, H * K, n_rows, x_hi, x_lo, K, C, BK, LOW, SPLIT)
-        s1 = _plus_at_x(s1, 1, k_c, H * K, n_rows, x_hi, x_lo, K, C, BK, LOW, SPLIT)
-        s2 = _plus_at_x(s2, 2, k_c, H * K, n_rows, x_hi, x_lo, K, C, BK, LOW, SPLIT)
-        s3 = _plus_at_x(s3, 3, k_c, H * K, n_rows, x_hi, x_lo, K, C, BK, LOW, SPLIT)
+        s0 = plus_at_x(s0, 0, k_c, H * K, n_rows, x_hi, x_lo, K, C, BK, LOW, SPLIT)
+        s1 = plus_at_x(s1, 1, k_c, H * K, n_rows, x_hi, x_lo, K, C, BK, LOW, SPLIT)
+        s2 = plus_at_x(s2, 2, k_c, H * K, n_rows, x_hi, x_lo, K, C, BK, LOW, SPLIT)
+        s3 = plus_at_x(s3, 3, k_c, H * K, n_rows, x_hi, x_lo, K, C, BK, LOW, SPLIT)
     if HAS_FINAL:
         store_state(final_ptr + i_nh.to(tl.int64) * K * V, s0, s1, s2, s3, iv, K, V, BK, BV)
 
@@ -119,10 +129,10 @@ def state_bwd_kernel(q_ptr, k_ptr, w_ptr, do_ptr, dv_ptr, dh_ptr, dfinal_ptr, ds
         dv_local = load_rows(dv_ptr + row0 * V, H * V, n_rows, 0, iv, V, C, BV)
         if PREFETCH_DV:  # added after the product: Triton then prefetches its load a step ahead, as it
             # does the products' operands (a product's accumulator it loads within the step)
-            dv_new = dv_local + _rows_times(tl.zeros([C, BV], tl.float32), k_ptr + row0 * K, H * K, n_rows, ds0, ds1,
-                                            ds2, ds3, K, C, BK, LOW)
+            dv_new = dv_local + rows_times(tl.zeros([C, BV], tl.float32), k_ptr + row0 * K, H * K, n_rows, ds0, ds1,
+                                           ds2, ds3, K, C, BK, LOW, False)
         else:  # one pipeline buffer less (shared memory)
-            dv_new = _rows_times(dv_local, k_ptr + row0 * K, H * K, n_rows, ds0, ds1, ds2, ds3, K, C, BK, LOW)
+            dv_new = rows_times(dv_local, k_ptr + row0 * K, H * K, n_rows, ds0, ds1, ds2, ds3, K, C, BK, LOW, False)
         store_rows(dv_ptr + row0 * V, dv_new, H * V, n_rows, 0, iv, V, C, BV)
         x = to_low(dv_new, LOW)
         do = load_rows(do_ptr + row0 * V, H * V, n_rows, 0, iv, V, C, BV)
