@@ -11,7 +11,7 @@ from deltaflex.bench import Contender, deltaflex_contender, fla_contenders, star
 from deltaflex.cli import app
 
 runner = CliRunner()
-EAGER = ["bench", "--device", "cpu", "--shape", "1,24,2,8", "--plan", "eager", "--no-compile-checks"]
+EAGER = ["bench", "--device", "cpu", "--shape", "1,24,2,8", "--plan", "eager", "--no-compile-checks", "--no-transformers"]
 
 
 def lines(output: str) -> list[str]:
@@ -68,7 +68,7 @@ def test_a_first_call_that_compiles_says_so_before_it_starts(monkeypatch):
 
     monkeypatch.setattr(deltaflex.bench, "measure", fake_measure)  # no CPU compile in the tests
     result = runner.invoke(app, ["bench", "--device", "cpu", "--shape", "1,24,2,8", "--plan", "compiled",
-                                 "--no-compile-checks", "--no-check"])
+                                 "--no-compile-checks", "--no-check", "--no-transformers"])
     assert result.exit_code == 0, result.output
     out = lines(result.output)
     start = out.index("1x24x2x8 deltaflex[compiled]: first call (torch.compile compiles the plan)...")
@@ -90,7 +90,8 @@ def test_compare_says_what_its_first_calls_do(monkeypatch):
         return {"contender": contender.name, "fwd_ms": 1.0, "fwd_bwd_ms": 2.0, "first_call_s": 100.0, "rel_err": 1e-7}
 
     monkeypatch.setattr(deltaflex.bench, "measure", fake_measure)
-    result = runner.invoke(app, ["compare", "--device", "cpu", "--shape", "1,40,2,16", "--plan", "compiled"])
+    result = runner.invoke(app, ["compare", "--device", "cpu", "--shape", "1,40,2,16", "--plan", "compiled",
+                                 "--no-transformers"])
     assert result.exit_code == 0, result.output
     out = lines(result.output)
     start = out.index("1x40x2x16 deltaflex[compiled]: first call (torch.compile compiles the plan)...")
