@@ -32,8 +32,8 @@ import triton.language as tl
 
 from ..plan import STATE_SEGMENTS
 from ..kernels.common import INTERPRETED, dot_low, launch, load_rows, load_state, load_tile, store_state, to_low
-from .state import plus_at_x, rows_times, state_fwd_kernel
-from .tiles import block, dot_fine, sequence_of
+from .state import plus_kt_x, rows_times, state_fwd_kernel
+from .tiles import block, dot_fine, hi_lo, sequence_of
 
 SEGMENT_CHUNKS = tuple(G for G in STATE_SEGMENTS if G > 1)  # the segment lengths G a plan may fix
 
@@ -167,18 +167,12 @@ def _segment_walk(k_ptr, w_ptr, u_ptr, out_ptr, bos, nt, length, i_h, ib, H: tl.
         row0 = (bos + i * C) * H + i_h
         n_rows = tl.minimum(length - i * C, C)
         ws = rows_times(tl.zeros([C, BV], tl.float32), w_ptr + row0 * K, H * K, n_rows, s0, s1, s2, s3, K, C, BK,
-                          LOW, TRANSITION)
+                        LOW, TRANSITION)
         if TRANSITION:
             x = -ws
         else:
             x = load_rows(u_ptr + row0 * V, H * V, n_rows, 0, ib, V, C, BV) - ws
-        x_hi = to_low(x, LOW)
-        x_lo = to_low(x - x_hi.to(tl.float32), LOW)
-        k_c = k_ptr + row0 * K
-        s0 = plus_at_x(s0, 0, k_c, H * K, n_rows, x_hi, x_lo, K, C, BK, LOW, True)
-        s1 = plus_at_x(s1, 1, k_c, H * K, n_rows, x_hi, x_lo, K, C, BK, LOW, True)
-        s2 = plus_at_x(s2, 2, k_c, H * K, n_rows, x_hi, x_lo, K, C, BK, LOW, True)
-        s3 = plus_at_x(s3, 3, k_c, H * K, n_rows, x_hi, x_lo, K, C, BK, LOW, True)
+        s0, s1, s2, s3 = plus_kt_x(s0, s1, s2, s3, k_ptr + row0 * K, H * K, n_rows, x, K, C, BK, LOW, True)
     store_state(out_ptr, s0, s1, s2, s3, ib, K, WIDTH, BK, BV)
 
 
@@ -243,12 +237,6 @@ def _p_times_s(acc, p_c, i: tl.constexpr, h0, l0, s0, h1, l1, s1, h2, l2, s2, h3
 
 
 @triton.jit
-def _hi_lo(s, LOW: tl.constexpr):
-    hi = to_low(s, LOW)
-    return hi, to_low(s - hi.to(tl.float32), LOW)
-
-
-@triton.jit
 def segment_starts_kernel(p_ptr, d_ptr, starts_ptr, s0_ptr, final_ptr, of_seq_ptr, NS,
                           H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
                           LOW: tl.constexpr, PACKED: tl.constexpr, HAS_S0: tl.constexpr):
@@ -269,10 +257,10 @@ def segment_starts_kernel(p_ptr, d_ptr, starts_ptr, s0_ptr, final_ptr, of_seq_pt
     for j in range(count):
         sh = (first + j) * H + i_h
         store_state(starts_ptr + sh * K * V, s0, s1, s2, s3, iv, K, V, BK, BV)
-        h0, l0 = _hi_lo(s0, LOW)
-        h1, l1 = _hi_lo(s1, LOW)
-        h2, l2 = _hi_lo(s2, LOW)
-        h3, l3 = _hi_lo(s3, LOW)
+        h0, l0 = hi_lo(s0, LOW)
+        h1, l1 = hi_lo(s1, LOW)
+        h2, l2 = hi_lo(s2, LOW)
+        h3, l3 = hi_lo(s3, LOW)
         d0, d1, d2, d3 = load_state(d_ptr + sh * K * V, iv, K, V, BK, BV)
         p_c = p_ptr + sh * K * K
         n0 = _p_times_s(d0, p_c, 0, h0, l0, s0, h1, l1, s1, h2, l2, s2, h3, l3, s3, K, BK, LOW)

@@ -22,7 +22,7 @@ import triton
 import triton.language as tl
 
 from ..kernels.common import as_f32, load_rows, load_state, store_rows, store_state, to_low
-from .tiles import dot_round, dot_split, load_rows_t, sequence_of
+from .tiles import dot_round, dot_split, hi_lo, load_rows_t, sequence_of
 
 
 @triton.jit
@@ -63,6 +63,19 @@ def plus_at_x(s, i: tl.constexpr, a_c, stride, n_rows, x_hi, x_lo, K: tl.constex
 
 
 @triton.jit
+def plus_kt_x(s0, s1, s2, s3, k_c, stride, n_rows, x, K: tl.constexpr, C: tl.constexpr, BK: tl.constexpr,
+              LOW: tl.constexpr, SPLIT: tl.constexpr):
+    """The state tiles of S + K^T X for a chunk's rows K [C, K] at k_c and X [C, BV] float32, X rounded
+    to the input dtype, or split into hi + lo where SPLIT."""
+    x_hi, x_lo = hi_lo(x, LOW)
+    s0 = plus_at_x(s0, 0, k_c, stride, n_rows, x_hi, x_lo, K, C, BK, LOW, SPLIT)
+    s1 = plus_at_x(s1, 1, k_c, stride, n_rows, x_hi, x_lo, K, C, BK, LOW, SPLIT)
+    s2 = plus_at_x(s2, 2, k_c, stride, n_rows, x_hi, x_lo, K, C, BK, LOW, SPLIT)
+    s3 = plus_at_x(s3, 3, k_c, stride, n_rows, x_hi, x_lo, K, C, BK, LOW, SPLIT)
+    return s0, s1, s2, s3
+
+
+@triton.jit
 def state_fwd_kernel(k_ptr, w_ptr, u_ptr, h_ptr, s0_ptr, final_ptr, seqs_ptr, T, NT,
                      H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr,
                      BV: tl.constexpr, LOW: tl.constexpr, PACKED: tl.constexpr, HAS_S0: tl.constexpr,
@@ -83,13 +96,7 @@ def state_fwd_kernel(k_ptr, w_ptr, u_ptr, h_ptr, s0_ptr, final_ptr, seqs_ptr, T,
                         LOW, False)
         v_new = load_rows(u_ptr + row0 * V, H * V, n_rows, 0, iv, V, C, BV) - ws
         store_rows(u_ptr + row0 * V, v_new, H * V, n_rows, 0, iv, V, C, BV)
-        x_hi = to_low(v_new, LOW)
-        x_lo = to_low(v_new - x_hi.to(tl.float32), LOW)
-        k_c = k_ptr + row0 * K
-        s0 = plus_at_x(s0, 0, k_c, H * K, n_rows, x_hi, x_lo, K, C, BK, LOW, SPLIT)
-        s1 = plus_at_x(s1, 1, k_c, H * K, n_rows, x_hi, x_lo, K, C, BK, LOW, SPLIT)
-        s2 = plus_at_x(s2, 2, k_c, H * K, n_rows, x_hi, x_lo, K, C, BK, LOW, SPLIT)
-        s3 = plus_at_x(s3, 3, k_c, H * K, n_rows, x_hi, x_lo, K, C, BK, LOW, SPLIT)
+        s0, s1, s2, s3 = plus_kt_x(s0, s1, s2, s3, k_ptr + row0 * K, H * K, n_rows, v_new, K, C, BK, LOW, SPLIT)
     if HAS_FINAL:
         store_state(final_ptr + i_nh.to(tl.int64) * K * V, s0, s1, s2, s3, iv, K, V, BK, BV)
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ..kernels.common import mma
+from ..kernels.common import mma, to_low
 
 
 @triton.jit
@@ -82,6 +82,13 @@ def dot_fine(a, b, acc, LOW: tl.constexpr):
     """acc + a @ b of two float32 tiles, both split (the inverse's algebra: about 1e-5 relative error
     on correlated keys, far under bf16's); float32 inputs: 3xTF32 (2e-7, but twice the registers)."""
     return dot_split(a, b, acc, False, False, LOW)
+
+
+@triton.jit
+def hi_lo(x, LOW: tl.constexpr):
+    """A float32 tile as hi + lo in the input dtype LOW (lo the rounding error of hi; zero for float32)."""
+    hi = to_low(x, LOW)
+    return hi, to_low(x - hi.to(tl.float32), LOW)
 
 
 def block(d: int, at_most: int = 64) -> int:
