@@ -20,7 +20,7 @@ from collections.abc import Mapping
 import torch
 
 from .chunk.matmul import POLICIES
-from .validation import CHUNK_SIZES, check_chunk_size
+from .validation import CHUNK_SIZES, check_chunk_size, config_fields
 
 STAGES = ("solve", "wy", "state", "output")
 BACKENDS = ("compiled", "triton")
@@ -75,7 +75,7 @@ class KernelConfig:
 
     @classmethod
     def from_dict(cls, data) -> KernelConfig:
-        return cls(**_fields(cls, data, "KernelConfig"))
+        return cls(**config_fields(cls, data, "KernelConfig"))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -254,7 +254,7 @@ class Plan:
 
     @classmethod
     def from_dict(cls, data) -> Plan:
-        return cls(**_fields(cls, data, "Plan"))
+        return cls(**config_fields(cls, data, "Plan"))
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), sort_keys=True)
@@ -296,16 +296,6 @@ def _launch(config: KernelConfig | None) -> str:
     if config is None:
         return ""
     return "[" + " ".join([f"{n}={s}" for n, s in config.blocks] + [f"w{config.num_warps}", f"s{config.num_stages}"]) + "]"
-
-
-def _fields(cls, data, what: str) -> dict:
-    if not isinstance(data, Mapping):
-        raise TypeError(f"a {what} must be a JSON object / mapping, got {type(data).__name__}")
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - names)
-    if unknown:
-        raise ValueError(f"unknown {what} fields {unknown}; expected some of {sorted(names)}")
-    return dict(data)
 
 
 NAMED_PLANS = {

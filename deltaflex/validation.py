@@ -3,8 +3,10 @@ argument's name and what was expected."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import numbers
+from collections.abc import Mapping
 
 import torch
 
@@ -136,3 +138,15 @@ def check_hidden_states(x, hidden_size: int) -> None:
         raise TypeError(f"hidden_states must be floating point, got {x.dtype}")
     if x.shape[1] < 1:
         raise ValueError("hidden_states must hold at least one token (T >= 1)")
+
+
+def config_fields(cls, data, what: str) -> dict:
+    """The fields of a config dataclass `cls` read from `data` (a JSON object): TypeError for anything
+    but a mapping, ValueError naming the fields `cls` does not have."""
+    if not isinstance(data, Mapping):
+        raise TypeError(f"a {what} is read from a dict (a JSON object), got {type(data).__name__}")
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ValueError(f"unknown {what} fields {unknown}; expected some of {sorted(names)}")
+    return dict(data)

@@ -18,6 +18,8 @@ import inspect
 import json
 from pathlib import Path
 
+from ..validation import config_fields
+
 MIXERS = ("deltanet", "attention", "sliding_window", "linear")
 ATTENTION_BACKENDS = ("sdpa", "flex")
 PRESETS = ("deltanet", "linear", "transformer", "hybrid-sliding-window", "hybrid-global-attention")
@@ -94,12 +96,7 @@ class LMConfig:
 
     @classmethod
     def from_dict(cls, data: dict) -> LMConfig:
-        if not isinstance(data, dict):
-            raise TypeError(f"an LMConfig is read from a dict, got {type(data).__name__}")
-        unknown = set(data) - {f.name for f in dataclasses.fields(cls)}
-        if unknown:
-            raise ValueError(f"unknown LMConfig fields {sorted(unknown)}")
-        return cls(**data)
+        return cls(**config_fields(cls, data, "LMConfig"))
 
     def to_json(self, path: str | Path | None = None) -> str:
         text = json.dumps(self.to_dict(), indent=1)

@@ -12,6 +12,8 @@ import dataclasses
 import json
 from pathlib import Path
 
+from ..validation import config_fields
+
 # Fields a resumed run may change: they do not change what is computed at a step (steps extends or
 # shortens the schedule, which the user asks for knowingly)
 RESUMABLE_CHANGES = ("steps", "micro_batch_size", "log_every", "save_every", "keep_checkpoints", "compile")
@@ -88,12 +90,7 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, data: dict) -> TrainConfig:
-        if not isinstance(data, dict):
-            raise TypeError(f"a TrainConfig is read from a dict, got {type(data).__name__}")
-        unknown = set(data) - {f.name for f in dataclasses.fields(cls)}
-        if unknown:
-            raise ValueError(f"unknown TrainConfig fields {sorted(unknown)}")
-        return cls(**data)
+        return cls(**config_fields(cls, data, "TrainConfig"))
 
     @classmethod
     def from_json(cls, path: str | Path) -> TrainConfig:
