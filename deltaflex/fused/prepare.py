@@ -7,8 +7,10 @@ state pass rounds it anyway) and U (float32: its rounding is what correlated key
 Backward (`prepare_bwd_kernel`): the same W and U from the saved T, and the output's local value
 gradient dV_local = scale tril(Q K^T)^T dO (float32), which the reverse state pass starts from.
 
-The inverse: the C/16 diagonal 16 x 16 blocks of (I + A) by forward substitution, all at once as a
-[C/16, 16, 16] tile (D, their inverses, block-diagonal); with N = D A_off (A_off: A without those
+The inverse: the C/16 diagonal 16 x 16 blocks of (I + A) by doubling (the inverses of their 2 x 2,
+4 x 4, 8 x 8, then 16 x 16 diagonal blocks, on the tensor cores; on the H200 prepare_fwd took 0.31 ms
+at 4 x 4096 x 16 x 128 with forward substitution's 15 dependent row steps, 0.19 with this), all at once
+as a [C/16, 16, 16] tile (D, their inverses, block-diagonal); with N = D A_off (A_off: A without those
 blocks, strictly block-lower, so N^(C/16) = 0), (I + A)^-1 = (I + N)^-1 D = prod_m (I + (-N)^(2^m)) D.
 The powers of N stay bounded on correlated keys (D takes out the diagonal blocks' binomial growth):
 its products split into bf16 hi + lo parts, about 1e-5 relative error against float64 there (float32
@@ -27,15 +29,19 @@ from .tiles import chunk_of, dot_fine, dot_round, dot_split, load_rows_t
 
 
 @triton.jit
-def _forward_substitute(a3, NB: tl.constexpr):
-    """inv(I + a) of each strictly lower 16 x 16 block of a3 [NB, 16, 16], row by row."""
+def _invert_diagonal_blocks(a3, NB: tl.constexpr, LOW: tl.constexpr):
+    """inv(I + a) of each strictly lower 16 x 16 block of a3 [NB, 16, 16], by doubling: with X the
+    inverse of a block's diagonal s x s blocks and L its s x s blocks just below them (within 2s x 2s
+    blocks), the inverse of its diagonal 2s x 2s blocks is X - X L X (L X X = 0 there). s = 1 is
+    I - L; s = 2, 4, 8 are batched products on the tensor cores."""
     i16 = tl.arange(0, 16)
-    rows = i16[None, :, None]
-    x = tl.zeros([NB, 16, 16], tl.float32) + tl.where(rows == i16[None, None, :], 1.0, 0.0)
-    for j in range(1, 16):
-        a_j = tl.sum(tl.where(rows == j, a3, 0.0), 1)  # row j of every block, by column: [NB, 16]
-        row = -tl.sum(a_j[:, :, None] * x, 1)  # -sum_m a[j, m] x[m, :]; rows m < j are final
-        x = tl.where(rows == j, x + row[:, None, :], x)
+    r, c = i16[None, :, None], i16[None, None, :]
+    x = tl.where(r == c, 1.0, 0.0) - tl.where((r == c + 1) & (r % 2 == 1), a3, 0.0)
+    for level in tl.static_range(1, 4):
+        s = 1 << level
+        low = tl.where(((r // (2 * s)) == (c // (2 * s))) & ((r // s) % 2 == 1) & ((c // s) % 2 == 0), a3, 0.0)
+        x = x - dot_fine(x, dot_fine(low, x, tl.zeros([NB, 16, 16], tl.float32), LOW),
+                         tl.zeros([NB, 16, 16], tl.float32), LOW)
     return x
 
 
@@ -46,7 +52,7 @@ def invert_unit_lower(a, C: tl.constexpr, LOW: tl.constexpr):
     nb = tl.arange(0, NB)
     same = nb[:, None, None, None] == nb[None, None, :, None]  # [NB, 1, NB, 1]: a diagonal block
     a4 = tl.reshape(a, [NB, 16, NB, 16])
-    x = _forward_substitute(tl.sum(tl.where(same, a4, 0.0), 2), NB)
+    x = _invert_diagonal_blocks(tl.sum(tl.where(same, a4, 0.0), 2), NB, LOW)
     d = tl.reshape(tl.where(same, x[:, :, None, :], 0.0), [C, C])  # block-diagonal inverse D
     if NB == 1:
         return d

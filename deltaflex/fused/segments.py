@@ -79,11 +79,11 @@ def predicted_times(chunks: Sequence[int], H: int, K: int, V: int, G: int, sms: 
     sequences of `chunks` chunks each, H heads, head dims K, V, on `sms` SMs."""
     nv = triton.cdiv(V, 64)  # the state passes' value blocks (chunk.py's LAUNCH: BV = 64)
     nk = triton.cdiv(K, 64)
-    longest, total = max(chunks, default=0), sum(chunks) * H
+    longest, total = max([0, *chunks]), sum(chunks) * H  # (Dynamo 2.11 takes no max(default=))
     one = _time(longest, total * nv, sms)
     walk = min(G, longest)
     two = (_time(walk, total * (nk * TRANSITION_STEP + nv * CONTRIBUTION_STEP), sms)
-           + max((triton.cdiv(n, G) for n in chunks), default=0) * COMBINE_STEP
+           + max([0, *(triton.cdiv(n, G) for n in chunks)]) * COMBINE_STEP
            + _time(walk, total * nv, sms) + EXTRA_LAUNCHES)
     return one, two
 
