@@ -9,7 +9,9 @@ correlated keys the final state's error grows from 5e-4 to 6e-3), V_new stored i
 (a program reads its slice of U before it writes V_new there, and no other program touches it).
 Backward (`state_bwd_kernel`), chunks in reverse, dS the gradient of the state after the chunk:
     dh[n] = dS (input dtype);  dV_new = dV_local + K dS;  dS <- dS + scale Q^T dO - W^T dV_new,
-dV_new stored in float32 over dV_local.
+dV_new stored in float32 over dV_local. It carries dS' = dS / scale (dV_new' = dV_new / scale likewise),
+so that both products of the update accumulate into the state's tiles: dS' <- dS' + Q^T dO + W^T (-dV_new'),
+the same roundings (dV_new' rounded as an operand) and no temporaries (at head dim 256 they spilled).
 
 Packed sequences: one program per sequence walks its own chunks (`tiles.sequence_of`); an empty
 sequence passes its initial state (its final-state gradient) straight through.
@@ -102,15 +104,12 @@ def state_fwd_kernel(k_ptr, w_ptr, u_ptr, h_ptr, s0_ptr, final_ptr, seqs_ptr, T,
 
 
 @triton.jit
-def _ds_step(ds, i: tl.constexpr, q_c, w_c, stride, n_rows, do, x, scale, K: tl.constexpr, C: tl.constexpr,
+def _ds_step(ds, i: tl.constexpr, q_c, w_c, stride, n_rows, do, x_neg, K: tl.constexpr, C: tl.constexpr,
              BK: tl.constexpr, LOW: tl.constexpr):
-    """Tile i of dS + scale Q^T dO - W^T X (X = dV_new rounded)."""
+    """Tile i of dS' + Q^T dO + W^T X', both products accumulating into the tile (no temporaries)."""
     if i * BK < K:
-        qdo = dot_round(load_rows_t(q_c, stride, n_rows, 0, i, K, C, BK), do, tl.zeros(ds.shape, tl.float32), True,
-                        True, LOW)
-        wx = dot_round(load_rows_t(w_c, stride, n_rows, 0, i, K, C, BK), x, tl.zeros(ds.shape, tl.float32), True, True,
-                       LOW)
-        ds = ds + scale * qdo - wx
+        ds = dot_round(load_rows_t(q_c, stride, n_rows, 0, i, K, C, BK), do, ds, True, True, LOW)
+        ds = dot_round(load_rows_t(w_c, stride, n_rows, 0, i, K, C, BK), x_neg, ds, True, True, LOW)
     return ds
 
 
@@ -123,8 +122,11 @@ def state_bwd_kernel(q_ptr, k_ptr, w_ptr, do_ptr, dv_ptr, dh_ptr, dfinal_ptr, ds
     i_n, i_h = i_nh // H, i_nh % H
     bos, c0, nt, length = sequence_of(i_n, T, NT, seqs_ptr, PACKED)
     scale = as_f32(scale)
+    inv_scale = 1.0 / scale
+    # The pass carries dS' = dS / scale: both products of its update then accumulate into it
     if HAS_DFINAL:
         ds0, ds1, ds2, ds3 = load_state(dfinal_ptr + i_nh.to(tl.int64) * K * V, iv, K, V, BK, BV)
+        ds0, ds1, ds2, ds3 = ds0 * inv_scale, ds1 * inv_scale, ds2 * inv_scale, ds3 * inv_scale
     else:
         ds0 = tl.zeros([BK, BV], tl.float32)
         ds1, ds2, ds3 = ds0, ds0, ds0
@@ -132,21 +134,23 @@ def state_bwd_kernel(q_ptr, k_ptr, w_ptr, do_ptr, dv_ptr, dh_ptr, dfinal_ptr, ds
         i = nt - 1 - j
         row0 = (bos + i * C) * H + i_h
         n_rows = tl.minimum(length - i * C, C)
-        store_state(dh_ptr + ((c0 + i) * H + i_h) * K * V, ds0, ds1, ds2, ds3, iv, K, V, BK, BV)
-        dv_local = load_rows(dv_ptr + row0 * V, H * V, n_rows, 0, iv, V, C, BV)
+        store_state(dh_ptr + ((c0 + i) * H + i_h) * K * V, ds0 * scale, ds1 * scale, ds2 * scale, ds3 * scale, iv, K,
+                    V, BK, BV)
+        dv_local = load_rows(dv_ptr + row0 * V, H * V, n_rows, 0, iv, V, C, BV) * inv_scale
         if PREFETCH_DV:  # added after the product: Triton then prefetches its load a step ahead, as it
             # does the products' operands (a product's accumulator it loads within the step)
             dv_new = dv_local + rows_times(tl.zeros([C, BV], tl.float32), k_ptr + row0 * K, H * K, n_rows, ds0, ds1,
                                            ds2, ds3, K, C, BK, LOW, False)
         else:  # one pipeline buffer less (shared memory)
             dv_new = rows_times(dv_local, k_ptr + row0 * K, H * K, n_rows, ds0, ds1, ds2, ds3, K, C, BK, LOW, False)
-        store_rows(dv_ptr + row0 * V, dv_new, H * V, n_rows, 0, iv, V, C, BV)
-        x = to_low(dv_new, LOW)
+        store_rows(dv_ptr + row0 * V, dv_new * scale, H * V, n_rows, 0, iv, V, C, BV)  # dV_new = scale dV_new'
+        x_neg = to_low(-dv_new, LOW)
         do = load_rows(do_ptr + row0 * V, H * V, n_rows, 0, iv, V, C, BV)
         q_c, w_c = q_ptr + row0 * K, w_ptr + row0 * K
-        ds0 = _ds_step(ds0, 0, q_c, w_c, H * K, n_rows, do, x, scale, K, C, BK, LOW)
-        ds1 = _ds_step(ds1, 1, q_c, w_c, H * K, n_rows, do, x, scale, K, C, BK, LOW)
-        ds2 = _ds_step(ds2, 2, q_c, w_c, H * K, n_rows, do, x, scale, K, C, BK, LOW)
-        ds3 = _ds_step(ds3, 3, q_c, w_c, H * K, n_rows, do, x, scale, K, C, BK, LOW)
+        ds0 = _ds_step(ds0, 0, q_c, w_c, H * K, n_rows, do, x_neg, K, C, BK, LOW)
+        ds1 = _ds_step(ds1, 1, q_c, w_c, H * K, n_rows, do, x_neg, K, C, BK, LOW)
+        ds2 = _ds_step(ds2, 2, q_c, w_c, H * K, n_rows, do, x_neg, K, C, BK, LOW)
+        ds3 = _ds_step(ds3, 3, q_c, w_c, H * K, n_rows, do, x_neg, K, C, BK, LOW)
     if HAS_DS0:
-        store_state(ds0_ptr + i_nh.to(tl.int64) * K * V, ds0, ds1, ds2, ds3, iv, K, V, BK, BV)
+        store_state(ds0_ptr + i_nh.to(tl.int64) * K * V, ds0 * scale, ds1 * scale, ds2 * scale, ds3 * scale, iv, K, V,
+                    BK, BV)
