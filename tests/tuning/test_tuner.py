@@ -173,7 +173,9 @@ def test_tune_on_cuda_then_auto_uses_it(monkeypatch):
     entry = tune(Shape(1, 256, 2, 64, 64), device="cuda", dtype=torch.bfloat16, trials=3, compile=False).entry
     assert entry.key.env.device == torch.cuda.get_device_name() and entry.key.env.capability
     assert entry.time_ms > 0 and entry.error < 1e-2
-    seen, apply = [], deltaflex.api.ChunkDeltaRuleFunction.apply
-    monkeypatch.setattr(deltaflex.api.ChunkDeltaRuleFunction, "apply", lambda *a: (seen.extend(x for x in a if isinstance(x, Plan)), apply(*a))[1])
+    # the plan delta_rule resolves (the saved one is often the fused default, which never reaches
+    # ChunkDeltaRuleFunction: watch the resolution, not a path)
+    seen, resolve = [], deltaflex.api.resolve_plan
+    monkeypatch.setattr(deltaflex.api, "resolve_plan", lambda *a, **kw: seen.append(resolve(*a, **kw)) or seen[-1])
     delta_rule(**make_inputs(1, 256, 2, 64, dtype=torch.bfloat16, device="cuda"))  # plan=None on CUDA is "auto"
     assert seen == [entry.plan]
