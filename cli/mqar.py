@@ -76,7 +76,7 @@ def mqar(
     mixers: str = typer.Option("deltanet,linear,attention", help="comma-separated: deltanet, linear, attention"),
     widths: str = typer.Option(None, help="comma-separated model widths, run width by width [64,128,256]"),
     lr: list[str] = typer.Option(None, help="LR for every mixer or MIXER=LR; repeat for a sweep. Default: one known-good LR per mixer."),
-    steps: int = typer.Option(None, help="training steps, the same for every run [2000]"),
+    steps: int = typer.Option(None, help="training steps, the same for every run [5000]"),
     batch_size: int = typer.Option(None, help="sequences per step, fresh ones every step [128]"),
     seq_len: int = typer.Option(None, help="tokens per sequence [512]"),
     num_pairs: int = typer.Option(None, help="key-value pairs per sequence [64]"),
@@ -156,6 +156,11 @@ def mqar(
     say(f"results: {out / RESULTS_FILE}" + (f", learning curves: {out / PLOT_FILE}" if plot else ""))
     console.print(_table(results))
     wanted = [run_key(m, w, x) for w in width_list for m in mixer_list for x in lrs[m]]
+    for key in wanted:
+        change = results["runs"].get(key, {}).get("still_moving")
+        if change is not None:
+            say(f"warning: {key}: its test accuracy still moved by {change:+.3f} over the last fifth of its "
+                f"{steps} steps; train longer (--steps) before reading it as the mixer's result")
     left = [k for k in wanted if not results["runs"].get(k, {}).get("complete")]
     if left:
         say(f"not complete yet: {', '.join(left)}; the same command again does them")

@@ -79,3 +79,16 @@ def test_plot_title_fits_the_figure(tmp_path):
     assert "vocabulary 64" in fig.get_suptitle()
     assert 0 <= title.x0 and title.x1 <= fig.bbox.width and title.y1 <= fig.bbox.height
     assert title.y0 >= fig.axes[0].title.get_window_extent(renderer).y1
+
+
+def test_a_run_still_learning_at_its_end_is_warned_about(tmp_path, monkeypatch):
+    import deltaflex.models.mqar as mqar
+
+    monkeypatch.setattr(mqar, "still_moving", lambda curve, steps: 0.25)  # as if it rose by 0.25 at the end
+    result = runner.invoke(app, [*QUICK, "--mixers", "linear", "--out", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    assert "warning: linear/d32/lr0.003: its test accuracy still moved by +0.250" in " ".join(result.output.split())
+    monkeypatch.setattr(mqar, "still_moving", lambda curve, steps: None)
+    result = runner.invoke(app, [*QUICK, "--mixers", "linear", "--fresh", "--out", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    assert "warning" not in result.output

@@ -8,6 +8,7 @@ import torch
 
 from deltaflex.models.mqar import (
     IGNORE,
+    SETTLED_WITHIN,
     MQARTask,
     MQARTraining,
     evaluate,
@@ -15,6 +16,7 @@ from deltaflex.models.mqar import (
     mqar_model,
     mqar_test_set,
     query_logits,
+    still_moving,
     train_mqar,
 )
 
@@ -144,3 +146,21 @@ def test_training_is_seeded_and_stops_at_the_deadline():
     assert a["curve"] == b["curve"] and a["accuracy"] == b["accuracy"]
     cut = train_mqar(TINY, "linear", 16, training, deadline=time.monotonic())
     assert not cut["complete"] and cut["steps_done"] == 0 and cut["curve"] == []
+
+
+def test_still_moving_compares_the_last_fifth_of_the_steps():
+    def curve(*points):
+        return [{"step": s, "loss": 1.0, "accuracy": a} for s, a in points]
+
+    rising = curve((200, 0.1), (800, 0.5), (1000, 0.9))  # 800 is the last point at or before 80%
+    assert still_moving(rising, 1000) == pytest.approx(0.4)
+    assert still_moving(curve((800, 0.97), (1000, 0.97 + SETTLED_WITHIN / 2)), 1000) is None  # settled
+    assert still_moving(curve((800, 0.9), (1000, 0.5)), 1000) == pytest.approx(-0.4)  # unlearning moves too
+    assert still_moving(curve((900, 0.1), (1000, 0.9)), 1000) is None  # no point that early: cannot tell
+    assert still_moving([], 1000) is None
+
+
+def test_a_run_cut_short_reports_no_movement():
+    training = MQARTraining(steps=6, batch_size=8, eval_every=3, curve_examples=16, test_examples=16)
+    assert train_mqar(TINY, "linear", 16, training, deadline=time.monotonic())["still_moving"] is None
+    assert "still_moving" in train_mqar(TINY, "linear", 16, training)
