@@ -126,24 +126,26 @@ def _geometry(q, v, chunk_size, chunks, seqs):
 
 
 def _forward_fake(q, k, v, beta, s0, scale, chunk_size, chunks=None, seqs=None, segment=0, segment_table=None,
-                  segment_of_sequence=None):
+                  segment_of_sequence=None, keep_t=True):
     B, T, H, K, V, n_chunks, S, _ = _geometry(q, v, chunk_size, chunks, seqs)
     return (_empty(B, T, H, V, dtype=v.dtype, like=q), _empty(S, H, K, V, dtype=state_dtype(q.dtype), like=q),
-            _empty(B, T, H, chunk_size, dtype=torch.float32, like=q))
+            _empty(*((B, T, H, chunk_size) if keep_t else (0,)), dtype=torch.float32, like=q))
 
 
 @define_op("fused_fwd", _forward_fake)
 def fused_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torch.Tensor, s0: Optional[torch.Tensor],
                   scale: float, chunk_size: int, chunks: Optional[torch.Tensor] = None,
                   seqs: Optional[torch.Tensor] = None, segment: int = 0, segment_table: Optional[torch.Tensor] = None,
-                  segment_of_sequence: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                  segment_of_sequence: Optional[torch.Tensor] = None, keep_t: bool = True
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(o [B, T, H, V] in v's dtype, final state [sequences, H, K, V] float32, T [B, T, H, C] float32).
     segment > 1: the two-level state pass in segments of that many chunks (segments.py; packed
-    sequences: with their `Segments` tables)."""
+    sequences: with their `Segments` tables). keep_t False (no gradient will be asked for: inference,
+    prefill): T is not written and comes back empty."""
     B, T, H, K, V, n_chunks, S, NT = _geometry(q, v, chunk_size, chunks, seqs)
     C, LOW, PACKED = chunk_size, _LOW[q.dtype], chunks is not None
     BK = block(K)
-    o, final, t = _forward_fake(q, k, v, beta, s0, scale, chunk_size, chunks, seqs)
+    o, final, t = _forward_fake(q, k, v, beta, s0, scale, chunk_size, chunks, seqs, keep_t=keep_t)
     # A pointer a launch never touches (no packed sequences, no initial state) is None (Triton makes it
     # a constant). Not a stand-in buffer: torch.compile's analysis counts the sequence tables as written
     # (their values address stores), so its functional form clones each such argument, and where one
@@ -152,8 +154,8 @@ def fused_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torch
     u = _empty(B, T, H, V, dtype=torch.float32, like=k)  # V_new after the state pass
     h = _empty(n_chunks if PACKED else B * NT, H, K, V, dtype=k.dtype, like=k)
     sizes = dict(H=H, K=K, V=V, C=C, LOW=LOW, PACKED=PACKED)
-    launch(prepare_fwd_kernel, (n_chunks, B * H), k, v, beta, t, w, u, chunks, T, NT, BK=BK, BV=block(V), **sizes,
-           **_opts("prepare_fwd", K, V))
+    launch(prepare_fwd_kernel, (n_chunks, B * H), k, v, beta, t if keep_t else None, w, u, chunks, T, NT, BK=BK,
+           BV=block(V), STORE_T=keep_t, **sizes, **_opts("prepare_fwd", K, V))
     opts = _opts("state_fwd", K, V)
     if segment > 1:
         segments = Segments(segment_table, segment_of_sequence) if PACKED else None

@@ -1,6 +1,7 @@
 """The fused path as an autograd.Function: what `delta_rule` runs for plans with `fused=True`.
 
-Forward keeps the inputs and the chunks' inverses T for backward, nothing else. With
+Forward keeps the inputs and the chunks' inverses T for backward, nothing else (and without
+gradients to come, no T). With
 `use_qk_l2norm`, q and k are normalised in float32 and rounded back to their dtype before the
 kernels (as fla does); backward takes dq, dk through the normalisation.
 """
@@ -32,7 +33,8 @@ class FusedDeltaRuleFunction(torch.autograd.Function):
         two_level = ()  # segment > 1: the forward's two-level state pass (segments.py); backward's stay one-level
         if segment > 1:
             two_level = (*(tables or (None, None)), segment, *(segments or ()))
-        o, final, t = fused_forward(qn, kn, v, beta, s0, scale, chunk_size, *(two_level or tables))
+        keep_t = any(ctx.needs_input_grad[:5])  # else backward never runs: T is not written (prefill, inference)
+        o, final, t = fused_forward(qn, kn, v, beta, s0, scale, chunk_size, *(two_level or tables), keep_t=keep_t)
         ctx.save_for_backward(q, k, v, beta, s0, t)
         ctx.options = (scale, use_qk_l2norm, chunk_size, packing, None if initial_state is None else initial_state.dtype)
         return o, (final if output_final_state else None)

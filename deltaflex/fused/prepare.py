@@ -2,7 +2,7 @@
 
 Forward (`prepare_fwd_kernel`): A = tril(diag(beta) K K^T, -1) in float32 (exact products of the
 input keys), T = (I + A)^-1 (`invert_unit_lower`), then W = T diag(beta) K and U = T diag(beta) V
-with T diag(beta) split into hi + lo. Writes T (float32, kept for backward), W (input dtype: the
+with T diag(beta) split into hi + lo. Writes T (float32, kept for backward; not written where no gradient is needed), W (input dtype: the
 state pass rounds it anyway) and U (float32: its rounding is what correlated keys amplify).
 Backward (`prepare_bwd_kernel`): the same W and U from the saved T, and the output's local value
 gradient dV_local = scale tril(Q K^T)^T dO (float32), which the reverse state pass starts from.
@@ -82,7 +82,7 @@ def _wy_factors(tb, k_ptr, v_ptr, w_ptr, u_ptr, row0, n_rows, H: tl.constexpr, K
 @triton.jit
 def prepare_fwd_kernel(k_ptr, v_ptr, beta_ptr, t_ptr, w_ptr, u_ptr, chunks_ptr, T, NT,
                        H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr,
-                       BV: tl.constexpr, LOW: tl.constexpr, PACKED: tl.constexpr):
+                       BV: tl.constexpr, LOW: tl.constexpr, PACKED: tl.constexpr, STORE_T: tl.constexpr):
     row0, n_rows, _ = chunk_of(tl.program_id(0), tl.program_id(1), T, NT, chunks_ptr, H, C, PACKED)
     rc = tl.arange(0, C)
     a = tl.zeros([C, C], tl.float32)
@@ -91,7 +91,8 @@ def prepare_fwd_kernel(k_ptr, v_ptr, beta_ptr, t_ptr, w_ptr, u_ptr, chunks_ptr, 
         a = dot_round(k, tl.trans(k), a, True, True, LOW)
     beta = load_column(beta_ptr + row0, H, n_rows, C)
     t = invert_unit_lower(tl.where(rc[:, None] > rc[None, :], a * beta[:, None], 0.0), C, LOW)
-    store_rows(t_ptr + row0 * C, t, H * C, n_rows, 0, 0, C, C, C)
+    if STORE_T:  # kept for backward (not where no gradient will be asked for)
+        store_rows(t_ptr + row0 * C, t, H * C, n_rows, 0, 0, C, C, C)
     _wy_factors(t * beta[None, :], k_ptr, v_ptr, w_ptr, u_ptr, row0, n_rows, H, K, V, C, BK, BV, LOW)
 
 

@@ -120,3 +120,17 @@ def test_inside_callers_fullgraph_compile():
     assert relative_error(o, o_ref) <= TOLERANCES[torch.bfloat16]
     for n in leaves:
         assert relative_error(leaves[n].grad, refs[n].grad) <= TOLERANCES[torch.bfloat16], n
+
+
+def test_without_gradients_to_come_t_is_not_written():
+    """keep_t=False (what the autograd function passes when no input needs a gradient): the same o and
+    final state, and no T (every other buffer still poisoned and fully written)."""
+    x = make_inputs(1, 90, 2, 32, 32, dtype=torch.bfloat16, device=DEVICE, initial_state=True)
+    args = (x["q"], x["k"], x["v"], x["beta"], x["initial_state"], 32 ** -0.5, 64)
+    o, final, t = fused.fused_forward(*args)
+    o2, final2, t2 = fused.fused_forward(*args, keep_t=False)
+    assert t.shape == (1, 90, 2, 64) and t2.numel() == 0
+    assert torch.equal(o, o2) and torch.equal(final, final2)
+    with torch.inference_mode():  # inputs needing no gradient: delta_rule takes this path
+        o3, final3 = delta_rule(**x, plan=FUSED, output_final_state=True)
+    assert torch.equal(o3, o2) and torch.equal(final3, final2)
