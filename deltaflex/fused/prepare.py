@@ -24,25 +24,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ..kernels.common import as_f32, load_column, load_rows, store_rows
+from ..kernels.common import as_f32, invert_unit_lower_16, load_column, load_rows, store_rows
 from .tiles import chunk_of, dot_fine, dot_round, dot_split, load_rows_t
-
-
-@triton.jit
-def _invert_diagonal_blocks(a3, NB: tl.constexpr, LOW: tl.constexpr):
-    """inv(I + a) of each strictly lower 16 x 16 block of a3 [NB, 16, 16], by doubling: with X the
-    inverse of a block's diagonal s x s blocks and L its s x s blocks just below them (within 2s x 2s
-    blocks), the inverse of its diagonal 2s x 2s blocks is X - X L X (L X X = 0 there). s = 1 is
-    I - L; s = 2, 4, 8 are batched products on the tensor cores."""
-    i16 = tl.arange(0, 16)
-    r, c = i16[None, :, None], i16[None, None, :]
-    x = tl.where(r == c, 1.0, 0.0) - tl.where((r == c + 1) & (r % 2 == 1), a3, 0.0)
-    for level in tl.static_range(1, 4):
-        s = 1 << level
-        low = tl.where(((r // (2 * s)) == (c // (2 * s))) & ((r // s) % 2 == 1) & ((c // s) % 2 == 0), a3, 0.0)
-        x = x - dot_fine(x, dot_fine(low, x, tl.zeros([NB, 16, 16], tl.float32), LOW),
-                         tl.zeros([NB, 16, 16], tl.float32), LOW)
-    return x
 
 
 @triton.jit
@@ -52,7 +35,8 @@ def invert_unit_lower(a, C: tl.constexpr, LOW: tl.constexpr):
     nb = tl.arange(0, NB)
     same = nb[:, None, None, None] == nb[None, None, :, None]  # [NB, 1, NB, 1]: a diagonal block
     a4 = tl.reshape(a, [NB, 16, NB, 16])
-    x = _invert_diagonal_blocks(tl.sum(tl.where(same, a4, 0.0), 2), NB, LOW)
+    i16 = tl.arange(0, 16)
+    x = invert_unit_lower_16(tl.sum(tl.where(same, a4, 0.0), 2), i16[None, :, None], i16[None, None, :], LOW)
     d = tl.reshape(tl.where(same, x[:, :, None, :], 0.0), [C, C])  # block-diagonal inverse D
     if NB == 1:
         return d

@@ -2,7 +2,7 @@
 
 Forward (`solve_fwd_kernel`), one program per chunk, block forward substitution over 16-row blocks:
 for block row i, A's rows [16, C] come from a float32-accumulated K_i K^T (A is never rounded to
-bf16), the 16 x 16 diagonal block is inverted by doubling (`_invert_unit_lower_16`), and
+bf16), the 16 x 16 diagonal block is inverted by doubling (`common.invert_unit_lower_16`, 3xTF32), and
     T_i,<i = -inv(I + A_ii) (A_i,<i T_<i,<i)
 reads the rows of T already written by this program (a barrier orders each block row's stores
 before the next one's loads). Block substitution and the doubling stay accurate with strongly
@@ -26,25 +26,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import (FP32, block, check_tensors, chunk_rows, define_op, exact, f32, geometry, launch, launch_options,
-                     load_column, load_rows, load_tile, mma, mma_f32, policy_of, precision, store_tile, warps_stages)
-
-
-@triton.jit
-def _invert_unit_lower_16(a):
-    """inv(I + a) of a strictly lower 16 x 16 tile, by doubling: with X the inverse of the diagonal
-    s x s blocks and L the s x s blocks just below them (within 2s x 2s blocks), the inverse of the
-    diagonal 2s x 2s blocks is X - X L X; s = 1 is I - L, s = 2, 4, 8 are products (3xTF32). On the
-    H200 the same scheme made the fused path's inverse 1.7x faster than forward substitution's 15
-    dependent row steps (deltaflex/fused/prepare.py)."""
-    r = tl.arange(0, 16)
-    row, col = r[:, None], r[None, :]
-    x = tl.where(row == col, 1.0, 0.0) - tl.where((row == col + 1) & (row % 2 == 1), a, 0.0)
-    for level in tl.static_range(1, 4):
-        s = 1 << level
-        low = tl.where(((row // (2 * s)) == (col // (2 * s))) & ((row // s) % 2 == 1) & ((col // s) % 2 == 0), a, 0.0)
-        x = x - mma_f32(x, mma_f32(low, x, tl.zeros([16, 16], tl.float32)), tl.zeros([16, 16], tl.float32))
-    return x
+from .common import (FP32, block, check_tensors, chunk_rows, define_op, exact, f32, geometry, invert_unit_lower_16,
+                     launch, launch_options, load_column, load_rows, load_tile, mma, mma_f32, policy_of, precision,
+                     store_tile, warps_stages)
 
 
 @triton.jit
@@ -64,7 +48,8 @@ def solve_chunk(k_c, k_stride, beta_c, beta_stride, n_rows, t_c, K: tl.constexpr
             a_ii = mma(k_i, tl.trans(k_i), a_ii, K_EXACT, K_EXACT, POLICY, LOW)
         beta = tl.load(beta_c + rows * beta_stride, mask=rows < n_rows, other=0.0).to(tl.float32)
         a = tl.where(rc[None, :] < rows[:, None], a * beta[:, None], 0.0)
-        x = _invert_unit_lower_16(tl.where(r16[None, :] < r16[:, None], a_ii * beta[:, None], 0.0))
+        x = invert_unit_lower_16(tl.where(r16[None, :] < r16[:, None], a_ii * beta[:, None], 0.0), r16[:, None],
+                                 r16[None, :], 0)
         if i > 0:
             # T's block rows < i, written by earlier iterations (read past L1: .cg); later rows as zeros
             t_prev = tl.load(t_c + rc[:, None] * C + rc[None, :], mask=(rc < i * 16)[:, None], other=0.0,
