@@ -9,6 +9,7 @@ triton = pytest.importorskip("triton")
 import triton.language as tl  # noqa: E402
 
 from deltaflex.fused.prepare import invert_unit_lower  # noqa: E402
+from deltaflex.testing import make_inputs  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -21,13 +22,10 @@ def _invert(a_ptr, t_ptr, C: tl.constexpr, LOW: tl.constexpr):
 
 
 def _strictly_lower(C: int, keys: str) -> torch.Tensor:
-    k = torch.randn(C, 32, dtype=torch.float64)
-    if keys == "correlated":  # one shared direction and 10% noise
-        k = torch.randn(1, 32, dtype=torch.float64) + 0.1 * k
-        beta = 0.95 + 0.05 * torch.rand(C, dtype=torch.float64)
-    else:
-        beta = torch.rand(C, dtype=torch.float64)
-    k = torch.nn.functional.normalize(k, dim=-1)
+    """A = tril(diag(beta) K K^T, -1) of one chunk of fresh keys (deltaflex.testing's random or
+    correlated ones), in float64."""
+    x = make_inputs(1, C, 1, 32, dtype=torch.float64, keys=keys)
+    k, beta = x["k"][0, :, 0], x["beta"][0, :, 0]
     return torch.tril(beta[:, None] * (k @ k.T), -1)
 
 
