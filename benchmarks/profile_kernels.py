@@ -32,6 +32,7 @@ SWEEP = {  # 32-wide blocks at most where Triton 3.6 built right on the H200 (fu
     "prepare_fwd_kernel": {"num_warps": (4,), "num_stages": (1, 2)},
     "prepare_bwd_kernel": {"num_warps": (4, 8), "num_stages": (1, 2)},
     "state_fwd_kernel": {"BV": (32, 64), "num_warps": (2, 4), "num_stages": (2, 3, 4)},
+    "state_fwd_kernel[output]": {"BV": (32, 64), "num_warps": (4, 8), "num_stages": (1, 2, 3)},
     "state_bwd_kernel": {"BV": (32, 64), "num_warps": (2, 4, 8), "num_stages": (1, 2, 3), "PREFETCH_DV": (True, False)},
     "output_kernel": {"BV": (64, 128), "num_warps": (4,), "num_stages": (1, 2, 3)},
     "wy_grads_kernel": {"num_warps": (4, 8), "num_stages": (1, 2)},
@@ -41,7 +42,7 @@ SWEEP = {  # 32-wide blocks at most where Triton 3.6 built right on the H200 (fu
 
 def grid_for(name, grid, kw):
     """A launch's grid under changed block sizes."""
-    if name in ("state_fwd_kernel", "state_bwd_kernel"):  # (cdiv(V, BV), sequences * H)
+    if name.startswith(("state_fwd_kernel", "state_bwd_kernel")):  # (cdiv(V, BV), sequences * H)
         return (triton.cdiv(kw["V"], kw["BV"]), grid[1])
     if name == "qk_grads_kernel":  # (cdiv(K, BK), chunks, B * H)
         return (triton.cdiv(kw["K"], kw["BK"]), *grid[1:])
@@ -122,10 +123,11 @@ def kernel_table(shape, name, forward, iters: int):
 
 
 def recorded_launches(shape):
-    """(kernel, grid, args, kwargs) of one fused forward and backward, launched as recorded."""
+    """(kernel, grid, args, kwargs) of one fused forward with the output in the state pass, one with the
+    output kernel after it, and one backward, launched as recorded."""
     B, T, H, D = shape
     (q, k, v, beta), do = inputs(B, T, H, D)
-    calls, real = [], fused.launch
+    calls, real, saved = [], fused.launch, dict(fused.OUTPUT_IN_STATE)
 
     def record(kernel, grid, *args, **kwargs):
         calls.append((kernel, grid, args, kwargs))
@@ -133,11 +135,26 @@ def recorded_launches(shape):
 
     fused.launch = record
     try:
-        o, final, t = fused.fused_forward(q, k, v, beta, None, D ** -0.5, 64)
+        for in_state in (True, False):
+            fused.OUTPUT_IN_STATE.update({d: in_state for d in saved})
+            o, final, t = fused.fused_forward(q, k, v, beta, None, D ** -0.5, 64)
         fused.fused_backward(q, k, v, beta, t, None, do, None, D ** -0.5, 64)
     finally:
         fused.launch = real
+        fused.OUTPUT_IN_STATE.update(saved)
     return calls
+
+
+def kernel_label(kernel, kwargs) -> str:
+    """The kernel's name, with "[output]" for the state pass that writes the output (its own launch
+    parameters: fused.LAUNCH's "state_out")."""
+    name = kernel.fn.__name__ if hasattr(kernel, "fn") else kernel.__name__
+    return name + ("[output]" if kwargs.get("OUTPUT") else "")
+
+
+def launch_key(label: str) -> str:
+    """fused.LAUNCH's key for a kernel label."""
+    return "state_out" if label == "state_fwd_kernel[output]" else label.removesuffix("_kernel")
 
 
 def sweep(shape, spaces=SWEEP):
@@ -145,7 +162,7 @@ def sweep(shape, spaces=SWEEP):
     values; the first of two launches of one kernel only: the forward state pass runs in both directions)."""
     seen = set()
     for kernel, grid, args, kwargs in recorded_launches(shape):
-        name = kernel.fn.__name__ if hasattr(kernel, "fn") else kernel.__name__
+        name = kernel_label(kernel, kwargs)
         if name in seen or name not in spaces:
             continue
         seen.add(name)
@@ -227,12 +244,16 @@ def main():
                         best[row["kernel"]].update(ms=row["ms"], cfg={n: v for n, v in row.items()
                                                                         if n not in ("kernel", "ms", "default")})
             for name, b in best.items():
-                summary.append(f"{text:>15} sweep {name:<20} default {b.get('default', float('nan')):.3f} ms, "
+                summary.append(f"{text:>15} sweep {name:<24} default {b.get('default', float('nan')):.3f} ms, "
                                f"best {b['ms']:.3f} ms at {b['cfg']}")
+            if {"state_fwd_kernel[output]", "state_fwd_kernel", "output_kernel"} <= set(best):
+                apart = best["state_fwd_kernel"]["ms"] + best["output_kernel"]["ms"]
+                summary.append(f"{text:>15} forward's state pass + output: in one launch "
+                               f"{best['state_fwd_kernel[output]']['ms']:.3f} ms, apart {apart:.3f} ms (best of each)")
             if args.out:  # the best launch parameters per kernel, as fused.LAUNCH spells them
                 D = shape[3]
                 path = args.out / f"fused_launch_{D}.json"
-                path.write_text(json.dumps({name.removesuffix("_kernel"): b["cfg"] for name, b in best.items()}))
+                path.write_text(json.dumps({launch_key(name): b["cfg"] for name, b in best.items()}))
     print("\n".join(summary))
 
 

@@ -1,9 +1,10 @@
 """The fused chunkwise delta rule: every launch of forward and backward, in order, in this file.
 
-Forward, 3 launches (fla: 6):
+Forward, 2 launches (fla: 6):
   1. prepare_fwd   per chunk    T = (I + A)^-1 (kept for backward), W, U
-  2. state_fwd     per head     h[n] (chunk start states), V_new (over U), the final state
-  3. output        per chunk    o, in the caller's layout and dtype
+  2. state_fwd     per head     o (in the caller's layout and dtype) from each chunk's start state,
+                                the final state (OUTPUT_IN_STATE; else h[n] and V_new (over U), then
+  3. output        per chunk    o from them)
   (long sequences at small B*H: 2 is segments.py's two-level pass, three launches over segments of chunks)
 Backward, 5 launches (fla: 7 and a PyTorch sum):
   1. prepare_bwd   per chunk    W, U from the saved T; dV_local = scale tril(Q K^T)^T dO
@@ -68,6 +69,7 @@ class Packing(NamedTuple):
 LAUNCH = {
     64: {"prepare_fwd": dict(num_warps=4, num_stages=2),
          "state_fwd": dict(BV=64, num_warps=4, num_stages=3),
+         "state_out": dict(BV=64, num_warps=4, num_stages=2),  # not yet swept
          "output": dict(BV=64, num_warps=4, num_stages=1),
          "prepare_bwd": dict(num_warps=4, num_stages=2),
          "state_bwd": dict(BV=32, num_warps=4, num_stages=3, PREFETCH_DV=False),
@@ -75,6 +77,7 @@ LAUNCH = {
          "qk_grads": dict(BV=64, BK=64, num_warps=4, num_stages=3)},
     128: {"prepare_fwd": dict(num_warps=4, num_stages=1),
          "state_fwd": dict(BV=64, num_warps=4, num_stages=3),
+         "state_out": dict(BV=64, num_warps=4, num_stages=2),  # not yet swept
          "output": dict(BV=64, num_warps=4, num_stages=3),
          "prepare_bwd": dict(num_warps=4, num_stages=2),
          "state_bwd": dict(BV=64, num_warps=4, num_stages=3, PREFETCH_DV=True),
@@ -82,6 +85,7 @@ LAUNCH = {
          "qk_grads": dict(BV=64, BK=128, num_warps=4, num_stages=2)},
     256: {"prepare_fwd": dict(num_warps=4, num_stages=1),
          "state_fwd": dict(BV=64, num_warps=4, num_stages=2),
+         "state_out": dict(BV=32, num_warps=4, num_stages=1),  # not yet swept
          "output": dict(BV=128, num_warps=4, num_stages=3),
          "prepare_bwd": dict(num_warps=4, num_stages=1),
          "state_bwd": dict(BV=64, num_warps=4, num_stages=2, PREFETCH_DV=False),
@@ -96,6 +100,13 @@ LAUNCH = {
 # = 16 and K = 32, V = 24, where wy_grads at 4 warps faults (benchmarks/probes/fused_nan.py).
 NARROW_WARPS = 2
 SPLIT_STATE = True  # the state update's V_new as hi + lo (state.py)
+# The forward's output from its state pass (state.py's OUTPUT: no h, no V_new through memory) at key
+# head dims up to 64, 128, 256; else output.py's kernel after the pass.
+OUTPUT_IN_STATE = {64: True, 128: True, 256: False}  # 256: at BV = 64 over sm_90's shared memory
+
+
+def _output_in_state(K: int) -> bool:
+    return OUTPUT_IN_STATE[next(d for d in (64, 128, 256) if K <= d)]
 
 
 def _opts(kernel: str, K: int, V: int) -> dict:
@@ -151,19 +162,24 @@ def fused_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torch
     # (their values address stores), so its functional form clones each such argument, and where one
     # buffer stands in for two arguments, the untouched clone replaces what the kernel wrote.
     w = _empty(*k.shape, dtype=k.dtype, like=k)
-    u = _empty(B, T, H, V, dtype=torch.float32, like=k)  # V_new after the state pass
-    h = _empty(n_chunks if PACKED else B * NT, H, K, V, dtype=k.dtype, like=k)
+    u = _empty(B, T, H, V, dtype=torch.float32, like=k)  # (without the output in the state pass: V_new after it)
     sizes = dict(H=H, K=K, V=V, C=C, LOW=LOW, PACKED=PACKED)
     launch(prepare_fwd_kernel, (n_chunks, B * H), k, v, beta, t if keep_t else None, w, u, chunks, T, NT, BK=BK,
            BV=block(V), STORE_T=keep_t, **sizes, **_opts("prepare_fwd", K, V))
-    opts = _opts("state_fwd", K, V)
+    fused_output = _output_in_state(K)
+    h = None if fused_output else _empty(n_chunks if PACKED else B * NT, H, K, V, dtype=k.dtype, like=k)
+    out = (q, o, scale) if fused_output else (None, None, 1.0)
+    opts = _opts("state_out" if fused_output else "state_fwd", K, V)
     if segment > 1:
         segments = Segments(segment_table, segment_of_sequence) if PACKED else None
-        state_two_level(k, w, u, h, s0, final, segments, T, NT, S, segment, sizes, opts, SPLIT_STATE, _empty)
+        state_two_level(k, w, u, h, s0, final, segments, T, NT, S, segment, sizes, opts, SPLIT_STATE, _empty, *out)
     else:
-        launch(state_fwd_kernel, (triton.cdiv(V, opts["BV"]), S * H), k, w, u, h, s0, final, seqs,
-               T, NT, BK=BK, HAS_S0=s0 is not None, HAS_FINAL=True, SPLIT=SPLIT_STATE, **sizes, **opts)
-    launch(output_kernel, (n_chunks, B * H), q, k, u, h, o, chunks, scale, T, NT, BK=BK, **sizes, **_opts("output", K, V))
+        launch(state_fwd_kernel, (triton.cdiv(V, opts["BV"]), S * H), out[0], k, w, u, h, out[1], s0, final, seqs,
+               out[2], T, NT, BK=BK, HAS_S0=s0 is not None, HAS_FINAL=True, SPLIT=SPLIT_STATE, OUTPUT=fused_output,
+               **sizes, **opts)
+    if not fused_output:
+        launch(output_kernel, (n_chunks, B * H), q, k, u, h, o, chunks, scale, T, NT, BK=BK, **sizes,
+               **_opts("output", K, V))
     return o, final, t
 
 
@@ -195,8 +211,9 @@ def fused_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torc
     launch(prepare_bwd_kernel, (n_chunks, B * H), q, k, v, beta, t, do, w, u, dv_new, chunks, scale, T, NT, BK=BK,
            BV=block(V), **sizes, **_opts("prepare_bwd", K, V))
     opts = _opts("state_fwd", K, V)
-    launch(state_fwd_kernel, (triton.cdiv(V, opts["BV"]), S * H), k, w, u, h, s0, None,
-           seqs, T, NT, BK=BK, HAS_S0=s0 is not None, HAS_FINAL=False, SPLIT=SPLIT_STATE, **sizes, **opts)
+    launch(state_fwd_kernel, (triton.cdiv(V, opts["BV"]), S * H), None, k, w, u, h, None, s0, None,
+           seqs, 1.0, T, NT, BK=BK, HAS_S0=s0 is not None, HAS_FINAL=False, SPLIT=SPLIT_STATE, OUTPUT=False,
+           **sizes, **opts)
     opts = _opts("state_bwd", K, V)
     launch(state_bwd_kernel, (triton.cdiv(V, opts["BV"]), S * H), q, k, w, do, dv_new, dh,
            dfinal, ds0 if s0 is not None else None, seqs, scale, T, NT, BK=BK,

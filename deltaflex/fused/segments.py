@@ -13,8 +13,9 @@ E_n S + K_n^T U_n with E_n = I - K_n^T W_n, so a segment maps its start state to
                      S_{j+1} = P_j S_j + D_j from the initial state (float32 products: both operands
                      split, or 3xTF32), each segment's start S_j, the final state
   3. state_fwd       (state.py, unchanged) per (segment, head, value block) from S_j, as if every
-                     segment were a packed sequence of its own: h[n], V_new over U, as the one-level pass
-Phase 3 is the one-level pass's own walk, so h and V_new differ from it only through the start states.
+                     segment were a packed sequence of its own: h[n], V_new over U (or the output
+                     itself), as the one-level pass
+Phase 3 is the one-level pass's own walk, so h, V_new and o differ from it only through the start states.
 Work: phase 1 reads W, K (and U) of every chunk once per column block of [P D], phase 3 is the
 one-level pass; phase 2 is ceil(chunks / G) steps per sequence.
 
@@ -272,9 +273,11 @@ def segment_starts_kernel(p_ptr, d_ptr, starts_ptr, s0_ptr, final_ptr, of_seq_pt
 
 
 def state_two_level(k, w, u, h, s0: Optional[torch.Tensor], final, segments: Optional[Segments], T: int, NT: int,
-                    n_seqs: int, G: int, sizes: dict, state_opts: dict, split: bool, empty) -> None:
+                    n_seqs: int, G: int, sizes: dict, state_opts: dict, split: bool, empty, q=None, o=None,
+                    scale: float = 1.0) -> None:
     """The three phases, in place of chunk.py's one `state_fwd` launch: h[n], V_new over u, the final
-    state. `segments`: packed sequences' (sizes["PACKED"]); `empty`: chunk.py's buffer allocator."""
+    state; given o (and q, scale), the output instead of h and V_new (state.py's OUTPUT). `segments`:
+    packed sequences' (sizes["PACKED"]); `empty`: chunk.py's buffer allocator."""
     H, K, V, LOW, PACKED = sizes["H"], sizes["K"], sizes["V"], sizes["LOW"], sizes["PACKED"]
     BK = block(K)
     NS = triton.cdiv(NT, G)
@@ -293,6 +296,6 @@ def state_two_level(k, w, u, h, s0: Optional[torch.Tensor], final, segments: Opt
            s0, final, of_sequence, NS, H=H, K=K, V=V, BK=BK, LOW=LOW, PACKED=PACKED,
            HAS_S0=s0 is not None, **starts_opts)
     if n_segs:
-        launch(state_fwd_kernel, (triton.cdiv(V, state_opts["BV"]), n_segs * H), k, w, u, h, starts, None, table,
-               T, NT, BK=BK, HAS_S0=True, HAS_FINAL=False, SPLIT=split,
+        launch(state_fwd_kernel, (triton.cdiv(V, state_opts["BV"]), n_segs * H), q, k, w, u, h, o, starts, None,
+               table, scale, T, NT, BK=BK, HAS_S0=True, HAS_FINAL=False, SPLIT=split, OUTPUT=o is not None,
                **{**sizes, "PACKED": True}, **state_opts)

@@ -7,6 +7,11 @@ S rounded to the input dtype as an operand (as fla does: the oracle shows little
 split into hi + lo for the update where SPLIT (else rounded: one product less a step, but on
 correlated keys the final state's error grows from 5e-4 to 6e-3), V_new stored in float32 over U
 (a program reads its slice of U before it writes V_new there, and no other program touches it).
+With OUTPUT (the forward's pass) it writes the output instead of h and V_new:
+    O = scale (Q h[n] + tril(Q K^T) V_new),
+output.py's products on the state in registers (each value block's program computes the scores
+again), so neither h (B T/C H K V values) nor V_new goes through memory; backward's pass, which
+the gradients need h and V_new of, runs without it.
 Backward (`state_bwd_kernel`), chunks in reverse, dS the gradient of the state after the chunk:
     dh[n] = dS (input dtype);  dV_new = dV_local + K dS;  dS <- dS + scale Q^T dO - W^T dV_new,
 dV_new stored in float32 over dV_local. It carries dS' = dS / scale (dV_new' = dV_new / scale likewise),
@@ -78,10 +83,23 @@ def plus_kt_x(s0, s1, s2, s3, k_c, stride, n_rows, x, K: tl.constexpr, C: tl.con
 
 
 @triton.jit
-def state_fwd_kernel(k_ptr, w_ptr, u_ptr, h_ptr, s0_ptr, final_ptr, seqs_ptr, T, NT,
+def _out_products(ws, qs, p, i: tl.constexpr, w_c, q_c, k_c, stride, n_rows, s, K: tl.constexpr, C: tl.constexpr,
+                  BK: tl.constexpr, LOW: tl.constexpr):
+    """Key block i's part of the step's three products when the pass writes the output: W S and Q S
+    (state tile i rounded, as h is stored) and the scores Q K^T (exact operands)."""
+    if i * BK < K:
+        q = load_rows(q_c, stride, n_rows, 0, i, K, C, BK)
+        ws = dot_round(load_rows(w_c, stride, n_rows, 0, i, K, C, BK), s, ws, True, False, LOW)
+        qs = dot_round(q, s, qs, True, False, LOW)
+        p = dot_round(q, load_rows_t(k_c, stride, n_rows, 0, i, K, C, BK), p, True, True, LOW)
+    return ws, qs, p
+
+
+@triton.jit
+def state_fwd_kernel(q_ptr, k_ptr, w_ptr, u_ptr, h_ptr, o_ptr, s0_ptr, final_ptr, seqs_ptr, scale, T, NT,
                      H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr,
                      BV: tl.constexpr, LOW: tl.constexpr, PACKED: tl.constexpr, HAS_S0: tl.constexpr,
-                     HAS_FINAL: tl.constexpr, SPLIT: tl.constexpr):
+                     HAS_FINAL: tl.constexpr, SPLIT: tl.constexpr, OUTPUT: tl.constexpr):
     iv, i_nh = tl.program_id(0), tl.program_id(1)
     i_n, i_h = i_nh // H, i_nh % H
     bos, c0, nt, length = sequence_of(i_n, T, NT, seqs_ptr, PACKED)
@@ -90,14 +108,30 @@ def state_fwd_kernel(k_ptr, w_ptr, u_ptr, h_ptr, s0_ptr, final_ptr, seqs_ptr, T,
     else:
         s0 = tl.zeros([BK, BV], tl.float32)
         s1, s2, s3 = s0, s0, s0
+    if OUTPUT:
+        scale = as_f32(scale)
+        rc = tl.arange(0, C)
     for i in range(nt):
         row0 = (bos + i * C) * H + i_h
         n_rows = tl.minimum(length - i * C, C)
-        store_state(h_ptr + ((c0 + i) * H + i_h) * K * V, s0, s1, s2, s3, iv, K, V, BK, BV)
-        ws = rows_times(tl.zeros([C, BV], tl.float32), w_ptr + row0 * K, H * K, n_rows, s0, s1, s2, s3, K, C, BK,
-                        LOW, False)
-        v_new = load_rows(u_ptr + row0 * V, H * V, n_rows, 0, iv, V, C, BV) - ws
-        store_rows(u_ptr + row0 * V, v_new, H * V, n_rows, 0, iv, V, C, BV)
+        if OUTPUT:  # O = scale (Q h + tril(Q K^T) V_new), as output.py's kernel, from the state in registers
+            w_c, q_c, k_c = w_ptr + row0 * K, q_ptr + row0 * K, k_ptr + row0 * K
+            ws = tl.zeros([C, BV], tl.float32)
+            qs, p = ws, tl.zeros([C, C], tl.float32)
+            ws, qs, p = _out_products(ws, qs, p, 0, w_c, q_c, k_c, H * K, n_rows, s0, K, C, BK, LOW)
+            ws, qs, p = _out_products(ws, qs, p, 1, w_c, q_c, k_c, H * K, n_rows, s1, K, C, BK, LOW)
+            ws, qs, p = _out_products(ws, qs, p, 2, w_c, q_c, k_c, H * K, n_rows, s2, K, C, BK, LOW)
+            ws, qs, p = _out_products(ws, qs, p, 3, w_c, q_c, k_c, H * K, n_rows, s3, K, C, BK, LOW)
+            v_new = load_rows(u_ptr + row0 * V, H * V, n_rows, 0, iv, V, C, BV) - ws
+            p = tl.where(rc[:, None] >= rc[None, :], p, 0.0)
+            o = scale * dot_split(p, v_new, qs, False, False, LOW)
+            store_rows(o_ptr + row0 * V, o, H * V, n_rows, 0, iv, V, C, BV)
+        else:
+            store_state(h_ptr + ((c0 + i) * H + i_h) * K * V, s0, s1, s2, s3, iv, K, V, BK, BV)
+            ws = rows_times(tl.zeros([C, BV], tl.float32), w_ptr + row0 * K, H * K, n_rows, s0, s1, s2, s3, K, C,
+                            BK, LOW, False)
+            v_new = load_rows(u_ptr + row0 * V, H * V, n_rows, 0, iv, V, C, BV) - ws
+            store_rows(u_ptr + row0 * V, v_new, H * V, n_rows, 0, iv, V, C, BV)
         s0, s1, s2, s3 = plus_kt_x(s0, s1, s2, s3, k_ptr + row0 * K, H * K, n_rows, v_new, K, C, BK, LOW, SPLIT)
     if HAS_FINAL:
         store_state(final_ptr + i_nh.to(tl.int64) * K * V, s0, s1, s2, s3, iv, K, V, BK, BV)
