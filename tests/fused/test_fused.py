@@ -3,6 +3,8 @@ states and every gradient, on random and correlated keys, every input dtype it t
 packed sequences, head dims that are not powers of two, each chunk size; every element of every
 buffer written. Without a GPU the kernels run in Triton's interpreter at tiny sizes."""
 
+import dataclasses
+
 import pytest
 import torch
 from test_api import check_against_oracle
@@ -134,3 +136,28 @@ def test_without_gradients_to_come_t_is_not_written():
     with torch.inference_mode():  # inputs needing no gradient: delta_rule takes this path
         o3, final3 = delta_rule(**x, plan=FUSED, output_final_state=True)
     assert torch.equal(o3, o2) and torch.equal(final3, final2)
+
+
+@pytest.mark.parametrize("case", ["one-level", "packed", "two-level"])
+def test_output_in_the_state_pass_or_after_it(case, monkeypatch):
+    """The forward's output from its state pass (OUTPUT_IN_STATE) and from output.py's kernel after it:
+    both within the oracle's bound, and equal up to float32 accumulation order (the same roundings)."""
+    if case == "packed":
+        x, cu = _packed([70, 5, 130], torch.bfloat16, keys="correlated", K=32, V=48, device=DEVICE)
+        kw = {"cu_seqlens": cu}
+    else:
+        x, kw = make_inputs(1, 200, 2, 48, 32, dtype=torch.bfloat16, device=DEVICE, keys="correlated",
+                            initial_state=True), {}
+    plan = dataclasses.replace(FUSED, state_segment=2) if case == "two-level" else FUSED
+    outs = []
+    for in_state in (True, False):
+        monkeypatch.setattr(fused, "OUTPUT_IN_STATE", {d: in_state for d in fused.OUTPUT_IN_STATE})
+        with torch.inference_mode():
+            outs.append(delta_rule(**x, **kw, plan=plan, chunk_size=32, output_final_state=True))
+    o_ref, s_ref = recurrent_delta_rule_ref(**{n: t.double() for n, t in x.items()}, **kw, output_final_state=True)
+    for o, s in outs:
+        assert relative_error(o, o_ref) <= TOLERANCES[torch.bfloat16]
+        assert relative_error(s, s_ref) <= TOLERANCES[torch.bfloat16]
+    assert torch.equal(outs[0][1], outs[1][1])  # the state walk itself is the same either way
+    # o: the same products and roundings, summed in another order (rarely one bf16 ulp apart)
+    assert relative_error(outs[0][0], outs[1][0]) < 1e-3
