@@ -14,6 +14,7 @@ from __future__ import annotations
 import functools
 
 import torch
+from torch.fx.experimental.symbolic_shapes import guard_scalar
 
 from ..plan import Plan
 from ..reference import L2NORM_EPS, l2norm
@@ -251,8 +252,15 @@ def _stepping(plan: Plan, scan: bool) -> Stepping:
 class ChunkDeltaRuleFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, beta, initial_state, scale, use_qk_l2norm, output_final_state, plan, layout):
-        for stage, backend in plan.backends().items():
+        backends = plan.backends()
+        for stage, backend in backends.items():
             implementation(stage, backend)  # a missing backend fails here, before any compute
+        if torch.compiler.is_compiling() and "triton" in backends.values():
+            # Head dims are the kernels' constexprs, so the caller's graph specialises on them anyway; done
+            # here, before any intermediate exists: under dynamic shapes Dynamo (torch 2.11) makes every size
+            # this forward reads an output of its graph, and one read as a symbol that a launch specialises
+            # later comes back an int (its assert: "neither a tensor nor a SymNode").
+            guard_scalar(q.shape[-1]), guard_scalar(v.shape[-1])
         options = dict(scale=scale, use_qk_l2norm=use_qk_l2norm, plan=plan, device_type=q.device.type, layout=layout)
         o, final, t = chunk_delta_rule_fwd(q, k, v, beta, initial_state, **options)
         ctx.save_for_backward(q, k, v, beta, initial_state, t)
