@@ -161,7 +161,7 @@ class Plan:
     unroll: bool = False  # compiled state pass as an unrolled loop, not the scan op (one graph per T)
     state_group: int = 1  # > 1: two-level state pass over groups of this many chunks (chunk/state.py)
     cuda_graph: bool = False  # replay the compiled graphs under CUDA graphs, one capture per shape
-    # All-Triton plans: the fused path (deltaflex/fused/chunk.py: 3 forward and 5 backward launches,
+    # All-Triton plans: the fused path (deltaflex/fused/chunk.py: 2 or 3 forward, 5 backward launches,
     # its own precision scheme) instead of the stage-by-stage kernels; chunk sizes 16 to 64.
     fused: bool = False
     # The fused forward's state pass: 0 chooses from the shape and the GPU (fused/segments.py), 1 takes

@@ -1,10 +1,15 @@
-"""Which launch configurations of one fused kernel compute right on this GPU (Triton has miscompiled
-narrow bf16 products at 8 warps on the H200: a fault; at 4: silently wrong). Each configuration runs
-in a process of its own (a fault ends its CUDA context), forward and backward against the float64
-oracle at three head dims.
+"""Which launch configurations of one fused kernel, or which of chunk.py's switches, compute right on
+this GPU (Triton has miscompiled narrow bf16 products on the H200: at 8 warps a fault; at 4 silently
+wrong; 32-wide value blocks in the state pass that writes the output: NaN). Each configuration runs in
+a process of its own (a fault ends its CUDA context), forward and backward against the float64 oracle
+at head dims 64, 128, 256 and 100 (or --dims), on correlated keys; the worst error of o and of the
+gradients is printed (bf16's own rounding is about 3e-3).
 
-    python benchmarks/probes/fused_configs.py grads 'BK=32,BV=32,num_warps=8' 'BK=64,BV=64,num_warps=4' ...
+    python benchmarks/probes/fused_configs.py grads_kernel 'BK=32,BV=32,num_warps=8' 'BK=64,BV=64,num_warps=4'
+    python benchmarks/probes/fused_configs.py state_out 'num_stages=3' --dims 64
+    python benchmarks/probes/fused_configs.py none - --flags '{"NARROW_STATE_WHEN_FEW": true}'
 """
+import argparse
 import json
 import subprocess
 import sys
@@ -15,35 +20,50 @@ from deltaflex import delta_rule
 from deltaflex.fused import chunk as fused
 from deltaflex.reference import recurrent_delta_rule_ref
 from deltaflex.testing import make_inputs, relative_error
-kernel, cfg = sys.argv[1], json.loads(sys.argv[2])
-for table in fused.LAUNCH.values():
-    table[kernel] = {**table[kernel], **cfg}
-worst = 0.0
+kernel, cfg, flags, dims = sys.argv[1], json.loads(sys.argv[2]), json.loads(sys.argv[3]), json.loads(sys.argv[4])
+if kernel != "none":
+    for table in fused.LAUNCH.values():
+        table[kernel] = {**table[kernel], **cfg}
+for name, value in flags.items():
+    setattr(fused, name, value)
+worst = {"o": 0.0, "grads": 0.0}
 for B, T, H, D in ((2, 300, 4, 64), (1, 200, 2, 128), (1, 150, 1, 256), (1, 100, 2, 100)):
+    if D not in dims:
+        continue
     x = make_inputs(B, T, H, D, dtype=torch.bfloat16, device="cuda", keys="correlated")
     leaves = [x[n].clone().requires_grad_() for n in ("q", "k", "v", "beta")]
     refs = [x[n].double().requires_grad_() for n in ("q", "k", "v", "beta")]
     do = torch.randn(B, T, H, D, device="cuda")
-    delta_rule(*leaves, plan="fused")[0].backward(do.bfloat16())
-    recurrent_delta_rule_ref(*refs)[0].backward(do.double())
-    worst = max([worst] + [relative_error(a.grad, r.grad) for a, r in zip(leaves, refs)])
-print(json.dumps({"worst_grad_error": worst}))
+    o = delta_rule(*leaves, plan="fused")[0]
+    o.backward(do.bfloat16())
+    o_ref = recurrent_delta_rule_ref(*refs)[0]
+    o_ref.backward(do.double())
+    worst["o"] = max(worst["o"], relative_error(o, o_ref))
+    worst["grads"] = max([worst["grads"]] + [relative_error(a.grad, r.grad) for a, r in zip(leaves, refs)])
+print(json.dumps(worst))
 """
 
 
 def parse(text):
     out = {}
-    for item in text.split(","):
+    for item in filter(None, text.split(",")):
         name, value = item.split("=")
         out[name] = int(value)
     return out
 
 
 if __name__ == "__main__":
-    kernel = sys.argv[1]
-    for text in sys.argv[2:]:
-        r = subprocess.run([sys.executable, "-c", CHILD, kernel, json.dumps(parse(text))], capture_output=True,
+    parser = argparse.ArgumentParser()
+    parser.add_argument("kernel", help="fused.LAUNCH's kernel key (state_out, qk_grads, ...) or none")
+    parser.add_argument("configs", nargs="+", help="'NAME=VALUE,...' each ('-': the committed one)")
+    parser.add_argument("--flags", default="{}", help="chunk.py module attributes to set, JSON")
+    parser.add_argument("--dims", default="64,128,256,100")
+    args = parser.parse_args()
+    dims = json.dumps([int(d) for d in args.dims.split(",")])
+    for text in args.configs:
+        cfg = json.dumps(parse("" if text == "-" else text))
+        r = subprocess.run([sys.executable, "-c", CHILD, args.kernel, cfg, args.flags, dims], capture_output=True,
                            text=True, timeout=300)
         lines = [line for line in r.stdout.splitlines() if line.startswith("{")]
         verdict = lines[-1] if lines else "FAILED: " + (r.stderr.strip().splitlines() or ["?"])[-1][:160]
-        print(f"{kernel} {text}: {verdict}", flush=True)
+        print(f"{args.kernel} {text} {args.flags}: {verdict}", flush=True)

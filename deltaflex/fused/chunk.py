@@ -38,7 +38,7 @@ from ..validation import state_dtype
 from .grads import qk_grads_kernel, wy_grads_kernel
 from .output import output_kernel
 from .prepare import prepare_bwd_kernel, prepare_fwd_kernel
-from .segments import Segments, state_two_level
+from .segments import Segments, sm_count, state_two_level
 from .state import state_bwd_kernel, state_fwd_kernel
 from .tiles import block
 
@@ -65,11 +65,12 @@ class Packing(NamedTuple):
 
 # Launch parameters by key head dim (<= 64, <= 128, <= 256) and kernel: block sizes (capped by the head
 # dims), num_warps, num_stages. From sweeps on the H200 (benchmarks/profile_kernels.py --sweep) within
-# what the sm_90 builds fit: registers without spills where possible, 227 KiB of shared memory.
+# what the sm_90 builds fit: registers without spills where possible, 227 KiB of shared memory. A faster
+# configuration whose results the GPU has not yet checked stays out (Triton 3.6 has built some wrong).
 LAUNCH = {
     64: {"prepare_fwd": dict(num_warps=4, num_stages=2),
          "state_fwd": dict(BV=64, num_warps=4, num_stages=3),
-         "state_out": dict(BV=64, num_warps=4, num_stages=2),  # not yet swept
+         "state_out": dict(BV=64, num_warps=4, num_stages=2),  # H200: 0.196 ms, s3 0.131 (unchecked)
          "output": dict(BV=64, num_warps=4, num_stages=1),
          "prepare_bwd": dict(num_warps=4, num_stages=2),
          "state_bwd": dict(BV=32, num_warps=4, num_stages=3, PREFETCH_DV=False),
@@ -77,7 +78,7 @@ LAUNCH = {
          "qk_grads": dict(BV=64, BK=64, num_warps=4, num_stages=3)},
     128: {"prepare_fwd": dict(num_warps=4, num_stages=1),
          "state_fwd": dict(BV=64, num_warps=4, num_stages=3),
-         "state_out": dict(BV=64, num_warps=4, num_stages=2),  # not yet swept
+         "state_out": dict(BV=64, num_warps=4, num_stages=2),  # H200: 0.259 ms; s3 over 227 KiB
          "output": dict(BV=64, num_warps=4, num_stages=3),
          "prepare_bwd": dict(num_warps=4, num_stages=2),
          "state_bwd": dict(BV=64, num_warps=4, num_stages=3, PREFETCH_DV=True),
@@ -85,7 +86,7 @@ LAUNCH = {
          "qk_grads": dict(BV=64, BK=128, num_warps=4, num_stages=2)},
     256: {"prepare_fwd": dict(num_warps=4, num_stages=1),
          "state_fwd": dict(BV=64, num_warps=4, num_stages=2),
-         "state_out": dict(BV=32, num_warps=4, num_stages=1),  # not yet swept
+         "state_out": dict(BV=32, num_warps=4, num_stages=1),  # (OUTPUT_IN_STATE off)
          "output": dict(BV=128, num_warps=4, num_stages=3),
          "prepare_bwd": dict(num_warps=4, num_stages=1),
          "state_bwd": dict(BV=64, num_warps=4, num_stages=2, PREFETCH_DV=False),
@@ -101,17 +102,42 @@ LAUNCH = {
 NARROW_WARPS = 2
 SPLIT_STATE = True  # the state update's V_new as hi + lo (state.py)
 # The forward's output from its state pass (state.py's OUTPUT: no h, no V_new through memory) at key
-# head dims up to 64, 128, 256; else output.py's kernel after the pass.
-OUTPUT_IN_STATE = {64: True, 128: True, 256: False}  # 256: at BV = 64 over sm_90's shared memory
+# head dims up to 64, 128, 256; else output.py's kernel after the pass. Head dim 256: at BV = 64 the
+# pass exceeds sm_90's shared memory, and at BV = 32 Triton 3.6 built it wrong on the H200 (NaN, an
+# illegal address; right in the interpreter). Writing the output lengthens each step of the walk by
+# about OUTPUT_STEP_MS (H200, head dim 128: 4.0 us against 2.2) for every wave of programs over the
+# SMs, where output.py's kernel, in parallel, takes about OUTPUT_KERNEL_MS a token, head and value
+# column (0.13 ms at 4 x 4096 x 16 x 128); the cheaper one is taken. Measured on the H200 (forward ms,
+# apart -> in the pass): 4 x 4096 x 16 x 128 0.46 -> 0.44, 4 x 4096 x 32 x 64 0.49 -> 0.44, prefill
+# 1 x 64K x 8 x 128 1.29 -> 1.26; 2 x 8192 x 16 x 128 (128 steps, one wave) 0.57 -> 0.67.
+OUTPUT_IN_STATE = {64: True, 128: True, 256: False}
+OUTPUT_STEP_MS = 1.8e-3
+OUTPUT_KERNEL_MS = 0.13 / (4 * 4096 * 16 * 128)
+# Few programs (long sequences at small B H): the state passes with value blocks half as wide where
+# twice the programs still fit the SMs in one wave (H200, 2 x 8192 x 8 x 256: state_fwd 0.508 -> 0.390
+# ms, state_bwd 0.601 -> 0.520). Off until its results are checked on the GPU (the 32-wide blocks of the
+# pass that writes the output were built wrong).
+NARROW_STATE_WHEN_FEW = False
 
 
-def _output_in_state(K: int) -> bool:
-    return OUTPUT_IN_STATE[next(d for d in (64, 128, 256) if K <= d)]
+def _dims(K: int) -> int:
+    """LAUNCH's key for key head dim K."""
+    return next(d for d in (64, 128, 256) if K <= d)
+
+
+def _output_in_state(K: int, V: int, rows: int, steps: int, tokens: int, device: torch.device) -> bool:
+    """Whether the forward's state pass writes the output: `rows` sequences (or segments) x heads, each
+    walking at most `steps` chunks, over `tokens` x heads in all (off CUDA: one wave)."""
+    if not OUTPUT_IN_STATE[_dims(K)]:
+        return False
+    programs = rows * triton.cdiv(V, _opts("state_out", K, V)["BV"])
+    waves = triton.cdiv(programs, sm_count(device)) if device.type == "cuda" else 1
+    return waves * steps * OUTPUT_STEP_MS <= tokens * V * OUTPUT_KERNEL_MS
 
 
 def _opts(kernel: str, K: int, V: int) -> dict:
     """The kernel's launch keywords at head dims K, V (block sizes capped by them)."""
-    opts = dict(LAUNCH[next(d for d in (64, 128, 256) if K <= d)][kernel])
+    opts = dict(LAUNCH[_dims(K)][kernel])
     for name, d in (("BK", K), ("BV", V)):
         if name in opts:
             opts[name] = block(d, opts[name])
@@ -119,6 +145,15 @@ def _opts(kernel: str, K: int, V: int) -> dict:
         opts["num_warps"] = NARROW_WARPS
     if INTERPRETED and kernel.startswith("state"):
         opts["BV"] = block(V)  # fewer programs: the interpreter's time goes per program
+    return opts
+
+
+def _state_opts(kernel: str, K: int, V: int, rows: int, device: torch.device) -> dict:
+    """A state pass's launch keywords for `rows` sequences x heads (NARROW_STATE_WHEN_FEW)."""
+    opts = _opts(kernel, K, V)
+    if NARROW_STATE_WHEN_FEW and device.type == "cuda" and opts["BV"] > 32 and V > 32:
+        if 2 * rows * triton.cdiv(V, opts["BV"]) <= sm_count(device):
+            opts["BV"] = opts["BV"] // 2
     return opts
 
 
@@ -166,10 +201,13 @@ def fused_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torch
     sizes = dict(H=H, K=K, V=V, C=C, LOW=LOW, PACKED=PACKED)
     launch(prepare_fwd_kernel, (n_chunks, B * H), k, v, beta, t if keep_t else None, w, u, chunks, T, NT, BK=BK,
            BV=block(V), STORE_T=keep_t, **sizes, **_opts("prepare_fwd", K, V))
-    fused_output = _output_in_state(K)
+    # the state pass's programs walk sequences (or, two-level, segments of `segment` chunks) per head
+    n_segs = 0 if segment <= 1 else (segment_table.shape[0] if PACKED else S * triton.cdiv(NT, segment))
+    rows, steps = (n_segs * H, segment) if segment > 1 else (S * H, NT)
+    fused_output = _output_in_state(K, V, rows, steps, B * T * H, q.device)
     h = None if fused_output else _empty(n_chunks if PACKED else B * NT, H, K, V, dtype=k.dtype, like=k)
     out = (q, o, scale) if fused_output else (None, None, 1.0)
-    opts = _opts("state_out" if fused_output else "state_fwd", K, V)
+    opts = _opts("state_out", K, V) if fused_output else _state_opts("state_fwd", K, V, rows, q.device)
     if segment > 1:
         segments = Segments(segment_table, segment_of_sequence) if PACKED else None
         state_two_level(k, w, u, h, s0, final, segments, T, NT, S, segment, sizes, opts, SPLIT_STATE, _empty, *out)
@@ -210,11 +248,11 @@ def fused_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torc
     sizes = dict(H=H, K=K, V=V, C=C, LOW=LOW, PACKED=PACKED)
     launch(prepare_bwd_kernel, (n_chunks, B * H), q, k, v, beta, t, do, w, u, dv_new, chunks, scale, T, NT, BK=BK,
            BV=block(V), **sizes, **_opts("prepare_bwd", K, V))
-    opts = _opts("state_fwd", K, V)
+    opts = _state_opts("state_fwd", K, V, S * H, q.device)
     launch(state_fwd_kernel, (triton.cdiv(V, opts["BV"]), S * H), None, k, w, u, h, None, s0, None,
            seqs, 1.0, T, NT, BK=BK, HAS_S0=s0 is not None, HAS_FINAL=False, SPLIT=SPLIT_STATE, OUTPUT=False,
            **sizes, **opts)
-    opts = _opts("state_bwd", K, V)
+    opts = _state_opts("state_bwd", K, V, S * H, q.device)
     launch(state_bwd_kernel, (triton.cdiv(V, opts["BV"]), S * H), q, k, w, do, dv_new, dh,
            dfinal, ds0 if s0 is not None else None, seqs, scale, T, NT, BK=BK,
            HAS_DFINAL=dfinal is not None, HAS_DS0=s0 is not None, **sizes, **opts)

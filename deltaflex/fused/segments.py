@@ -103,7 +103,7 @@ def choose_segment(chunks: Sequence[int], H: int, K: int, V: int, sms: int) -> i
 MAX_GRID_Y = 65535
 
 
-def _sm_count(device: torch.device) -> int:
+def sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
@@ -112,7 +112,7 @@ def segment_length(setting: int, chunks: Sequence[int], H: int, K: int, V: int, 
     the one-level pass. The automatic choice runs the one-level pass off CUDA (the interpreter)."""
     if setting == 1:
         return 0
-    G = setting or (choose_segment(chunks, H, K, V, _sm_count(device)) if device.type == "cuda" else 0)
+    G = setting or (choose_segment(chunks, H, K, V, sm_count(device)) if device.type == "cuda" else 0)
     # segments * H programs on a grid axis of at most 65535: longer segments where they would not fit
     while G and sum(triton.cdiv(n, G) for n in chunks) * H > MAX_GRID_Y:
         G = next((g for g in SEGMENT_CHUNKS if g > G), 0)
