@@ -31,6 +31,17 @@ def poisoned(monkeypatch):
     monkeypatch.setattr(fused, "_empty", nan)
 
 
+@pytest.fixture(autouse=True, params=["in-state", "apart"])
+def forward_form(request, monkeypatch):
+    """Every test with each form of the forward: the output from the state pass (at head dims up to
+    128, whatever the shape) or from output.py's kernel after it (chunk.py picks one per shape)."""
+    if request.param == "in-state":
+        monkeypatch.setattr(fused, "OUTPUT_STEP_MS", 0.0)
+    else:
+        monkeypatch.setattr(fused, "OUTPUT_IN_STATE", {d: False for d in fused.OUTPUT_IN_STATE})
+    return request.param
+
+
 SHAPES = [  # B, T, H, K, V, chunk_size
     (2, 1, 2, 16, 16, 64),  # one token
     (2, 100, 2, 32, 48, 64),  # a ragged last chunk, K != V
@@ -139,9 +150,11 @@ def test_without_gradients_to_come_t_is_not_written():
 
 
 @pytest.mark.parametrize("case", ["one-level", "packed", "two-level"])
-def test_output_in_the_state_pass_or_after_it(case, monkeypatch):
-    """The forward's output from its state pass (OUTPUT_IN_STATE) and from output.py's kernel after it:
-    both within the oracle's bound, and equal up to float32 accumulation order (the same roundings)."""
+def test_output_in_the_state_pass_or_after_it(case, forward_form, monkeypatch):
+    """The forward's output from its state pass and from output.py's kernel after it: equal up to
+    float32 accumulation order (the same products and roundings), the final state identical."""
+    if forward_form == "apart":
+        pytest.skip("compares both forms itself")
     if case == "packed":
         x, cu = _packed([70, 5, 130], torch.bfloat16, keys="correlated", K=32, V=48, device=DEVICE)
         kw = {"cu_seqlens": cu}
@@ -150,7 +163,6 @@ def test_output_in_the_state_pass_or_after_it(case, monkeypatch):
                             initial_state=True), {}
     plan = dataclasses.replace(FUSED, state_segment=2) if case == "two-level" else FUSED
     outs = []
-    monkeypatch.setattr(fused, "OUTPUT_STEP_MS", 0.0)  # whatever the shape
     for in_state in (True, False):
         monkeypatch.setattr(fused, "OUTPUT_IN_STATE", {d: in_state for d in fused.OUTPUT_IN_STATE})
         with torch.inference_mode():
@@ -164,42 +176,7 @@ def test_output_in_the_state_pass_or_after_it(case, monkeypatch):
     assert relative_error(outs[0][0], outs[1][0]) < 1e-3
 
 
-def test_where_the_state_pass_writes_the_output(monkeypatch):
-    """Where its walk's longer steps cost less than output.py's kernel: on a GPU of 132 SMs (value
-    blocks 64 wide), the H200's cases; never at head dim 256."""
-    monkeypatch.setattr(fused, "sm_count", lambda device: 132)
-    cuda = torch.device("cuda")
-
-    def in_state(B, T, H, D, G=0):  # chunks of 64; G: the two-level pass's segments of G chunks (B = 1)
-        rows, steps = (B * H, T // 64) if not G else (T // 64 // G * H, G)
-        return fused._output_in_state(D, D, rows, steps, B * T * H, cuda)
-
-    assert in_state(4, 4096, 16, 128)  # 128 programs, one wave of 64 steps
-    assert in_state(8, 2048, 16, 128)  # two waves of 32
-    assert not in_state(2, 8192, 16, 128)  # one wave of 128
-    assert in_state(4, 4096, 32, 64)
-    assert in_state(1, 65536, 8, 128, G=128) and in_state(1, 32768, 8, 128, G=64)  # prefill
-    assert not in_state(1, 65536, 8, 128)  # one-level: 16 programs walking 1024 chunks
-    assert not in_state(4, 4096, 8, 256)
-    # off CUDA (the interpreter) one wave, however many programs: 64 waves of 64 steps on the GPU
-    assert fused._output_in_state(128, 128, 64 * 64, 64, 4 * 4096 * 16, torch.device("cpu"))
-    assert not fused._output_in_state(128, 128, 64 * 64, 64, 4 * 4096 * 16, cuda)
-
-
-def test_narrow_state_blocks_where_few_programs(monkeypatch):
-    monkeypatch.setattr(fused, "sm_count", lambda device: 132)
-    monkeypatch.setattr(fused, "INTERPRETED", False)  # (the interpreter launches one value block)
-    cuda = torch.device("cuda")
-    assert fused._state_opts("state_fwd", 256, 256, 2 * 8, cuda)["BV"] == 64  # off by default
-    monkeypatch.setattr(fused, "NARROW_STATE_WHEN_FEW", True)
-    for kernel in ("state_fwd", "state_bwd"):
-        assert fused._state_opts(kernel, 256, 256, 2 * 8, cuda)["BV"] == 32  # 64 programs at 64 wide: 128 at 32
-        assert fused._state_opts(kernel, 256, 256, 4 * 8, cuda)["BV"] == 64  # 256 at 32 wide: two waves
-        assert fused._state_opts(kernel, 128, 128, 2 * 16, cuda)["BV"] == 32
-
-
-@pytest.mark.parametrize("in_state", [True, False])
-def test_several_value_blocks(in_state, monkeypatch):
+def test_several_value_blocks(monkeypatch):
     """The state passes and the output over value blocks narrower than V (the GPU's launches at head
     dims over 64; the interpreter otherwise launches one block): every block's columns right."""
     real = fused._opts
@@ -211,6 +188,5 @@ def test_several_value_blocks(in_state, monkeypatch):
         return opts
 
     monkeypatch.setattr(fused, "_opts", narrow)
-    monkeypatch.setattr(fused, "OUTPUT_IN_STATE", {d: in_state for d in fused.OUTPUT_IN_STATE})
     x = make_inputs(1, 100, 2, 32, 48, dtype=torch.bfloat16, device=DEVICE, keys="correlated", initial_state=True)
     check_against_oracle(x, chunk_size=32, plan=FUSED)
