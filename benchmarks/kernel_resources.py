@@ -134,8 +134,8 @@ def compile_and_measure(kernel, args, kwargs, capability: int) -> dict:
     constexprs = {n: v for n, v in kwargs.items() if n not in options}
     signature, attrs = {}, {}
     for i, name in enumerate(kernel.arg_names):
-        if kernel.params[i].is_constexpr and name not in constexprs:  # a constexpr passed positionally
-            constexprs[name] = args[i]
+        if kernel.params[i].is_constexpr and name not in constexprs:  # passed positionally, or its default
+            constexprs[name] = args[i] if i < len(args) else kernel.params[i].default
         if i < len(args) and args[i] is None and name not in constexprs:  # an untouched pointer: a constant
             constexprs[name] = None
         if name in constexprs:

@@ -32,7 +32,7 @@ SWEEP = {  # 32-wide blocks at most where Triton 3.6 built right on the H200 (fu
     "prepare_fwd_kernel": {"num_warps": (4,), "num_stages": (1, 2)},
     "prepare_bwd_kernel": {"num_warps": (4, 8), "num_stages": (1, 2)},
     "state_fwd_kernel": {"BV": (32, 64), "num_warps": (2, 4), "num_stages": (2, 3, 4)},
-    "state_fwd_kernel[output]": {"BV": (32, 64), "num_warps": (4, 8), "num_stages": (1, 2, 3)},
+    "state_fwd_kernel[output]": {"BV": (64,), "num_warps": (4, 8), "num_stages": (1, 2, 3), "REUSE_KT": (False, True)},
     "state_bwd_kernel": {"BV": (32, 64), "num_warps": (2, 4, 8), "num_stages": (1, 2, 3), "PREFETCH_DV": (True, False)},
     "output_kernel": {"BV": (64, 128), "num_warps": (4,), "num_stages": (1, 2, 3)},
     "wy_grads_kernel": {"num_warps": (4, 8), "num_stages": (1, 2)},

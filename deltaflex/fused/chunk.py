@@ -70,7 +70,7 @@ class Packing(NamedTuple):
 LAUNCH = {
     64: {"prepare_fwd": dict(num_warps=4, num_stages=2),
          "state_fwd": dict(BV=64, num_warps=4, num_stages=3),
-         "state_out": dict(BV=64, num_warps=4, num_stages=2),  # H200: 0.196 ms, s3 0.131 (unchecked)
+         "state_out": dict(BV=64, num_warps=4, num_stages=2, REUSE_KT=False),  # H200: 0.196 ms; s3 0.131
          "output": dict(BV=64, num_warps=4, num_stages=1),
          "prepare_bwd": dict(num_warps=4, num_stages=2),
          "state_bwd": dict(BV=32, num_warps=4, num_stages=3, PREFETCH_DV=False),
@@ -78,7 +78,7 @@ LAUNCH = {
          "qk_grads": dict(BV=64, BK=64, num_warps=4, num_stages=3)},
     128: {"prepare_fwd": dict(num_warps=4, num_stages=1),
          "state_fwd": dict(BV=64, num_warps=4, num_stages=3),
-         "state_out": dict(BV=64, num_warps=4, num_stages=2),  # H200: 0.259 ms; s3 over 227 KiB
+         "state_out": dict(BV=64, num_warps=4, num_stages=2, REUSE_KT=False),  # H200: 0.259 ms
          "output": dict(BV=64, num_warps=4, num_stages=3),
          "prepare_bwd": dict(num_warps=4, num_stages=2),
          "state_bwd": dict(BV=64, num_warps=4, num_stages=3, PREFETCH_DV=True),
@@ -86,7 +86,7 @@ LAUNCH = {
          "qk_grads": dict(BV=64, BK=128, num_warps=4, num_stages=2)},
     256: {"prepare_fwd": dict(num_warps=4, num_stages=1),
          "state_fwd": dict(BV=64, num_warps=4, num_stages=2),
-         "state_out": dict(BV=32, num_warps=4, num_stages=1),  # (OUTPUT_IN_STATE off)
+         "state_out": dict(BV=32, num_warps=4, num_stages=1, REUSE_KT=False),  # (OUTPUT_IN_STATE off)
          "output": dict(BV=128, num_warps=4, num_stages=3),
          "prepare_bwd": dict(num_warps=4, num_stages=1),
          "state_bwd": dict(BV=64, num_warps=4, num_stages=2, PREFETCH_DV=False),
@@ -207,7 +207,8 @@ def fused_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torch
     fused_output = _output_in_state(K, V, rows, steps, B * T * H, q.device)
     h = None if fused_output else _empty(n_chunks if PACKED else B * NT, H, K, V, dtype=k.dtype, like=k)
     out = (q, o, scale) if fused_output else (None, None, 1.0)
-    opts = _opts("state_out", K, V) if fused_output else _state_opts("state_fwd", K, V, rows, q.device)
+    opts = (_opts("state_out", K, V) if fused_output
+            else {**_state_opts("state_fwd", K, V, rows, q.device), "REUSE_KT": False})
     if segment > 1:
         segments = Segments(segment_table, segment_of_sequence) if PACKED else None
         state_two_level(k, w, u, h, s0, final, segments, T, NT, S, segment, sizes, opts, SPLIT_STATE, _empty, *out)
@@ -251,7 +252,7 @@ def fused_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torc
     opts = _state_opts("state_fwd", K, V, S * H, q.device)
     launch(state_fwd_kernel, (triton.cdiv(V, opts["BV"]), S * H), None, k, w, u, h, None, s0, None,
            seqs, 1.0, T, NT, BK=BK, HAS_S0=s0 is not None, HAS_FINAL=False, SPLIT=SPLIT_STATE, OUTPUT=False,
-           **sizes, **opts)
+           REUSE_KT=False, **sizes, **opts)
     opts = _state_opts("state_bwd", K, V, S * H, q.device)
     launch(state_bwd_kernel, (triton.cdiv(V, opts["BV"]), S * H), q, k, w, do, dv_new, dh,
            dfinal, ds0 if s0 is not None else None, seqs, scale, T, NT, BK=BK,

@@ -86,20 +86,35 @@ def plus_kt_x(s0, s1, s2, s3, k_c, stride, n_rows, x, K: tl.constexpr, C: tl.con
 def _out_products(ws, qs, p, i: tl.constexpr, w_c, q_c, k_c, stride, n_rows, s, K: tl.constexpr, C: tl.constexpr,
                   BK: tl.constexpr, LOW: tl.constexpr):
     """Key block i's part of the step's three products when the pass writes the output: W S and Q S
-    (state tile i rounded, as h is stored) and the scores Q K^T (exact operands)."""
+    (state tile i rounded, as h is stored) and the scores Q K^T (exact operands); and the block's K^T,
+    which the update may take again (REUSE_KT)."""
     if i * BK < K:
         q = load_rows(q_c, stride, n_rows, 0, i, K, C, BK)
+        k_t = load_rows_t(k_c, stride, n_rows, 0, i, K, C, BK)
         ws = dot_round(load_rows(w_c, stride, n_rows, 0, i, K, C, BK), s, ws, True, False, LOW)
         qs = dot_round(q, s, qs, True, False, LOW)
-        p = dot_round(q, load_rows_t(k_c, stride, n_rows, 0, i, K, C, BK), p, True, True, LOW)
-    return ws, qs, p
+        p = dot_round(q, k_t, p, True, True, LOW)
+    else:
+        k_t = tl.zeros([BK, C], tl.float32).to(k_c.dtype.element_ty)
+    return ws, qs, p, k_t
+
+
+@triton.jit
+def _plus_kt_tile(s, i: tl.constexpr, k_t, x_hi, x_lo, K: tl.constexpr, BK: tl.constexpr, LOW: tl.constexpr,
+                  SPLIT: tl.constexpr):
+    """Tile i of S + K^T X, as plus_at_x, from the block's K^T already loaded."""
+    if i * BK < K:
+        s = dot_round(k_t, x_hi, s, True, True, LOW)
+        if SPLIT and LOW != 0:
+            s = dot_round(k_t, x_lo, s, True, True, LOW)
+    return s
 
 
 @triton.jit
 def state_fwd_kernel(q_ptr, k_ptr, w_ptr, u_ptr, h_ptr, o_ptr, s0_ptr, final_ptr, seqs_ptr, scale, T, NT,
                      H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr,
                      BV: tl.constexpr, LOW: tl.constexpr, PACKED: tl.constexpr, HAS_S0: tl.constexpr,
-                     HAS_FINAL: tl.constexpr, SPLIT: tl.constexpr, OUTPUT: tl.constexpr):
+                     HAS_FINAL: tl.constexpr, SPLIT: tl.constexpr, OUTPUT: tl.constexpr, REUSE_KT: tl.constexpr):
     iv, i_nh = tl.program_id(0), tl.program_id(1)
     i_n, i_h = i_nh // H, i_nh % H
     bos, c0, nt, length = sequence_of(i_n, T, NT, seqs_ptr, PACKED)
@@ -118,21 +133,30 @@ def state_fwd_kernel(q_ptr, k_ptr, w_ptr, u_ptr, h_ptr, o_ptr, s0_ptr, final_ptr
             w_c, q_c, k_c = w_ptr + row0 * K, q_ptr + row0 * K, k_ptr + row0 * K
             ws = tl.zeros([C, BV], tl.float32)
             qs, p = ws, tl.zeros([C, C], tl.float32)
-            ws, qs, p = _out_products(ws, qs, p, 0, w_c, q_c, k_c, H * K, n_rows, s0, K, C, BK, LOW)
-            ws, qs, p = _out_products(ws, qs, p, 1, w_c, q_c, k_c, H * K, n_rows, s1, K, C, BK, LOW)
-            ws, qs, p = _out_products(ws, qs, p, 2, w_c, q_c, k_c, H * K, n_rows, s2, K, C, BK, LOW)
-            ws, qs, p = _out_products(ws, qs, p, 3, w_c, q_c, k_c, H * K, n_rows, s3, K, C, BK, LOW)
+            ws, qs, p, k0 = _out_products(ws, qs, p, 0, w_c, q_c, k_c, H * K, n_rows, s0, K, C, BK, LOW)
+            ws, qs, p, k1 = _out_products(ws, qs, p, 1, w_c, q_c, k_c, H * K, n_rows, s1, K, C, BK, LOW)
+            ws, qs, p, k2 = _out_products(ws, qs, p, 2, w_c, q_c, k_c, H * K, n_rows, s2, K, C, BK, LOW)
+            ws, qs, p, k3 = _out_products(ws, qs, p, 3, w_c, q_c, k_c, H * K, n_rows, s3, K, C, BK, LOW)
             v_new = load_rows(u_ptr + row0 * V, H * V, n_rows, 0, iv, V, C, BV) - ws
             p = tl.where(rc[:, None] >= rc[None, :], p, 0.0)
             o = scale * dot_split(p, v_new, qs, False, False, LOW)
             store_rows(o_ptr + row0 * V, o, H * V, n_rows, 0, iv, V, C, BV)
+            if REUSE_KT:  # the update from the K^T tiles loaded above: one pipeline buffer less (at head dim
+                # 128 three stages fit in shared memory), the tiles live across the step
+                x_hi, x_lo = hi_lo(v_new, LOW)
+                s0 = _plus_kt_tile(s0, 0, k0, x_hi, x_lo, K, BK, LOW, SPLIT)
+                s1 = _plus_kt_tile(s1, 1, k1, x_hi, x_lo, K, BK, LOW, SPLIT)
+                s2 = _plus_kt_tile(s2, 2, k2, x_hi, x_lo, K, BK, LOW, SPLIT)
+                s3 = _plus_kt_tile(s3, 3, k3, x_hi, x_lo, K, BK, LOW, SPLIT)
         else:
             store_state(h_ptr + ((c0 + i) * H + i_h) * K * V, s0, s1, s2, s3, iv, K, V, BK, BV)
             ws = rows_times(tl.zeros([C, BV], tl.float32), w_ptr + row0 * K, H * K, n_rows, s0, s1, s2, s3, K, C,
                             BK, LOW, False)
             v_new = load_rows(u_ptr + row0 * V, H * V, n_rows, 0, iv, V, C, BV) - ws
             store_rows(u_ptr + row0 * V, v_new, H * V, n_rows, 0, iv, V, C, BV)
-        s0, s1, s2, s3 = plus_kt_x(s0, s1, s2, s3, k_ptr + row0 * K, H * K, n_rows, v_new, K, C, BK, LOW, SPLIT)
+        if not (OUTPUT and REUSE_KT):
+            s0, s1, s2, s3 = plus_kt_x(s0, s1, s2, s3, k_ptr + row0 * K, H * K, n_rows, v_new, K, C, BK, LOW,
+                                       SPLIT)
     if HAS_FINAL:
         store_state(final_ptr + i_nh.to(tl.int64) * K * V, s0, s1, s2, s3, iv, K, V, BK, BV)
 

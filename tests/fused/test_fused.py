@@ -190,3 +190,20 @@ def test_several_value_blocks(monkeypatch):
     monkeypatch.setattr(fused, "_opts", narrow)
     x = make_inputs(1, 100, 2, 32, 48, dtype=torch.bfloat16, device=DEVICE, keys="correlated", initial_state=True)
     check_against_oracle(x, chunk_size=32, plan=FUSED)
+
+
+def test_state_pass_output_reusing_its_key_tiles(forward_form, monkeypatch):
+    """state_out's REUSE_KT (the update from the K^T tiles the scores loaded): the same o and final
+    state as loading them again."""
+    if forward_form == "apart":
+        pytest.skip("the in-state form only")
+    x = make_inputs(1, 150, 2, 100, 48, dtype=torch.bfloat16, device=DEVICE, keys="correlated", initial_state=True)
+    outs = []
+    for reuse in (False, True):
+        for table in fused.LAUNCH.values():
+            monkeypatch.setitem(table, "state_out", {**table["state_out"], "REUSE_KT": reuse})
+        with torch.inference_mode():
+            outs.append(delta_rule(**x, plan=FUSED, chunk_size=64, output_final_state=True))
+    assert torch.equal(outs[0][1], outs[1][1]) and torch.equal(outs[0][0], outs[1][0])
+    o_ref = recurrent_delta_rule_ref(**{n: t.double() for n, t in x.items()})[0]
+    assert relative_error(outs[1][0], o_ref) <= TOLERANCES[torch.bfloat16]
