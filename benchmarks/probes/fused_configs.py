@@ -2,12 +2,14 @@
 this GPU (Triton has miscompiled narrow bf16 products on the H200: at 8 warps a fault; at 4 silently
 wrong; 32-wide value blocks in the state pass that writes the output: NaN). Each configuration runs in
 a process of its own (a fault ends its CUDA context), forward and backward against the float64 oracle
-at head dims 64, 128, 256 and 100 (or --dims), on correlated keys; the worst error of o and of the
-gradients is printed (bf16's own rounding is about 3e-3).
+at head dims 64, 128, 256 and 100 (or --dims; 32: tests/fused's narrow fp16 case), on correlated keys
+with an initial state; the worst error of o and of the gradients (the initial state's included) is
+printed (bf16's own rounding is about 3e-3; inf: non-finite).
 
     python benchmarks/probes/fused_configs.py grads_kernel 'BK=32,BV=32,num_warps=8' 'BK=64,BV=64,num_warps=4'
     python benchmarks/probes/fused_configs.py state_out 'num_stages=3' --dims 64
     python benchmarks/probes/fused_configs.py none - --flags '{"NARROW_STATE_WHEN_FEW": true}'
+    python benchmarks/probes/fused_configs.py none - --flags '{"NARROW_WARPS": 4}' --dims 32 --dtype float16 --seeds 20
 """
 import argparse
 import json
@@ -21,6 +23,7 @@ from deltaflex.fused import chunk as fused
 from deltaflex.reference import recurrent_delta_rule_ref
 from deltaflex.testing import make_inputs, relative_error
 kernel, cfg, flags, dims = sys.argv[1], json.loads(sys.argv[2]), json.loads(sys.argv[3]), json.loads(sys.argv[4])
+dtype, seeds = getattr(torch, sys.argv[5]), int(sys.argv[6])
 if kernel != "none":
     for table in fused.LAUNCH.values():
         table[kernel] = {**table[kernel], **cfg}
@@ -29,19 +32,23 @@ if kernel == "state_out":  # the forward's pass writes the output at these small
 for name, value in flags.items():
     setattr(fused, name, value)
 worst = {"o": 0.0, "grads": 0.0}
-for B, T, H, D in ((2, 300, 4, 64), (1, 200, 2, 128), (1, 150, 1, 256), (1, 100, 2, 100)):
-    if D not in dims:
+names = ("q", "k", "v", "beta", "initial_state")
+for B, T, H, K, V in ((2, 300, 4, 64, 64), (1, 200, 2, 128, 128), (1, 150, 1, 256, 256), (1, 100, 2, 100, 100),
+                      (2, 70, 2, 32, 24)):  # the last: tests/fused's fp16 case (narrow blocks: NARROW_WARPS)
+    if K not in dims:
         continue
-    x = make_inputs(B, T, H, D, dtype=torch.bfloat16, device="cuda", keys="correlated")
-    leaves = [x[n].clone().requires_grad_() for n in ("q", "k", "v", "beta")]
-    refs = [x[n].double().requires_grad_() for n in ("q", "k", "v", "beta")]
-    do = torch.randn(B, T, H, D, device="cuda")
-    o = delta_rule(*leaves, plan="fused")[0]
-    o.backward(do.bfloat16())
-    o_ref = recurrent_delta_rule_ref(*refs)[0]
-    o_ref.backward(do.double())
-    worst["o"] = max(worst["o"], relative_error(o, o_ref))
-    worst["grads"] = max([worst["grads"]] + [relative_error(a.grad, r.grad) for a, r in zip(leaves, refs)])
+    for seed in range(seeds):
+        torch.manual_seed(seed)
+        x = make_inputs(B, T, H, K, V, dtype=dtype, device="cuda", keys="correlated", initial_state=True)
+        leaves = [x[n].clone().requires_grad_() for n in names]
+        refs = [x[n].double().requires_grad_() for n in names]
+        do = torch.randn(B, T, H, V, device="cuda")
+        o = delta_rule(*leaves[:4], initial_state=leaves[4], plan="fused")[0]
+        o.backward(do.to(dtype))
+        o_ref = recurrent_delta_rule_ref(*refs[:4], initial_state=refs[4])[0]
+        o_ref.backward(do.double())
+        worst["o"] = max(worst["o"], relative_error(o, o_ref))
+        worst["grads"] = max([worst["grads"]] + [relative_error(a.grad, r.grad) for a, r in zip(leaves, refs)])
 print(json.dumps(worst))
 """
 
@@ -59,13 +66,15 @@ if __name__ == "__main__":
     parser.add_argument("kernel", help="fused.LAUNCH's kernel key (state_out, qk_grads, ...) or none")
     parser.add_argument("configs", nargs="+", help="'NAME=VALUE,...' each ('-': the committed one)")
     parser.add_argument("--flags", default="{}", help="chunk.py module attributes to set, JSON")
-    parser.add_argument("--dims", default="64,128,256,100")
+    parser.add_argument("--dims", default="64,128,256,100", help="key head dims of the cases (32: K = 32, V = 24)")
+    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    parser.add_argument("--seeds", type=int, default=1, help="inputs drawn from this many seeds a case")
     args = parser.parse_args()
     dims = json.dumps([int(d) for d in args.dims.split(",")])
     for text in args.configs:
         cfg = json.dumps(parse("" if text == "-" else text))
-        r = subprocess.run([sys.executable, "-c", CHILD, args.kernel, cfg, args.flags, dims], capture_output=True,
-                           text=True, timeout=300)
+        r = subprocess.run([sys.executable, "-c", CHILD, args.kernel, cfg, args.flags, dims, args.dtype,
+                            str(args.seeds)], capture_output=True, text=True, timeout=300)
         lines = [line for line in r.stdout.splitlines() if line.startswith("{")]
         verdict = lines[-1] if lines else "FAILED: " + (r.stderr.strip().splitlines() or ["?"])[-1][:160]
         print(f"{args.kernel} {text} {args.flags}: {verdict}", flush=True)
