@@ -31,7 +31,7 @@ from deltaflex.testing import make_inputs
 SWEEP = {  # 32-wide blocks at most where Triton 3.6 built right on the H200 (fused/chunk.py)
     "prepare_fwd_kernel": {"num_warps": (4,), "num_stages": (1, 2)},
     "prepare_bwd_kernel": {"num_warps": (4, 8), "num_stages": (1, 2)},
-    "state_fwd_kernel": {"BV": (32, 64), "num_warps": (2, 4), "num_stages": (2, 3, 4)},
+    "state_fwd_kernel": {"BV": (32, 64), "num_warps": (4,), "num_stages": (2, 3, 4), "STORE_BY_TILE": (False, True)},
     "state_fwd_kernel[output]": {"BV": (64,), "num_warps": (4, 8), "num_stages": (1, 2, 3), "REUSE_KT": (False, True)},
     "state_bwd_kernel": {"BV": (32, 64), "num_warps": (2, 4, 8), "num_stages": (1, 2, 3), "PREFETCH_DV": (True, False)},
     "output_kernel": {"BV": (64, 128), "num_warps": (4,), "num_stages": (1, 2, 3)},

@@ -69,7 +69,7 @@ class Packing(NamedTuple):
 # configuration whose results the GPU has not yet checked stays out (Triton 3.6 has built some wrong).
 LAUNCH = {
     64: {"prepare_fwd": dict(num_warps=4, num_stages=2),
-         "state_fwd": dict(BV=64, num_warps=4, num_stages=3),
+         "state_fwd": dict(BV=64, num_warps=4, num_stages=3, STORE_BY_TILE=False),
          "state_out": dict(BV=64, num_warps=4, num_stages=2, REUSE_KT=False),  # H200: 0.196 ms; s3 0.131
          "output": dict(BV=64, num_warps=4, num_stages=1),
          "prepare_bwd": dict(num_warps=4, num_stages=2),
@@ -77,7 +77,7 @@ LAUNCH = {
          "wy_grads": dict(BK=64, BV=64, num_warps=4, num_stages=1),
          "qk_grads": dict(BV=64, BK=64, num_warps=4, num_stages=3)},
     128: {"prepare_fwd": dict(num_warps=4, num_stages=1),
-         "state_fwd": dict(BV=64, num_warps=4, num_stages=3),
+         "state_fwd": dict(BV=64, num_warps=4, num_stages=3, STORE_BY_TILE=False),
          "state_out": dict(BV=64, num_warps=4, num_stages=2, REUSE_KT=False),  # H200: 0.259 ms
          "output": dict(BV=64, num_warps=4, num_stages=3),
          "prepare_bwd": dict(num_warps=4, num_stages=2),
@@ -85,7 +85,7 @@ LAUNCH = {
          "wy_grads": dict(BK=64, BV=64, num_warps=4, num_stages=2),
          "qk_grads": dict(BV=64, BK=128, num_warps=4, num_stages=2)},
     256: {"prepare_fwd": dict(num_warps=4, num_stages=1),
-         "state_fwd": dict(BV=64, num_warps=4, num_stages=2),
+         "state_fwd": dict(BV=64, num_warps=4, num_stages=2, STORE_BY_TILE=False),
          "state_out": dict(BV=32, num_warps=4, num_stages=1, REUSE_KT=False),  # (OUTPUT_IN_STATE off)
          "output": dict(BV=128, num_warps=4, num_stages=3),
          "prepare_bwd": dict(num_warps=4, num_stages=1),
@@ -157,6 +157,13 @@ def _state_opts(kernel: str, K: int, V: int, rows: int, device: torch.device) ->
     return opts
 
 
+def _state_fwd_opts(output: bool, K: int, V: int, rows: int, device: torch.device) -> dict:
+    """state_fwd_kernel's launch keywords, the pass writing the output or not, every knob given (the
+    other branch's at its default: Inductor's analysis of a kernel takes no constexpr defaults)."""
+    opts = _opts("state_out", K, V) if output else _state_opts("state_fwd", K, V, rows, device)
+    return {"REUSE_KT": False, "STORE_BY_TILE": False, **opts}
+
+
 def _empty(*shape, dtype, like: torch.Tensor) -> torch.Tensor:
     """Every buffer the launches write (tests poison it, to see that every element is written)."""
     return torch.empty(*shape, dtype=dtype, device=like.device)
@@ -207,8 +214,7 @@ def fused_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torch
     fused_output = _output_in_state(K, V, rows, steps, B * T * H, q.device)
     h = None if fused_output else _empty(n_chunks if PACKED else B * NT, H, K, V, dtype=k.dtype, like=k)
     out = (q, o, scale) if fused_output else (None, None, 1.0)
-    opts = (_opts("state_out", K, V) if fused_output
-            else {**_state_opts("state_fwd", K, V, rows, q.device), "REUSE_KT": False})
+    opts = _state_fwd_opts(fused_output, K, V, rows, q.device)
     if segment > 1:
         segments = Segments(segment_table, segment_of_sequence) if PACKED else None
         state_two_level(k, w, u, h, s0, final, segments, T, NT, S, segment, sizes, opts, SPLIT_STATE, _empty, *out)
@@ -249,10 +255,10 @@ def fused_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torc
     sizes = dict(H=H, K=K, V=V, C=C, LOW=LOW, PACKED=PACKED)
     launch(prepare_bwd_kernel, (n_chunks, B * H), q, k, v, beta, t, do, w, u, dv_new, chunks, scale, T, NT, BK=BK,
            BV=block(V), **sizes, **_opts("prepare_bwd", K, V))
-    opts = _state_opts("state_fwd", K, V, S * H, q.device)
+    opts = _state_fwd_opts(False, K, V, S * H, q.device)
     launch(state_fwd_kernel, (triton.cdiv(V, opts["BV"]), S * H), None, k, w, u, h, None, s0, None,
            seqs, 1.0, T, NT, BK=BK, HAS_S0=s0 is not None, HAS_FINAL=False, SPLIT=SPLIT_STATE, OUTPUT=False,
-           REUSE_KT=False, **sizes, **opts)
+           **sizes, **opts)
     opts = _state_opts("state_bwd", K, V, S * H, q.device)
     launch(state_bwd_kernel, (triton.cdiv(V, opts["BV"]), S * H), q, k, w, do, dv_new, dh,
            dfinal, ds0 if s0 is not None else None, seqs, scale, T, NT, BK=BK,

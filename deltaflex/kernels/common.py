@@ -330,7 +330,7 @@ def _state_tile(ptr, i: tl.constexpr, iv, K: tl.constexpr, V: tl.constexpr, BK: 
 
 
 @triton.jit
-def _put_state_tile(ptr, s, i: tl.constexpr, iv, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr,
+def put_state_tile(ptr, s, i: tl.constexpr, iv, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr,
                     BV: tl.constexpr):
     if i * BK < K:
         store_tile(ptr, cast_for(s, ptr), i, iv, K, V, BK, BV)
@@ -346,10 +346,10 @@ def load_state(ptr, iv, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: 
 
 @triton.jit
 def store_state(ptr, s0, s1, s2, s3, iv, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr):
-    _put_state_tile(ptr, s0, 0, iv, K, V, BK, BV)
-    _put_state_tile(ptr, s1, 1, iv, K, V, BK, BV)
-    _put_state_tile(ptr, s2, 2, iv, K, V, BK, BV)
-    _put_state_tile(ptr, s3, 3, iv, K, V, BK, BV)
+    put_state_tile(ptr, s0, 0, iv, K, V, BK, BV)
+    put_state_tile(ptr, s1, 1, iv, K, V, BK, BV)
+    put_state_tile(ptr, s2, 2, iv, K, V, BK, BV)
+    put_state_tile(ptr, s3, 3, iv, K, V, BK, BV)
 
 
 @triton.jit

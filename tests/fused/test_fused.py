@@ -207,3 +207,21 @@ def test_state_pass_output_reusing_its_key_tiles(forward_form, monkeypatch):
     assert torch.equal(outs[0][1], outs[1][1]) and torch.equal(outs[0][0], outs[1][0])
     o_ref = recurrent_delta_rule_ref(**{n: t.double() for n, t in x.items()})[0]
     assert relative_error(outs[1][0], o_ref) <= TOLERANCES[torch.bfloat16]
+
+
+def test_state_pass_storing_by_tile(forward_form, monkeypatch):
+    """state_fwd's STORE_BY_TILE (each start-state tile stored beside its product): the same output,
+    final state and gradients as storing the four tiles first."""
+    if forward_form == "in-state":
+        pytest.skip("the forward's pass that stores h, and backward's")
+    x = make_inputs(1, 150, 2, 100, 48, dtype=torch.bfloat16, device=DEVICE, keys="correlated", initial_state=True)
+    results = []
+    for by_tile in (False, True):
+        for table in fused.LAUNCH.values():
+            monkeypatch.setitem(table, "state_fwd", {**table["state_fwd"], "STORE_BY_TILE": by_tile})
+        leaves = {n: t.clone().requires_grad_() for n, t in x.items()}
+        o, s = delta_rule(**leaves, plan=FUSED, chunk_size=64, output_final_state=True)
+        (o.float().square().sum() + s.square().sum()).backward()
+        results.append([o, s] + [leaves[n].grad for n in leaves])
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
