@@ -192,36 +192,25 @@ def test_several_value_blocks(monkeypatch):
     check_against_oracle(x, chunk_size=32, plan=FUSED)
 
 
-def test_state_pass_output_reusing_its_key_tiles(forward_form, monkeypatch):
-    """state_out's REUSE_KT (the update from the K^T tiles the scores loaded): the same o and final
-    state as loading them again."""
-    if forward_form == "apart":
-        pytest.skip("the in-state form only")
-    x = make_inputs(1, 150, 2, 100, 48, dtype=torch.bfloat16, device=DEVICE, keys="correlated", initial_state=True)
-    outs = []
-    for reuse in (False, True):
-        for table in fused.LAUNCH.values():
-            monkeypatch.setitem(table, "state_out", {**table["state_out"], "REUSE_KT": reuse})
-        with torch.inference_mode():
-            outs.append(delta_rule(**x, plan=FUSED, chunk_size=64, output_final_state=True))
-    assert torch.equal(outs[0][1], outs[1][1]) and torch.equal(outs[0][0], outs[1][0])
-    o_ref = recurrent_delta_rule_ref(**{n: t.double() for n, t in x.items()})[0]
-    assert relative_error(outs[1][0], o_ref) <= TOLERANCES[torch.bfloat16]
-
-
-def test_state_pass_storing_by_tile(forward_form, monkeypatch):
-    """state_fwd's STORE_BY_TILE (each start-state tile stored beside its product): the same output,
-    final state and gradients as storing the four tiles first."""
-    if forward_form == "in-state":
-        pytest.skip("the forward's pass that stores h, and backward's")
+@pytest.mark.parametrize("kernel, knob, form", [
+    ("state_out", "REUSE_KT", "in-state"),  # the update from the K^T tiles the scores loaded
+    ("state_fwd", "STORE_BY_TILE", "apart"),  # each start-state tile stored beside its product (and backward's)
+])
+def test_state_pass_knobs_change_no_result(kernel, knob, form, forward_form, monkeypatch):
+    """A state-pass launch parameter that reorders its work: the same output, final state and gradients
+    bit for bit, either way."""
+    if forward_form != form:
+        pytest.skip(f"the {form} form only")
     x = make_inputs(1, 150, 2, 100, 48, dtype=torch.bfloat16, device=DEVICE, keys="correlated", initial_state=True)
     results = []
-    for by_tile in (False, True):
+    for on in (False, True):
         for table in fused.LAUNCH.values():
-            monkeypatch.setitem(table, "state_fwd", {**table["state_fwd"], "STORE_BY_TILE": by_tile})
+            monkeypatch.setitem(table, kernel, {**table[kernel], knob: on})
         leaves = {n: t.clone().requires_grad_() for n, t in x.items()}
         o, s = delta_rule(**leaves, plan=FUSED, chunk_size=64, output_final_state=True)
         (o.float().square().sum() + s.square().sum()).backward()
         results.append([o, s] + [leaves[n].grad for n in leaves])
     for a, b in zip(*results):
         assert torch.equal(a, b)
+    o_ref = recurrent_delta_rule_ref(**{n: t.double() for n, t in x.items()})[0]
+    assert relative_error(results[1][0], o_ref) <= TOLERANCES[torch.bfloat16]
