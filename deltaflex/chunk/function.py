@@ -12,6 +12,7 @@ Products accumulate in float32 (float64 for float64 inputs) under the plan's pre
 from __future__ import annotations
 
 import functools
+import threading
 
 import torch
 from torch.fx.experimental.symbolic_shapes import guard_scalar
@@ -212,6 +213,38 @@ def _compiled(fn, mode, dynamic: bool = True):
     return run
 
 
+_isa_probe: threading.Thread | None = None
+
+
+def _probe_cpu_isa() -> None:
+    """Starts Inductor's CPU vector-ISA detection in the background, once a process.
+
+    Inductor's C++ backend picks its SIMD flags on its first kernel by compiling and loading a test
+    program per candidate ISA (AVX-512 VNNI, AVX-512, AVX2; each with the full ATen vector headers):
+    ~5.5 s of a cold first call on a 2-core CPU, spent serially in the middle of codegen. Started
+    here it overlaps tracing, AOT autograd and lowering instead; if codegen gets there first it
+    waits on the probe's file locks and reuses what it has built (codecache's ISA check locks every
+    test build). Results are what Inductor would have found itself: the same checks, cached.
+    """
+    global _isa_probe
+    if _isa_probe is not None:
+        return
+    try:  # imported here, not in the thread: the compile imports them too, and concurrently with it
+        from torch._inductor import codecache, cpp_builder  # noqa: F401
+        from torch._inductor.cpu_vec_isa import pick_vec_isa
+    except ImportError:
+        return
+
+    def probe():
+        try:
+            pick_vec_isa()
+        except Exception:  # Inductor repeats the check itself and reports what fails
+            pass
+
+    _isa_probe = threading.Thread(target=probe, name="deltaflex-cpu-isa-probe", daemon=True)
+    _isa_probe.start()
+
+
 def _run(fn, plan: Plan, tensors: tuple, options: dict, token_inputs: tuple[int, ...] = ()):
     """fn(*tensors, **options) on grouped chunk-layout tensors (those at `token_inputs` in the token
     layout), compiled as the plan says.
@@ -236,6 +269,8 @@ def _run(fn, plan: Plan, tensors: tuple, options: dict, token_inputs: tuple[int,
                         torch._dynamo.maybe_mark_dynamic(x, 1)
                     elif x.dim() >= 5:  # chunk layout: N/g, besides B
                         torch._dynamo.maybe_mark_dynamic(x, 2)
+        if tensors[0].device.type == "cpu":
+            _probe_cpu_isa()
         options = dict(options, stepping=_stepping(plan, not plan.unroll))
         compiled = _compiled(fn, plan.compile_mode, dynamic)
         if plan.cuda_graph and tensors[0].is_cuda:
