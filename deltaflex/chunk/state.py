@@ -7,9 +7,10 @@ Backward runs in reverse with dS_{n+1} (the gradient of the state leaving chunk 
 where dV_local_n is the part of dV_new_n that comes from chunk n's own output.
 
 Only what must be sequential runs step by step: each step is two fused multiply-adds (`dot_add`).
-A scanned step's only output is V_new_n (dV_new_n) and the per-chunk states are rebuilt afterwards,
-in parallel, by a cumulative sum over chunks; a Python loop hands out the states it carries anyway
-(the rebuild's product and cumulative sum cost more than the forward's solve on a CPU).
+On a GPU a scanned step's only output is V_new_n (dV_new_n) and the per-chunk states are rebuilt
+afterwards, in parallel, by a cumulative sum over chunks; a Python loop, and a scan on a CPU, hand
+out the states they carry instead (the rebuild's product and cumulative sum cost more than the
+forward's solve on a CPU, and compiled, each is a C++ kernel of its own to build).
 On a GPU a step costs its kernel launches, not its work, so `Stepping.group` = m > 1 cuts the
 number of steps from N to m + N/m with a two-level pass: the m chunks of every state chunk are
 first combined (from a zero state, in parallel over state chunks) into the state chunk's own WY
@@ -45,8 +46,10 @@ def _run(step, carry, xs: tuple[torch.Tensor, ...], kind: str, dim: int, reverse
     if kind == "scan":
         # Scanned over dim 0: torch 2.11's scan stacks its outputs there whatever `dim` says.
         # The carry's layout must match the step's output, so an expanded carry is made contiguous.
+        # On a CPU the stacked outputs are copied once into the layout their consumers read: left as
+        # permuted views, every product reading one makes its own copy (a C++ kernel each, compiled).
         final, ys = scan(step, carry.contiguous(), tuple(x.movedim(dim, 0) for x in xs), dim=0, reverse=reverse)
-        return final, tree_map(lambda y: y.movedim(0, dim), ys)
+        return final, tree_map(lambda y: y.movedim(0, dim).contiguous() if y.is_cpu else y.movedim(0, dim), ys)
     if kind != "loop":
         raise ValueError(f"stepping kind must be one of {KINDS}, got {kind!r}")
     # The batch dims before `dim` merged into one, so a step's products are plain 3-d baddbmm calls:
@@ -95,13 +98,18 @@ def _state_chunks(x: torch.Tensor) -> torch.Tensor:
     return x.reshape(*x.shape[:3], x.shape[3] * x.shape[4], x.shape[5])
 
 
+def _own(carry: torch.Tensor, kind: str) -> torch.Tensor:
+    """A step's carry handed out as an output: a scanned step's outputs may not alias its inputs."""
+    return carry.clone() if kind == "scan" else carry
+
+
 def _forward_steps(k, w, u, s0, dot: Dot, kind: str, dim: int, with_states: bool = False):
     """Returns (V_new, final state), and the state entering every step where `with_states`."""
 
     def step(s, x):
         k_n, w_n, u_n = x
         v_new = dot_add(u_n, w_n, s, dot, alpha=-1.0)
-        return dot_add(s, k_n.transpose(-1, -2), v_new, dot), ((v_new, s) if with_states else v_new)
+        return dot_add(s, k_n.transpose(-1, -2), v_new, dot), ((v_new, _own(s, kind)) if with_states else v_new)
 
     final, ys = _run(step, s0, (k, w, u), kind, dim)
     return (*ys, final) if with_states else (ys, final)
@@ -114,7 +122,7 @@ def _backward_steps(k, w, g, x, ds_end, dot: Dot, kind: str, dim: int, with_stat
     def step(ds, xs):
         k_n, w_n, g_n, x_n = xs
         e = dot_add(x_n, k_n, ds, dot)
-        return ds + dot_add(g_n, w_n.transpose(-1, -2), e, dot, alpha=-1.0), ((e, ds) if with_states else e)
+        return ds + dot_add(g_n, w_n.transpose(-1, -2), e, dot, alpha=-1.0), ((e, _own(ds, kind)) if with_states else e)
 
     ds_start, ys = _run(step, ds_end, (k, w, g, x), kind, dim, reverse=True)
     return (*ys, ds_start) if with_states else (ys, ds_start)
@@ -146,6 +154,14 @@ def _state_chunk_responses(k, w, g, dv_local, dot: Dot, impl: Stepping):
     return _backward_steps(*(_grouped(t, m) for t in (k, w, g_wide, x)), end, dot, impl.kind, dim=3)
 
 
+def _states_out(impl: Stepping, k: torch.Tensor) -> bool:
+    """Whether a one-level pass hands out the states its steps carry rather than rebuilding them:
+    always when looping, and when scanning on a CPU, where a scanned step's outputs are copied in
+    the step's own kernel and the rebuild's product, cumulative sum and (backward) flips cost both
+    run time and, compiled, C++ kernels of their own."""
+    return impl.kind == "loop" or k.device.type == "cpu"
+
+
 def state_pass(k, w, u, s0, *, dot: Dot, impl: Stepping, segments: Segments | None = None):
     """Returns (V_new [B, H, N, C, V], the state entering every chunk [B, H, N, K, V], final state).
 
@@ -154,7 +170,7 @@ def state_pass(k, w, u, s0, *, dot: Dot, impl: Stepping, segments: Segments | No
     if segments is not None:
         return _segmented_state_pass(k, w, u, s0, dot, impl, segments)
     m = impl.group
-    if m == 1 and impl.kind == "loop":
+    if m == 1 and _states_out(impl, k):
         return _forward_steps(k, w, u, s0, dot, impl.kind, dim=2, with_states=True)
     if m == 1:
         v_new, final = _forward_steps(k, w, u, s0, dot, impl.kind, dim=2)
@@ -176,7 +192,7 @@ def state_pass_backward(
     if segments is not None:
         return _segmented_state_pass_backward(k, w, g, dv_local, ds_final, dot, impl, segments)
     m = impl.group
-    if m == 1 and impl.kind == "loop":
+    if m == 1 and _states_out(impl, k):
         return _backward_steps(k, w, g, dv_local, ds_final, dot, impl.kind, dim=2, with_states=True)
     if m == 1:
         dv_new, ds0 = _backward_steps(k, w, g, dv_local, ds_final, dot, impl.kind, dim=2)
