@@ -208,7 +208,8 @@ def fused_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torch
     sizes = dict(H=H, K=K, V=V, C=C, LOW=LOW, PACKED=PACKED)
     launch(prepare_fwd_kernel, (n_chunks, B * H), k, v, beta, t if keep_t else None, w, u, chunks, T, NT, BK=BK,
            BV=block(V), STORE_T=keep_t, **sizes, **_opts("prepare_fwd", K, V))
-    # the state pass's programs walk sequences (or, two-level, segments of `segment` chunks) per head
+    # the state pass's programs walk sequences (or, two-level, segments of `segment` chunks) per head;
+    # packed one-level: NT counts every token's chunks, a bound on the longest walk
     n_segs = 0 if segment <= 1 else (segment_table.shape[0] if PACKED else S * triton.cdiv(NT, segment))
     rows, steps = (n_segs * H, segment) if segment > 1 else (S * H, NT)
     fused_output = _output_in_state(K, V, rows, steps, B * T * H, q.device)
