@@ -28,7 +28,9 @@ pack() { (cd "$OUT" && n=$(find . -maxdepth 1 -name 'results-*.tgz' | wc -l) && 
 [ "$*" = pack ] && { pack; exit; }
 export PYTHONUNBUFFERED=1
 DEADLINE=${DEADLINE:-570}
-left() { local n=$((DEADLINE - SECONDS)); echo $((n > 1 ? n : 1)); }  # seconds to the deadline
+# seconds to the deadline (at most $1), and a command run within them
+left() { local n=$((DEADLINE - SECONDS)); [ -n "${1:-}" ] && [ "$1" -lt "$n" ] && n=$1; echo $((n > 1 ? n : 1)); }
+within() { timeout -k 5 "$(left)" "$@"; }
 # Triton's autotuning results (fla tunes 30-150 s per head dim on a first call) kept between calls:
 # the last call's come back as $OUT/tcache; carried back as .tcache, they spare the next machine the tuning.
 export TRITON_CACHE_AUTOTUNING=1 TRITON_CACHE_DIR=/tmp/triton-cache
@@ -54,52 +56,52 @@ for step in "$@"; do
       # one CPU thread and one Inductor compile worker per xdist worker: by default each of the 16 workers
       # takes every core for its CPU ops and compile pool (hundreds of threads on 16 cores)
       OMP_NUM_THREADS=${TESTS_THREADS:-1} TORCHINDUCTOR_COMPILE_THREADS=${TESTS_THREADS:-1} \
-      DELTAFLEX_FAILURE_LOG="$OUT/test_failures.log" DELTAFLEX_DURATIONS_LOG="$OUT/test_durations.log" timeout -k 10 "$(( ${TESTS_TIMEOUT:-300} < $(left) ? ${TESTS_TIMEOUT:-300} : $(left) ))" python3 -m pytest -v -n ${TESTS_WORKERS:-8} -p no:cacheprovider --durations=15 ${TESTS_K:+-k "$TESTS_K"} ${TESTS_PATHS:-tests} >"$OUT/tests.log" 2>&1
+      DELTAFLEX_FAILURE_LOG="$OUT/test_failures.log" DELTAFLEX_DURATIONS_LOG="$OUT/test_durations.log" timeout -k 10 "$(left "${TESTS_TIMEOUT:-300}")" python3 -m pytest -v -n ${TESTS_WORKERS:-8} -p no:cacheprovider --durations=15 ${TESTS_K:+-k "$TESTS_K"} ${TESTS_PATHS:-tests} >"$OUT/tests.log" 2>&1
       grep -E "^(FAILED|ERROR)" "$OUT/tests.log" | head -20; tail -3 "$OUT/tests.log"
       grep "^== " "$OUT/test_failures.log" 2>/dev/null | head -30
       sort -rn "$OUT/test_durations.log" 2>/dev/null | head -${TESTS_SLOWEST:-10} ;;
     profile)
       for shape in ${PROFILE_SHAPES:-4,4096,16,128}; do
-        timeout -k 5 $(left) python3 benchmarks/profile_plan.py --shape "$shape" "${plan_args[@]}" ${PROFILE_FLAGS:-} --out "$OUT" 2>&1 \
+        within python3 benchmarks/profile_plan.py --shape "$shape" "${plan_args[@]}" ${PROFILE_FLAGS:-} --out "$OUT" 2>&1 \
           | grep -v -i warn | tail -${PROFILE_TAIL:-12}
       done ;;
     kernels)
-      timeout -k 5 $(left) python3 benchmarks/profile_kernels.py ${KERNELS_FLAGS:-} --out "$OUT" 2>&1 | grep -v -i warn \
+      within python3 benchmarks/profile_kernels.py ${KERNELS_FLAGS:-} --out "$OUT" 2>&1 | grep -v -i warn \
         | tee "$OUT/kernels.log" | tail -${KERNELS_TAIL:-40} ;;
     probe)
-      timeout -k 5 $(left) python3 benchmarks/probe_blocks.py 2>&1 | tee "$OUT/probe.log" | tail -12 ;;
+      within python3 benchmarks/probe_blocks.py 2>&1 | tee "$OUT/probe.log" | tail -12 ;;
     bench)
       shape_args=(); for s in ${BENCH_SHAPES:-}; do shape_args+=(--shape "$s"); done
-      timeout -k 5 $(left) python3 -m deltaflex.cli.app bench "${shape_args[@]}" "${plan_args[@]}" ${BENCH_FLAGS:-} --out "$OUT" 2>&1 \
+      within python3 -m deltaflex.cli.app bench "${shape_args[@]}" "${plan_args[@]}" ${BENCH_FLAGS:-} --out "$OUT" 2>&1 \
         | tee "$OUT/bench.log" | tail -${BENCH_TAIL:-40} ;;
     tune)
       shape_args=(); for s in ${TUNE_SHAPES:-4,4096,16,128}; do shape_args+=(--shape "$s"); done
-      timeout -k 5 $(left) python3 -m deltaflex.cli.app tune --gpu "${shape_args[@]}" --trials "${TUNE_TRIALS:-20}" --timeout "${TUNE_TIMEOUT:-420}" \
+      within python3 -m deltaflex.cli.app tune --gpu "${shape_args[@]}" --trials "${TUNE_TRIALS:-20}" --timeout "${TUNE_TIMEOUT:-420}" \
         ${TUNE_FLAGS:-} 2>&1 | tee "$OUT/tune.log" | tail -${TUNE_TAIL:-25}
       python3 -m deltaflex.cli.app plans export "$OUT/plans.json" --force | tail -1 ;;
     compare)
       shape_args=(); for s in ${COMPARE_SHAPES:-4,4096,16,128}; do shape_args+=(--shape "$s"); done
-      timeout -k 5 $(left) python3 -m deltaflex.cli.app compare "${shape_args[@]}" ${COMPARE_FLAGS:-} --plot "$OUT/compare.png" --out "$OUT" 2>&1 \
+      within python3 -m deltaflex.cli.app compare "${shape_args[@]}" ${COMPARE_FLAGS:-} --plot "$OUT/compare.png" --out "$OUT" 2>&1 \
         | tee "$OUT/compare.log" | tail -${COMPARE_TAIL:-25} ;;
     packed)
       packed_args=(); for p in ${PACKED_PLANS:-compiled}; do packed_args+=(--plan "$p"); done
-      timeout -k 5 $(left) python3 benchmarks/profile_plan.py --shape 1,16384,16,128 --packed-mean 512 "${packed_args[@]}" --fla --out "$OUT" 2>&1 \
+      within python3 benchmarks/profile_plan.py --shape 1,16384,16,128 --packed-mean 512 "${packed_args[@]}" --fla --out "$OUT" 2>&1 \
         | grep -v -i warn | tee "$OUT/packed.log" | tail -12 ;;
     layer)
-      timeout -k 5 $(left) python3 benchmarks/bench_layer.py --out "$OUT" ${LAYER_FLAGS:-} 2>&1 | grep -v -i warn | tee "$OUT/layer.log" | tail -30 ;;
+      within python3 benchmarks/bench_layer.py --out "$OUT" ${LAYER_FLAGS:-} 2>&1 | grep -v -i warn | tee "$OUT/layer.log" | tail -30 ;;
     lm)
-      timeout -k 5 $(left) python3 benchmarks/bench_lm.py --out "$OUT" ${LM_FLAGS:-} 2>&1 | grep -v -i warn | tee "$OUT/lm.log" | tail -12 ;;
+      within python3 benchmarks/bench_lm.py --out "$OUT" ${LM_FLAGS:-} 2>&1 | grep -v -i warn | tee "$OUT/lm.log" | tail -12 ;;
     mqar)
-      timeout -k 5 $(left) python3 benchmarks/mqar.py --out "$OUT/mqar" ${MQAR_FLAGS:-} 2>&1 | grep -v -i warn | tee "$OUT/mqar.log" | tail -25 ;;
+      within python3 benchmarks/mqar.py --out "$OUT/mqar" ${MQAR_FLAGS:-} 2>&1 | grep -v -i warn | tee "$OUT/mqar.log" | tail -25 ;;
     train)
       tokens=/tmp/deltaflex-tokens.bin gpus=${TRAIN_GPUS:-1} run=/tmp/deltaflex-train-${TRAIN_GPUS:-1}gpu
       [ -f $tokens ] || python3 -c "import torch; from deltaflex.train import write_token_file; write_token_file('$tokens', torch.randint(0, 32000, (${TRAIN_TOKENS:-20000000},)))"
       launch=(python3 -m deltaflex.cli); [ "$gpus" -gt 1 ] && launch=(python3 -m torch.distributed.run --standalone --nproc-per-node "$gpus" -m deltaflex.cli)
-      rm -rf "$run"; timeout -k 5 $(left) "${launch[@]}" train --data $tokens --out "$run" ${TRAIN_FLAGS:-} 2>&1 | grep -v -i warn | tee "$OUT/train-${gpus}gpu.log" | tail -4
+      rm -rf "$run"; within "${launch[@]}" train --data $tokens --out "$run" ${TRAIN_FLAGS:-} 2>&1 | grep -v -i warn | tee "$OUT/train-${gpus}gpu.log" | tail -4
       mkdir -p "$OUT/train-${gpus}gpu" && cp "$run"/run.json "$run"/metrics.jsonl "$OUT/train-${gpus}gpu/" ;;
     configs)
       while IFS= read -r line; do
-        [ -n "$line" ] && eval timeout -k 5 $(left) python3 benchmarks/probes/fused_configs.py "$line" 2>&1 | tee -a "$OUT/configs.log"
+        [ -n "$line" ] && eval within python3 benchmarks/probes/fused_configs.py "$line" 2>&1 | tee -a "$OUT/configs.log"
       done <<< "${CONFIGS:-state_out -}" ;;
     *) echo "unknown step $step" ;;
   esac

@@ -137,7 +137,7 @@ def recorded_launches(shape):
     fused.launch = record
     try:
         fused.OUTPUT_STEP_MS = 0.0  # where OUTPUT_IN_STATE has it at all, whatever the shape
-        for in_state in ((True, False) if saved[fused._dims(D)] else (False,)):
+        for in_state in ((True, False) if saved[fused.launch_dims(D)] else (False,)):
             fused.OUTPUT_IN_STATE.update({d: in_state for d in saved})
             o, final, t = fused.fused_forward(q, k, v, beta, None, D ** -0.5, 64)
         fused.fused_backward(q, k, v, beta, t, None, do, None, D ** -0.5, 64)

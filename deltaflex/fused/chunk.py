@@ -40,7 +40,7 @@ from .output import output_kernel
 from .prepare import prepare_bwd_kernel, prepare_fwd_kernel
 from .segments import Segments, sm_count, state_two_level
 from .state import state_bwd_kernel, state_fwd_kernel
-from .tiles import block
+from .tiles import block, launch_dims
 
 _LOW = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
@@ -120,15 +120,10 @@ OUTPUT_KERNEL_MS = 0.13 / (4 * 4096 * 16 * 128)
 NARROW_STATE_WHEN_FEW = False
 
 
-def _dims(K: int) -> int:
-    """LAUNCH's key for key head dim K."""
-    return next(d for d in (64, 128, 256) if K <= d)
-
-
 def _output_in_state(K: int, V: int, rows: int, steps: int, tokens: int, device: torch.device) -> bool:
     """Whether the forward's state pass writes the output: `rows` sequences (or segments) x heads, each
     walking at most `steps` chunks, over `tokens` x heads in all (off CUDA: one wave)."""
-    if not OUTPUT_IN_STATE[_dims(K)]:
+    if not OUTPUT_IN_STATE[launch_dims(K)]:
         return False
     programs = rows * triton.cdiv(V, _opts("state_out", K, V)["BV"])
     waves = triton.cdiv(programs, sm_count(device)) if device.type == "cuda" else 1
@@ -137,7 +132,7 @@ def _output_in_state(K: int, V: int, rows: int, steps: int, tokens: int, device:
 
 def _opts(kernel: str, K: int, V: int) -> dict:
     """The kernel's launch keywords at head dims K, V (block sizes capped by them)."""
-    opts = dict(LAUNCH[_dims(K)][kernel])
+    opts = dict(LAUNCH[launch_dims(K)][kernel])
     for name, d in (("BK", K), ("BV", V)):
         if name in opts:
             opts[name] = block(d, opts[name])

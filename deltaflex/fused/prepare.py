@@ -2,8 +2,9 @@
 
 Forward (`prepare_fwd_kernel`): A = tril(diag(beta) K K^T, -1) in float32 (exact products of the
 input keys), T = (I + A)^-1 (`invert_unit_lower`), then W = T diag(beta) K and U = T diag(beta) V
-with T diag(beta) split into hi + lo. Writes T (float32, kept for backward; not written where no gradient is needed), W (input dtype: the
-state pass rounds it anyway) and U (float32: its rounding is what correlated keys amplify).
+with T diag(beta) split into hi + lo. Writes T (float32, kept for backward; not written where no
+gradient is needed), W (input dtype: the state pass rounds it anyway) and U (float32: its rounding is
+what correlated keys amplify).
 Backward (`prepare_bwd_kernel`): the same W and U from the saved T, and the output's local value
 gradient dV_local = scale tril(Q K^T)^T dO (float32), which the reverse state pass starts from.
 

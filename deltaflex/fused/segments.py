@@ -34,7 +34,7 @@ import triton.language as tl
 from ..plan import STATE_SEGMENTS
 from ..kernels.common import INTERPRETED, dot_low, launch, load_rows, load_state, load_tile, store_state, to_low
 from .state import plus_kt_x, rows_times, state_fwd_kernel
-from .tiles import block, dot_fine, hi_lo, sequence_of
+from .tiles import block, dot_fine, hi_lo, launch_dims, sequence_of
 
 SEGMENT_CHUNKS = tuple(G for G in STATE_SEGMENTS if G > 1)  # the segment lengths G a plan may fix
 
@@ -48,7 +48,7 @@ LAUNCH = {
 }
 
 def _opts(kernel: str, K: int, V: int) -> dict:
-    opts = dict(LAUNCH[next(d for d in (64, 128, 256) if K <= d)][kernel])
+    opts = dict(LAUNCH[launch_dims(K)][kernel])
     width = max(K, V) if kernel == "maps" else V  # phase 1's blocks cover P's K columns and D's V
     opts["BV"] = block(width) if INTERPRETED else block(width, opts["BV"])  # interpreter: fewer programs
     if min(K, V) < 64:  # NARROW_BLOCKS_FAULT (chunk.py)

@@ -57,15 +57,21 @@ def rows_times(acc, a_c, stride, n_rows, s0, s1, s2, s3, K: tl.constexpr, C: tl.
 
 
 @triton.jit
+def _plus_at_t(s, a_t, x_hi, x_lo, LOW: tl.constexpr, SPLIT: tl.constexpr):
+    """S + A^T X for a loaded A^T [BK, C] and X = x_hi (+ x_lo where SPLIT), [C, BV] in the input dtype."""
+    s = dot_round(a_t, x_hi, s, True, True, LOW)
+    if SPLIT and LOW != 0:  # float32 inputs have no lo part
+        s = dot_round(a_t, x_lo, s, True, True, LOW)
+    return s
+
+
+@triton.jit
 def plus_at_x(s, i: tl.constexpr, a_c, stride, n_rows, x_hi, x_lo, K: tl.constexpr, C: tl.constexpr,
                BK: tl.constexpr, LOW: tl.constexpr, SPLIT: tl.constexpr):
     """Tile i of S + A^T X for a chunk's rows A [C, K] at a_c and X = x_hi (+ x_lo where SPLIT), [C, BV]
     in the input dtype."""
     if i * BK < K:
-        a_t = load_rows_t(a_c, stride, n_rows, 0, i, K, C, BK)
-        s = dot_round(a_t, x_hi, s, True, True, LOW)
-        if SPLIT and LOW != 0:  # float32 inputs have no lo part
-            s = dot_round(a_t, x_lo, s, True, True, LOW)
+        s = _plus_at_t(s, load_rows_t(a_c, stride, n_rows, 0, i, K, C, BK), x_hi, x_lo, LOW, SPLIT)
     return s
 
 
@@ -104,9 +110,7 @@ def _plus_kt_tile(s, i: tl.constexpr, k_t, x_hi, x_lo, K: tl.constexpr, BK: tl.c
                   SPLIT: tl.constexpr):
     """Tile i of S + K^T X, as plus_at_x, from the block's K^T already loaded."""
     if i * BK < K:
-        s = dot_round(k_t, x_hi, s, True, True, LOW)
-        if SPLIT and LOW != 0:
-            s = dot_round(k_t, x_lo, s, True, True, LOW)
+        s = _plus_at_t(s, k_t, x_hi, x_lo, LOW, SPLIT)
     return s
 
 

@@ -91,6 +91,11 @@ def hi_lo(x, LOW: tl.constexpr):
     return hi, to_low(x - hi.to(tl.float32), LOW)
 
 
+def launch_dims(K: int) -> int:
+    """The key of the launch tables (chunk.py's, segments.py's) for key head dim K: 64, 128 or 256."""
+    return next(d for d in (64, 128, 256) if K <= d)
+
+
 def block(d: int, at_most: int = 64) -> int:
     """A power-of-two block for a dim of d: at least 16 (tl.dot's minimum), at most `at_most`."""
     return max(16, min(triton.next_power_of_2(d), at_most))

@@ -331,7 +331,7 @@ def _state_tile(ptr, i: tl.constexpr, iv, K: tl.constexpr, V: tl.constexpr, BK: 
 
 @triton.jit
 def put_state_tile(ptr, s, i: tl.constexpr, iv, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr,
-                    BV: tl.constexpr):
+                   BV: tl.constexpr):
     if i * BK < K:
         store_tile(ptr, cast_for(s, ptr), i, iv, K, V, BK, BV)
 
