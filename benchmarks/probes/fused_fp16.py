@@ -1,0 +1,84 @@
+"""The fp16 failure of tests/fused (2 x 70 x 2, K = 32, V = 24, correlated keys): is prepare_fwd's T
+wrong on these inputs everywhere (an overflow of the algorithm in fp16), or only in the GPU's build?
+Per seed: whether T (and o) came out finite, the largest |T| of the float64 inverse of (I + A) from
+the same fp16 keys and beta, the largest |T| and the worst relative error of the finite ones, and the
+first non-finite chunk. The inputs of the non-finite seeds are saved (torch.save, --save), to be
+replayed where the kernels run another way (the interpreter: TRITON_INTERPRET=1 ... --load FILE).
+
+    python benchmarks/probes/fused_fp16.py --seeds 20 --save $OUT/fp16
+    TRITON_INTERPRET=1 python benchmarks/probes/fused_fp16.py --load $OUT/fp16/seed3.pt
+"""
+import argparse
+from pathlib import Path
+
+import torch
+
+from deltaflex.fused import chunk as fused
+from deltaflex.testing import make_inputs
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+SHAPE = (2, 70, 2, 32, 24)
+C = 64
+
+
+def inverse_ref(k, beta):
+    """float64 (I + tril(diag(beta) K K^T, -1))^-1 per chunk: [B, T, H, C] as fused_forward writes T."""
+    B, T, H, K = k.shape
+    k, beta = k.double(), beta.double()
+    out = torch.zeros(B, T, H, C, dtype=torch.float64, device=k.device)
+    for t0 in range(0, T, C):
+        n = min(C, T - t0)
+        kc, bc = k[:, t0:t0 + n].transpose(1, 2), beta[:, t0:t0 + n].transpose(1, 2)  # [B, H, n, K], [B, H, n]
+        a = torch.tril(bc[..., None] * kc @ kc.transpose(-1, -2), -1)
+        inv = torch.linalg.inv(torch.eye(n, dtype=torch.float64, device=k.device) + a)
+        out[:, t0:t0 + n, :, :n] = inv.transpose(1, 2)
+    return out
+
+
+def report(name, x):
+    B, T, H, K, V = SHAPE
+    o, final, t = fused.fused_forward(x["q"], x["k"], x["v"], x["beta"], x["initial_state"], K ** -0.5, C)
+    ref = inverse_ref(x["k"], x["beta"])
+    t, ref = t.double().cpu(), ref.cpu()
+    finite = torch.isfinite(t)
+    bad = (~finite).nonzero()
+    first = "-" if bad.numel() == 0 else f"b{bad[0, 0]} chunk {bad[0, 1] // C} h{bad[0, 2]} row {bad[0, 1] % C}"
+    err = ((t - ref).where(finite, 0).norm() / ref.where(finite, 0).norm()).item()
+    print(f"{name:>12} T finite {bool(finite.all())!s:<5} o finite {bool(torch.isfinite(o).all())!s:<5} "
+          f"max|T ref| {ref.abs().max().item():9.3g} max|T| {t.where(finite, 0).abs().max().item():9.3g} "
+          f"err {err:.2e} first non-finite {first}", flush=True)
+    return bool(finite.all()) and bool(torch.isfinite(o).all())
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seeds", type=int, default=20)
+    parser.add_argument("--save", type=Path, help="a folder for the non-finite seeds' inputs")
+    parser.add_argument("--load", type=Path, action="append", default=[], help="replay saved inputs instead")
+    parser.add_argument("--dtype", default="float16", choices=["float16", "bfloat16"],
+                        help="the dtype the inputs run in (saved fp16 inputs cast: the same keys in bf16)")
+    parser.add_argument("--warps", type=int, help="chunk.NARROW_WARPS for this run")
+    args = parser.parse_args()
+    if args.warps:
+        fused.NARROW_WARPS = args.warps
+    dtype = getattr(torch, args.dtype)
+    cast = lambda x: {n: (t if n == "initial_state" else t.to(dtype)).to(DEVICE) for n, t in x.items()}  # noqa: E731
+    if args.load:
+        for path in args.load:
+            report(path.stem, cast(torch.load(path)))
+        return
+    failing = 0
+    for seed in range(args.seeds):
+        torch.manual_seed(seed)
+        x = make_inputs(*SHAPE, dtype=torch.float16, device=DEVICE, keys="correlated", initial_state=True)
+        ok = report(f"seed {seed}", cast(x))
+        if not ok:
+            failing += 1
+            if args.save:
+                args.save.mkdir(parents=True, exist_ok=True)
+                torch.save({n: t.cpu() for n, t in x.items()}, args.save / f"seed{seed}.pt")
+    print(f"{failing} of {args.seeds} seeds non-finite ({args.dtype}, NARROW_WARPS {fused.NARROW_WARPS})")
+
+
+if __name__ == "__main__":
+    main()
