@@ -44,7 +44,7 @@ class _OutputInState:
     def launcher(*args, **kwargs):
         from deltaflex.fused import chunk as fused
 
-        saved, fused.OUTPUT_STEP_MS = fused.OUTPUT_STEP_MS, 0.0
+        saved, fused.OUTPUT_STEP_MS = fused.OUTPUT_STEP_MS, dict.fromkeys(fused.OUTPUT_STEP_MS, 0.0)
         try:
             return fused.fused_forward.launcher(*args, **kwargs)
         finally:

@@ -136,7 +136,7 @@ def recorded_launches(shape):
 
     fused.launch = record
     try:
-        fused.OUTPUT_STEP_MS = 0.0  # where OUTPUT_IN_STATE has it at all, whatever the shape
+        fused.OUTPUT_STEP_MS = dict.fromkeys(step_ms, 0.0)  # where OUTPUT_IN_STATE has it at all, whatever the shape
         for in_state in ((True, False) if saved[fused.launch_dims(D)] else (False,)):
             fused.OUTPUT_IN_STATE.update({d: in_state for d in saved})
             o, final, t = fused.fused_forward(q, k, v, beta, None, D ** -0.5, 64)

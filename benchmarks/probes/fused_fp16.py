@@ -58,7 +58,10 @@ def main():
     parser.add_argument("--dtype", default="float16", choices=["float16", "bfloat16"],
                         help="the dtype the inputs run in (saved fp16 inputs cast: the same keys in bf16)")
     parser.add_argument("--warps", type=int, help="chunk.NARROW_WARPS for this run")
+    parser.add_argument("--poison", action="store_true", help="every buffer starts as NaN (as tests/fused has it)")
     args = parser.parse_args()
+    if args.poison:
+        fused._empty = lambda *shape, dtype, like: torch.full(shape, float("nan"), dtype=dtype, device=like.device)
     if args.warps:
         fused.NARROW_WARPS = args.warps
     dtype = getattr(torch, args.dtype)
@@ -77,7 +80,8 @@ def main():
             if args.save:
                 args.save.mkdir(parents=True, exist_ok=True)
                 torch.save({n: t.cpu() for n, t in x.items()}, args.save / f"seed{seed}.pt")
-    print(f"{failing} of {args.seeds} seeds non-finite ({args.dtype}, NARROW_WARPS {fused.NARROW_WARPS})")
+    print(f"{failing} of {args.seeds} seeds non-finite ({args.dtype}, NARROW_WARPS {fused.NARROW_WARPS}"
+          f"{', poisoned' if args.poison else ''})")
 
 
 if __name__ == "__main__":

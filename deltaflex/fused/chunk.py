@@ -69,23 +69,23 @@ class Packing(NamedTuple):
 # configuration whose results the GPU has not yet checked stays out (Triton 3.6 has built some wrong).
 LAUNCH = {
     64: {"prepare_fwd": dict(num_warps=4, num_stages=2),
-         "state_fwd": dict(BV=64, num_warps=4, num_stages=3, STORE_BY_TILE=False),
-         "state_out": dict(BV=64, num_warps=4, num_stages=2, REUSE_KT=False),  # H200: 0.196 ms; s3 0.131
+         "state_fwd": dict(BV=64, num_warps=4, num_stages=3),
+         "state_out": dict(BV=64, num_warps=4, num_stages=3, REUSE_KT=False),  # H200: 0.130 ms (s2 0.195)
          "output": dict(BV=64, num_warps=4, num_stages=1),
          "prepare_bwd": dict(num_warps=4, num_stages=2),
          "state_bwd": dict(BV=32, num_warps=4, num_stages=3, PREFETCH_DV=False),
          "wy_grads": dict(BK=64, BV=64, num_warps=4, num_stages=1),
          "qk_grads": dict(BV=64, BK=64, num_warps=4, num_stages=3)},
     128: {"prepare_fwd": dict(num_warps=4, num_stages=1),
-         "state_fwd": dict(BV=64, num_warps=4, num_stages=3, STORE_BY_TILE=False),
-         "state_out": dict(BV=64, num_warps=4, num_stages=2, REUSE_KT=False),  # H200: 0.259 ms
+         "state_fwd": dict(BV=64, num_warps=4, num_stages=3),
+         "state_out": dict(BV=64, num_warps=4, num_stages=3, REUSE_KT=True),  # H200: 0.252 ms (s2 0.259)
          "output": dict(BV=64, num_warps=4, num_stages=3),
          "prepare_bwd": dict(num_warps=4, num_stages=2),
          "state_bwd": dict(BV=64, num_warps=4, num_stages=3, PREFETCH_DV=True),
          "wy_grads": dict(BK=64, BV=64, num_warps=4, num_stages=2),
          "qk_grads": dict(BV=64, BK=128, num_warps=4, num_stages=2)},
     256: {"prepare_fwd": dict(num_warps=4, num_stages=1),
-         "state_fwd": dict(BV=64, num_warps=4, num_stages=2, STORE_BY_TILE=False),
+         "state_fwd": dict(BV=64, num_warps=4, num_stages=2),
          "state_out": dict(BV=32, num_warps=4, num_stages=1, REUSE_KT=False),  # (OUTPUT_IN_STATE off)
          "output": dict(BV=128, num_warps=4, num_stages=3),
          "prepare_bwd": dict(num_warps=4, num_stages=1),
@@ -105,19 +105,22 @@ SPLIT_STATE = True  # the state update's V_new as hi + lo (state.py)
 # head dims up to 64, 128, 256; else output.py's kernel after the pass. Head dim 256: at BV = 64 the
 # pass exceeds sm_90's shared memory, and at BV = 32 Triton 3.6 built it wrong on the H200 (NaN, an
 # illegal address; right in the interpreter). Writing the output lengthens each step of the walk by
-# about OUTPUT_STEP_MS (H200, head dim 128: 4.0 us against 2.2) for every wave of programs over the
-# SMs, where output.py's kernel, in parallel, takes about OUTPUT_KERNEL_MS a token, head and value
-# column (0.13 ms at 4 x 4096 x 16 x 128); the cheaper one is taken. Measured on the H200 (forward ms,
-# apart -> in the pass): 4 x 4096 x 16 x 128 0.46 -> 0.44, 4 x 4096 x 32 x 64 0.49 -> 0.44, prefill
-# 1 x 64K x 8 x 128 1.29 -> 1.26; 2 x 8192 x 16 x 128 (128 steps, one wave) 0.57 -> 0.67.
+# about OUTPUT_STEP_MS[head dim] for every wave of programs over the SMs, where output.py's kernel, in
+# parallel, takes about OUTPUT_KERNEL_MS a token, head and value column (0.13 ms at 4 x 4096 x 16 x
+# 128); the cheaper one is taken. H200, eleventh session (kernels alone, the pass writing the output
+# against the pass then output.py's): 4 x 4096 x 32 x 64 0.130 against 0.123 + 0.123 ms, 2 x 8192 x 32
+# x 64 0.246 against 0.150 + 0.124, 4 x 4096 x 16 x 128 0.252 against 0.143 + 0.133, 2 x 8192 x 16 x
+# 128 (128 steps, one wave) 0.465 against 0.194 + 0.134.
 OUTPUT_IN_STATE = {64: True, 128: True, 256: False}
-OUTPUT_STEP_MS = 1.8e-3
+OUTPUT_STEP_MS = {64: 0.5e-3, 128: 1.7e-3, 256: 0.0}
 OUTPUT_KERNEL_MS = 0.13 / (4 * 4096 * 16 * 128)
 # Few programs (long sequences at small B H): the state passes with value blocks half as wide where
-# twice the programs still fit the SMs in one wave (H200, 2 x 8192 x 8 x 256: state_fwd 0.508 -> 0.390
-# ms, state_bwd 0.601 -> 0.520). Off until its results are checked on the GPU (the 32-wide blocks of the
-# pass that writes the output were built wrong).
-NARROW_STATE_WHEN_FEW = False
+# twice the programs still fit the SMs in one wave. H200, ms of state_fwd / state_bwd alone, 64 -> 32
+# wide: 2 x 8192 x 8 x 256 0.504 -> 0.390 / 0.600 -> 0.519, 2 x 8192 x 16 x 128 0.248 -> 0.194 /
+# 0.311 -> 0.211, 2 x 8192 x 32 x 64 0.183 -> 0.150 (state_bwd is 32 wide there already); results
+# checked there (benchmarks/probes/fused_configs.py). Not for the pass that writes the output (its
+# 32-wide build is the wrong one above).
+NARROW_STATE_WHEN_FEW = True
 
 
 def _output_in_state(K: int, V: int, rows: int, steps: int, tokens: int, device: torch.device) -> bool:
@@ -127,7 +130,7 @@ def _output_in_state(K: int, V: int, rows: int, steps: int, tokens: int, device:
         return False
     programs = rows * triton.cdiv(V, _opts("state_out", K, V)["BV"])
     waves = triton.cdiv(programs, sm_count(device)) if device.type == "cuda" else 1
-    return waves * steps * OUTPUT_STEP_MS <= tokens * V * OUTPUT_KERNEL_MS
+    return waves * steps * OUTPUT_STEP_MS[launch_dims(K)] <= tokens * V * OUTPUT_KERNEL_MS
 
 
 def _opts(kernel: str, K: int, V: int) -> dict:
@@ -156,7 +159,7 @@ def _state_fwd_opts(output: bool, K: int, V: int, rows: int, device: torch.devic
     """state_fwd_kernel's launch keywords, the pass writing the output or not, every knob given (the
     other branch's at its default: Inductor's analysis of a kernel takes no constexpr defaults)."""
     opts = _opts("state_out", K, V) if output else _state_opts("state_fwd", K, V, rows, device)
-    return {"REUSE_KT": False, "STORE_BY_TILE": False, **opts}
+    return {"REUSE_KT": False, **opts}
 
 
 def _empty(*shape, dtype, like: torch.Tensor) -> torch.Tensor:

@@ -28,7 +28,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ..kernels.common import as_f32, load_rows, load_state, put_state_tile, store_rows, store_state, to_low
+from ..kernels.common import as_f32, load_rows, load_state, store_rows, store_state, to_low
 from .tiles import dot_round, dot_split, hi_lo, load_rows_t, sequence_of
 
 
@@ -118,8 +118,7 @@ def _plus_kt_tile(s, i: tl.constexpr, k_t, x_hi, x_lo, K: tl.constexpr, BK: tl.c
 def state_fwd_kernel(q_ptr, k_ptr, w_ptr, u_ptr, h_ptr, o_ptr, s0_ptr, final_ptr, seqs_ptr, scale, T, NT,
                      H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr,
                      BV: tl.constexpr, LOW: tl.constexpr, PACKED: tl.constexpr, HAS_S0: tl.constexpr,
-                     HAS_FINAL: tl.constexpr, SPLIT: tl.constexpr, OUTPUT: tl.constexpr, REUSE_KT: tl.constexpr,
-                     STORE_BY_TILE: tl.constexpr):
+                     HAS_FINAL: tl.constexpr, SPLIT: tl.constexpr, OUTPUT: tl.constexpr, REUSE_KT: tl.constexpr):
     iv, i_nh = tl.program_id(0), tl.program_id(1)
     i_n, i_h = i_nh // H, i_nh % H
     bos, c0, nt, length = sequence_of(i_n, T, NT, seqs_ptr, PACKED)
@@ -156,19 +155,8 @@ def state_fwd_kernel(q_ptr, k_ptr, w_ptr, u_ptr, h_ptr, o_ptr, s0_ptr, final_ptr
         else:
             h_c, w_c = h_ptr + ((c0 + i) * H + i_h) * K * V, w_ptr + row0 * K
             ws = tl.zeros([C, BV], tl.float32)
-            if STORE_BY_TILE:  # each tile stored beside its product: at head dim 256 the sm_90 build spills
-                # nothing (24 B before) and takes 24 KiB less shared memory
-                put_state_tile(h_c, s0, 0, iv, K, V, BK, BV)
-                ws = _tile_times(ws, w_c, H * K, n_rows, s0, 0, K, C, BK, LOW, False)
-                put_state_tile(h_c, s1, 1, iv, K, V, BK, BV)
-                ws = _tile_times(ws, w_c, H * K, n_rows, s1, 1, K, C, BK, LOW, False)
-                put_state_tile(h_c, s2, 2, iv, K, V, BK, BV)
-                ws = _tile_times(ws, w_c, H * K, n_rows, s2, 2, K, C, BK, LOW, False)
-                put_state_tile(h_c, s3, 3, iv, K, V, BK, BV)
-                ws = _tile_times(ws, w_c, H * K, n_rows, s3, 3, K, C, BK, LOW, False)
-            else:
-                store_state(h_c, s0, s1, s2, s3, iv, K, V, BK, BV)
-                ws = rows_times(ws, w_c, H * K, n_rows, s0, s1, s2, s3, K, C, BK, LOW, False)
+            store_state(h_c, s0, s1, s2, s3, iv, K, V, BK, BV)
+            ws = rows_times(ws, w_c, H * K, n_rows, s0, s1, s2, s3, K, C, BK, LOW, False)
             v_new = load_rows(u_ptr + row0 * V, H * V, n_rows, 0, iv, V, C, BV) - ws
             store_rows(u_ptr + row0 * V, v_new, H * V, n_rows, 0, iv, V, C, BV)
         if not (OUTPUT and REUSE_KT):

@@ -22,6 +22,7 @@ def test_where_the_state_pass_writes_the_output(monkeypatch):
     assert in_state(8, 2048, 16, 128)  # two waves of 32
     assert not in_state(2, 8192, 16, 128)  # one wave of 128
     assert in_state(4, 4096, 32, 64)
+    assert in_state(2, 8192, 32, 64)  # one wave of 128, but head dim 64's steps lengthen little
     assert in_state(1, 65536, 8, 128, G=128) and in_state(1, 32768, 8, 128, G=64)  # prefill
     assert not in_state(1, 65536, 8, 128)  # one-level: 16 programs walking 1024 chunks
     assert not in_state(4, 4096, 8, 256)
@@ -34,9 +35,13 @@ def test_narrow_state_blocks_where_few_programs(monkeypatch):
     monkeypatch.setattr(fused, "sm_count", lambda device: 132)
     monkeypatch.setattr(fused, "INTERPRETED", False)  # (the interpreter launches one value block)
     cuda = torch.device("cuda")
-    assert fused._state_opts("state_fwd", 256, 256, 2 * 8, cuda)["BV"] == 64  # off by default
-    monkeypatch.setattr(fused, "NARROW_STATE_WHEN_FEW", True)
     for kernel in ("state_fwd", "state_bwd"):
         assert fused._state_opts(kernel, 256, 256, 2 * 8, cuda)["BV"] == 32  # 64 programs at 64 wide: 128 at 32
         assert fused._state_opts(kernel, 256, 256, 4 * 8, cuda)["BV"] == 64  # 256 at 32 wide: two waves
         assert fused._state_opts(kernel, 128, 128, 2 * 16, cuda)["BV"] == 32
+        assert fused._state_opts(kernel, 128, 128, 4 * 16, cuda)["BV"] == 64
+    assert fused._state_opts("state_fwd", 64, 64, 2 * 32, cuda)["BV"] == 32
+    assert fused._state_opts("state_bwd", 64, 64, 2 * 32, cuda)["BV"] == 32  # the table's already
+    assert fused._state_fwd_opts(True, 128, 128, 2 * 16, cuda)["BV"] == 64  # never the pass writing the output
+    monkeypatch.setattr(fused, "NARROW_STATE_WHEN_FEW", False)
+    assert fused._state_opts("state_fwd", 256, 256, 2 * 8, cuda)["BV"] == 64
