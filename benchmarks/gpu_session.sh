@@ -9,7 +9,7 @@
 # tune (deltaflex tune --gpu at $TUNE_SHAPES, $TUNE_TRIALS trials / $TUNE_TIMEOUT s a shape; tuned plans exported to
 # $OUT/plans.json), compare (deltaflex compare at $COMPARE_SHAPES, table and plot under $OUT).
 # The plan cache and the tuner's studies live in .deltaflex-cache, so a warm machine's next call resumes them.
-# fp16 (benchmarks/probes/fused_fp16.py: tests/fused's fp16 case over $FP16_SEEDS seeds, at NARROW_WARPS and at 4 warps, buffers NaN-poisoned where $FP16_POISON is set; the
+# fp16 (benchmarks/probes/fused_fp16.py: tests/fused's fp16 case over $FP16_SEEDS seeds, at NARROW_WARPS, at 4 warps and after a float32 run, buffers NaN-poisoned where $FP16_POISON is set; the
 # non-finite seeds' inputs under $OUT/fp16, to replay in the interpreter).
 # configs (benchmarks/probes/fused_configs.py, one line of its arguments per line of $CONFIGS: which launch
 # configurations and chunk.py switches compute right on this GPU).
@@ -103,7 +103,8 @@ for step in "$@"; do
       mkdir -p "$OUT/train-${gpus}gpu" && cp "$run"/run.json "$run"/metrics.jsonl "$OUT/train-${gpus}gpu/" ;;
     fp16)
       within python3 benchmarks/probes/fused_fp16.py --seeds "${FP16_SEEDS:-20}" --save "$OUT/fp16" ${FP16_POISON:+--poison} 2>&1 | tee "$OUT/fp16.log" | tail -3
-      within python3 benchmarks/probes/fused_fp16.py --seeds "${FP16_SEEDS:-20}" --warps 4 ${FP16_POISON:+--poison} 2>&1 | tee -a "$OUT/fp16.log" | tail -1 ;;
+      within python3 benchmarks/probes/fused_fp16.py --seeds "${FP16_SEEDS:-20}" --warps 4 ${FP16_POISON:+--poison} 2>&1 | tee -a "$OUT/fp16.log" | tail -1
+      within python3 benchmarks/probes/fused_fp16.py --seeds "${FP16_SEEDS:-20}" --first float32 ${FP16_POISON:+--poison} 2>&1 | tee -a "$OUT/fp16.log" | tail -1 ;;
     configs)
       while IFS= read -r line; do
         [ -n "$line" ] && eval within python3 benchmarks/probes/fused_configs.py "$line" 2>&1 | tee -a "$OUT/configs.log"

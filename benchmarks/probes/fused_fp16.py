@@ -58,6 +58,8 @@ def main():
     parser.add_argument("--dtype", default="float16", choices=["float16", "bfloat16"],
                         help="the dtype the inputs run in (saved fp16 inputs cast: the same keys in bf16)")
     parser.add_argument("--warps", type=int, help="chunk.NARROW_WARPS for this run")
+    parser.add_argument("--first", choices=["float32", "bfloat16"],
+                        help="run the case once in this dtype first, in the same process (as the test does float32)")
     parser.add_argument("--poison", action="store_true", help="every buffer starts as NaN (as tests/fused has it)")
     args = parser.parse_args()
     if args.poison:
@@ -70,6 +72,10 @@ def main():
         for path in args.load:
             report(path.stem, cast(torch.load(path)))
         return
+    if args.first:
+        torch.manual_seed(1000)
+        report(args.first, make_inputs(*SHAPE, dtype=getattr(torch, args.first), device=DEVICE, keys="correlated",
+                                       initial_state=True))
     failing = 0
     for seed in range(args.seeds):
         torch.manual_seed(seed)
