@@ -31,7 +31,7 @@ from deltaflex.testing import make_inputs
 SWEEP = {  # 32-wide blocks at most where Triton 3.6 built right on the H200 (fused/chunk.py)
     "prepare_fwd_kernel": {"num_warps": (4,), "num_stages": (1, 2)},
     "prepare_bwd_kernel": {"num_warps": (4, 8), "num_stages": (1, 2)},
-    "state_fwd_kernel": {"BV": (32, 64), "num_warps": (4,), "num_stages": (2, 3, 4), "STORE_BY_TILE": (False, True)},
+    "state_fwd_kernel": {"BV": (32, 64), "num_warps": (4, 8), "num_stages": (1, 2, 3)},
     "state_fwd_kernel[output]": {"BV": (64,), "num_warps": (4, 8), "num_stages": (1, 2, 3), "REUSE_KT": (False, True)},
     "state_bwd_kernel": {"BV": (32, 64), "num_warps": (2, 4, 8), "num_stages": (1, 2, 3), "PREFETCH_DV": (True, False)},
     "output_kernel": {"BV": (64, 128), "num_warps": (4,), "num_stages": (1, 2, 3)},
@@ -195,9 +195,17 @@ def main():
     parser.add_argument("--launch", type=Path, action="append", default=[],
                         help="a fused_launch_{D}.json that --sweep wrote: its launch parameters replace "
                              "fused.LAUNCH's at head dim D for this run")
+    parser.add_argument("--flags", type=json.loads, default={},
+                        help='chunk.py attributes for this run, JSON; a table by head dim is updated, e.g. '
+                             '{"OUTPUT_IN_STATE": {"256": true}} (the sweep then records that pass at 256 too)')
     parser.add_argument("--iters", type=int, default=10)
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
+    for name, value in args.flags.items():
+        if isinstance(value, dict):
+            getattr(fused, name).update({int(d): v for d, v in value.items()})
+        else:
+            setattr(fused, name, value)
     for path in args.launch:
         if path.exists():
             D = int(path.stem.rsplit("_", 1)[1])

@@ -10,6 +10,8 @@ printed (bf16's own rounding is about 3e-3; inf: non-finite).
     python benchmarks/probes/fused_configs.py state_out 'num_stages=3' --dims 64
     python benchmarks/probes/fused_configs.py none - --flags '{"NARROW_STATE_WHEN_FEW": true}'
     python benchmarks/probes/fused_configs.py none - --flags '{"NARROW_WARPS": 4}' --dims 32 --dtype float16 --seeds 20
+    python benchmarks/probes/fused_configs.py state_out 'BV=64,num_stages=1,num_warps=8' --dims 256 \
+        --flags '{"OUTPUT_IN_STATE": {"256": true}}'
 """
 import argparse
 import json
@@ -29,8 +31,11 @@ if kernel != "none":
         table[kernel] = {**table[kernel], **cfg}
 if kernel == "state_out":  # the forward's pass writes the output at these small shapes too
     fused.OUTPUT_STEP_MS = dict.fromkeys(fused.OUTPUT_STEP_MS, 0.0)
-for name, value in flags.items():
-    setattr(fused, name, value)
+for name, value in flags.items():  # a table (by head dim) is updated, JSON's string keys as ints
+    if isinstance(value, dict):
+        getattr(fused, name).update({int(d): v for d, v in value.items()})
+    else:
+        setattr(fused, name, value)
 worst = {"o": 0.0, "grads": 0.0}
 names = ("q", "k", "v", "beta", "initial_state")
 for B, T, H, K, V in ((2, 300, 4, 64, 64), (1, 200, 2, 128, 128), (1, 150, 1, 256, 256), (1, 100, 2, 100, 100),
