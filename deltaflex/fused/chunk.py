@@ -121,10 +121,6 @@ OUTPUT_KERNEL_MS = 0.13 / (4 * 4096 * 16 * 128)
 # checked there (benchmarks/probes/fused_configs.py). Not for the pass that writes the output (its
 # 32-wide build is the wrong one above).
 NARROW_STATE_WHEN_FEW = True
-# The forward's and the backward's state passes take V_new from T, beta and V (state.py's FROM_T):
-# prepare then writes no U (B T H V float32 values), the forward's no W either.
-FORWARD_FROM_T = True
-BACKWARD_FROM_T = True
 
 
 def _output_in_state(K: int, V: int, rows: int, steps: int, tokens: int, device: torch.device) -> bool:
@@ -205,18 +201,11 @@ def fused_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torch
     # a constant). Not a stand-in buffer: torch.compile's analysis counts the sequence tables as written
     # (their values address stores), so its functional form clones each such argument, and where one
     # buffer stands in for two arguments, the untouched clone replaces what the kernel wrote.
-    # V_new from T (FROM_T): prepare writes T alone, no W and U (without FROM_T the state pass takes
-    # them, V_new then over U); the two-level pass's segment maps (segments.py) always take T
-    from_t = FORWARD_FROM_T
-    t_kept = t if keep_t else None  # written by prepare where a pass reads it, kept where backward will
-    if t_kept is None and (from_t or segment > 1):
-        t_kept = _empty(B, T, H, C, dtype=torch.float32, like=q)
-    store_wu = not from_t
-    w = _empty(*k.shape, dtype=k.dtype, like=k) if store_wu else None
-    u = _empty(B, T, H, V, dtype=torch.float32, like=k) if store_wu else None
+    w = _empty(*k.shape, dtype=k.dtype, like=k)
+    u = _empty(B, T, H, V, dtype=torch.float32, like=k)  # (without the output in the state pass: V_new after it)
     sizes = dict(H=H, K=K, V=V, C=C, LOW=LOW, PACKED=PACKED)
-    launch(prepare_fwd_kernel, (n_chunks, B * H), k, v, beta, t_kept, w, u, chunks, T, NT, BK=BK,
-           BV=block(V), STORE_T=t_kept is not None, STORE_WU=store_wu, **sizes, **_opts("prepare_fwd", K, V))
+    launch(prepare_fwd_kernel, (n_chunks, B * H), k, v, beta, t if keep_t else None, w, u, chunks, T, NT, BK=BK,
+           BV=block(V), STORE_T=keep_t, **sizes, **_opts("prepare_fwd", K, V))
     # the state pass's programs walk sequences (or, two-level, segments of `segment` chunks) per head;
     # packed one-level: NT counts every token's chunks, a bound on the longest walk
     n_segs = 0 if segment <= 1 else (segment_table.shape[0] if PACKED else S * triton.cdiv(NT, segment))
@@ -225,19 +214,16 @@ def fused_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torch
     h = None if fused_output else _empty(n_chunks if PACKED else B * NT, H, K, V, dtype=k.dtype, like=k)
     out = (q, o, scale) if fused_output else (None, None, 1.0)
     opts = _state_fwd_opts(fused_output, K, V, rows, q.device)
-    # the state pass's V_new: FROM_T from (v, T, beta), else (W, U); the output kernel's likewise
-    sources = (v, t_kept, beta, None, None) if from_t else (None, None, None, w, u)
     if segment > 1:
         segments = Segments(segment_table, segment_of_sequence) if PACKED else None
-        state_two_level(k, (v, t_kept, beta, w, u), h, s0, final, segments, T, NT, S, segment, sizes, opts,
-                        SPLIT_STATE, _empty, *out)
+        state_two_level(k, w, u, h, s0, final, segments, T, NT, S, segment, sizes, opts, SPLIT_STATE, _empty, *out)
     else:
-        launch(state_fwd_kernel, (triton.cdiv(V, opts["BV"]), S * H), out[0], k, *sources, h, out[1], s0, final,
-               seqs, out[2], T, NT, BK=BK, HAS_S0=s0 is not None, HAS_FINAL=True, SPLIT=SPLIT_STATE,
-               FROM_T=from_t, STORE_V_NEW=not from_t, OUTPUT=fused_output, **sizes, **opts)
-    if not fused_output:  # FROM_T: V_new recomputed from T (output.py), else read from over U
-        launch(output_kernel, (n_chunks, B * H), q, k, *sources[:3], None if from_t else u, h, o, chunks, scale, T,
-               NT, BK=BK, FROM_T=from_t, **sizes, **_opts("output", K, V))
+        launch(state_fwd_kernel, (triton.cdiv(V, opts["BV"]), S * H), out[0], k, w, u, h, out[1], s0, final, seqs,
+               out[2], T, NT, BK=BK, HAS_S0=s0 is not None, HAS_FINAL=True, SPLIT=SPLIT_STATE, OUTPUT=fused_output,
+               **sizes, **opts)
+    if not fused_output:
+        launch(output_kernel, (n_chunks, B * H), q, k, u, h, o, chunks, scale, T, NT, BK=BK, **sizes,
+               **_opts("output", K, V))
     return o, final, t
 
 
@@ -260,20 +246,18 @@ def fused_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torc
     BK = block(K)
     ds0 = _ds0(q, s0)
     # buffers are taken as late and freed as early as the launches allow: the peak is at qk_grads
-    from_t = BACKWARD_FROM_T
     w = _empty(*k.shape, dtype=k.dtype, like=k)
-    u = _empty(B, T, H, V, dtype=torch.float32, like=k)  # V_new (not FROM_T: U, then V_new over it)
+    u = _empty(B, T, H, V, dtype=torch.float32, like=k)  # U, then V_new
     dv_new = _empty(B, T, H, V, dtype=torch.float32, like=k)  # dV_local, then dV_new
     h = _empty(n_chunks if PACKED else B * NT, H, K, V, dtype=k.dtype, like=k)
     dh = _empty(*h.shape, dtype=h.dtype, like=h)
     sizes = dict(H=H, K=K, V=V, C=C, LOW=LOW, PACKED=PACKED)
     launch(prepare_bwd_kernel, (n_chunks, B * H), q, k, v, beta, t, do, w, u, dv_new, chunks, scale, T, NT, BK=BK,
-           BV=block(V), STORE_U=not from_t, **sizes, **_opts("prepare_bwd", K, V))
+           BV=block(V), **sizes, **_opts("prepare_bwd", K, V))
     opts = _state_fwd_opts(False, K, V, S * H, q.device)
-    t_v_beta = (v, t, beta) if from_t else (None, None, None)
-    launch(state_fwd_kernel, (triton.cdiv(V, opts["BV"]), S * H), None, k, *t_v_beta, None if from_t else w, u, h,
-           None, s0, None, seqs, 1.0, T, NT, BK=BK, HAS_S0=s0 is not None, HAS_FINAL=False, SPLIT=SPLIT_STATE,
-           FROM_T=from_t, STORE_V_NEW=True, OUTPUT=False, **sizes, **opts)
+    launch(state_fwd_kernel, (triton.cdiv(V, opts["BV"]), S * H), None, k, w, u, h, None, s0, None,
+           seqs, 1.0, T, NT, BK=BK, HAS_S0=s0 is not None, HAS_FINAL=False, SPLIT=SPLIT_STATE, OUTPUT=False,
+           **sizes, **opts)
     opts = _state_opts("state_bwd", K, V, S * H, q.device)
     launch(state_bwd_kernel, (triton.cdiv(V, opts["BV"]), S * H), q, k, w, do, dv_new, dh,
            dfinal, ds0 if s0 is not None else None, seqs, scale, T, NT, BK=BK,

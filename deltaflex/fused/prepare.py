@@ -1,13 +1,12 @@
 """Per-chunk preparation: the chunk's inverse T and WY factors, one program per chunk.
 
 Forward (`prepare_fwd_kernel`): A = tril(diag(beta) K K^T, -1) in float32 (exact products of the
-input keys), T = (I + A)^-1 (`invert_unit_lower`), written (float32) where the state pass takes
-V_new from it (state.py's FROM_T) or backward will. With STORE_WU (the two-level pass, segments.py)
-also W = T diag(beta) K and U = T diag(beta) V with T diag(beta) split into hi + lo: W in the input
-dtype (the state pass rounds it anyway), U in float32 (its rounding is what correlated keys amplify).
-Backward (`prepare_bwd_kernel`): W from the saved T (and U where STORE_U: the state pass not
-FROM_T), and the output's local value gradient dV_local = scale tril(Q K^T)^T dO (float32), which
-the reverse state pass starts from.
+input keys), T = (I + A)^-1 (`invert_unit_lower`), then W = T diag(beta) K and U = T diag(beta) V
+with T diag(beta) split into hi + lo. Writes T (float32, kept for backward; not written where no
+gradient is needed), W (input dtype: the state pass rounds it anyway) and U (float32: its rounding is
+what correlated keys amplify).
+Backward (`prepare_bwd_kernel`): the same W and U from the saved T, and the output's local value
+gradient dV_local = scale tril(Q K^T)^T dO (float32), which the reverse state pass starts from.
 
 The inverse: the C/16 diagonal 16 x 16 blocks of (I + A) by doubling (the inverses of their 2 x 2,
 4 x 4, 8 x 8, then 16 x 16 diagonal blocks, on the tensor cores; on the H200 prepare_fwd took 0.31 ms
@@ -52,25 +51,23 @@ def invert_unit_lower(a, C: tl.constexpr, LOW: tl.constexpr):
 
 @triton.jit
 def _wy_factors(tb, k_ptr, v_ptr, w_ptr, u_ptr, row0, n_rows, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
-                C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, LOW: tl.constexpr, STORE_U: tl.constexpr):
-    """W = Tb K (and U = Tb V where STORE_U) for the chunk at row0 (token-major), Tb = T diag(beta)
-    [C, C] float32 split into hi + lo."""
+                C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, LOW: tl.constexpr):
+    """W = Tb K and U = Tb V for the chunk at row0 (token-major), Tb = T diag(beta) [C, C] float32 split
+    into hi + lo."""
     for j in range(0, tl.cdiv(K, BK)):
         k = load_rows(k_ptr + row0 * K, H * K, n_rows, 0, j, K, C, BK)
         w = dot_split(tb, k, tl.zeros([C, BK], tl.float32), False, True, LOW)
         store_rows(w_ptr + row0 * K, w, H * K, n_rows, 0, j, K, C, BK)
-    if STORE_U:
-        for j in range(0, tl.cdiv(V, BV)):
-            v = load_rows(v_ptr + row0 * V, H * V, n_rows, 0, j, V, C, BV)
-            u = dot_split(tb, v, tl.zeros([C, BV], tl.float32), False, True, LOW)
-            store_rows(u_ptr + row0 * V, u, H * V, n_rows, 0, j, V, C, BV)
+    for j in range(0, tl.cdiv(V, BV)):
+        v = load_rows(v_ptr + row0 * V, H * V, n_rows, 0, j, V, C, BV)
+        u = dot_split(tb, v, tl.zeros([C, BV], tl.float32), False, True, LOW)
+        store_rows(u_ptr + row0 * V, u, H * V, n_rows, 0, j, V, C, BV)
 
 
 @triton.jit
 def prepare_fwd_kernel(k_ptr, v_ptr, beta_ptr, t_ptr, w_ptr, u_ptr, chunks_ptr, T, NT,
                        H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr,
-                       BV: tl.constexpr, LOW: tl.constexpr, PACKED: tl.constexpr, STORE_T: tl.constexpr,
-                       STORE_WU: tl.constexpr):
+                       BV: tl.constexpr, LOW: tl.constexpr, PACKED: tl.constexpr, STORE_T: tl.constexpr):
     row0, n_rows, _ = chunk_of(tl.program_id(0), tl.program_id(1), T, NT, chunks_ptr, H, C, PACKED)
     rc = tl.arange(0, C)
     a = tl.zeros([C, C], tl.float32)
@@ -79,22 +76,21 @@ def prepare_fwd_kernel(k_ptr, v_ptr, beta_ptr, t_ptr, w_ptr, u_ptr, chunks_ptr, 
         a = dot_round(k, tl.trans(k), a, True, True, LOW)
     beta = load_column(beta_ptr + row0, H, n_rows, C)
     t = invert_unit_lower(tl.where(rc[:, None] > rc[None, :], a * beta[:, None], 0.0), C, LOW)
-    if STORE_T:  # for the state pass (FROM_T) or backward
+    if STORE_T:  # kept for backward (not where no gradient will be asked for)
         store_rows(t_ptr + row0 * C, t, H * C, n_rows, 0, 0, C, C, C)
-    if STORE_WU:
-        _wy_factors(t * beta[None, :], k_ptr, v_ptr, w_ptr, u_ptr, row0, n_rows, H, K, V, C, BK, BV, LOW, True)
+    _wy_factors(t * beta[None, :], k_ptr, v_ptr, w_ptr, u_ptr, row0, n_rows, H, K, V, C, BK, BV, LOW)
 
 
 @triton.jit
 def prepare_bwd_kernel(q_ptr, k_ptr, v_ptr, beta_ptr, t_ptr, do_ptr, w_ptr, u_ptr, dv_ptr, chunks_ptr, scale, T, NT,
                        H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr,
-                       BV: tl.constexpr, LOW: tl.constexpr, PACKED: tl.constexpr, STORE_U: tl.constexpr):
+                       BV: tl.constexpr, LOW: tl.constexpr, PACKED: tl.constexpr):
     row0, n_rows, _ = chunk_of(tl.program_id(0), tl.program_id(1), T, NT, chunks_ptr, H, C, PACKED)
     scale = as_f32(scale)
     rc = tl.arange(0, C)
     beta = load_column(beta_ptr + row0, H, n_rows, C)
     t = load_rows(t_ptr + row0 * C, H * C, n_rows, 0, 0, C, C, C)
-    _wy_factors(t * beta[None, :], k_ptr, v_ptr, w_ptr, u_ptr, row0, n_rows, H, K, V, C, BK, BV, LOW, STORE_U)
+    _wy_factors(t * beta[None, :], k_ptr, v_ptr, w_ptr, u_ptr, row0, n_rows, H, K, V, C, BK, BV, LOW)
     # dV_local = scale tril(Q K^T)^T dO, i.e. scale tril(K Q^T, upper) dO
     kq = tl.zeros([C, C], tl.float32)
     for j in range(0, tl.cdiv(K, BK)):

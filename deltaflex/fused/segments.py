@@ -13,8 +13,8 @@ E_n S + K_n^T U_n with E_n = I - K_n^T W_n, so a segment maps its start state to
                      S_{j+1} = P_j S_j + D_j from the initial state (float32 products: both operands
                      split, or 3xTF32), each segment's start S_j, the final state
   3. state_fwd       (state.py, unchanged) per (segment, head, value block) from S_j, as if every
-                     segment were a packed sequence of its own: h[n] (or the output itself), as the
-                     one-level pass, V_new from the same sources (T, or W and U)
+                     segment were a packed sequence of its own: h[n], V_new over U (or the output
+                     itself), as the one-level pass
 Phase 3 is the one-level pass's own walk, so h, V_new and o differ from it only through the start states.
 Work: phase 1 reads W, K (and U) of every chunk once per column block of [P D], phase 3 is the
 one-level pass; phase 2 is ceil(chunks / G) steps per sequence.
@@ -33,7 +33,7 @@ import triton.language as tl
 
 from ..plan import STATE_SEGMENTS
 from ..kernels.common import INTERPRETED, dot_low, launch, load_rows, load_state, load_tile, store_state, to_low
-from .state import plus_kt_x, rows_times, state_fwd_kernel, t_beta
+from .state import plus_kt_x, rows_times, state_fwd_kernel
 from .tiles import block, dot_fine, hi_lo, launch_dims, sequence_of
 
 SEGMENT_CHUNKS = tuple(G for G in STATE_SEGMENTS if G > 1)  # the segment lengths G a plan may fix
@@ -153,11 +153,11 @@ def _identity_tile(i: tl.constexpr, ib, K: tl.constexpr, BK: tl.constexpr, BV: t
 
 
 @triton.jit
-def _segment_walk(k_ptr, v_ptr, t_ptr, beta_ptr, out_ptr, bos, nt, length, i_h, ib, H: tl.constexpr,
-                  K: tl.constexpr, V: tl.constexpr, WIDTH: tl.constexpr, C: tl.constexpr, BK: tl.constexpr,
-                  BV: tl.constexpr, LOW: tl.constexpr, TRANSITION: tl.constexpr):
-    """Column block ib of the segment's P (TRANSITION: from I, V = 0) or D (from 0), stored at out_ptr
-    ([K, WIDTH] float32): the one-level walk's steps, S <- S + K^T T diag(beta) (V - K S)."""
+def _segment_walk(k_ptr, w_ptr, u_ptr, out_ptr, bos, nt, length, i_h, ib, H: tl.constexpr, K: tl.constexpr,
+                  V: tl.constexpr, WIDTH: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+                  LOW: tl.constexpr, TRANSITION: tl.constexpr):
+    """Column block ib of the segment's P (TRANSITION: from I, U = 0) or D (from 0), stored at out_ptr
+    ([K, WIDTH] float32)."""
     if TRANSITION:
         s0, s1 = _identity_tile(0, ib, K, BK, BV), _identity_tile(1, ib, K, BK, BV)
         s2, s3 = _identity_tile(2, ib, K, BK, BV), _identity_tile(3, ib, K, BK, BV)
@@ -167,19 +167,18 @@ def _segment_walk(k_ptr, v_ptr, t_ptr, beta_ptr, out_ptr, bos, nt, length, i_h, 
     for i in range(nt):
         row0 = (bos + i * C) * H + i_h
         n_rows = tl.minimum(length - i * C, C)
-        ks = rows_times(tl.zeros([C, BV], tl.float32), k_ptr + row0 * K, H * K, n_rows, s0, s1, s2, s3, K, C, BK,
+        ws = rows_times(tl.zeros([C, BV], tl.float32), w_ptr + row0 * K, H * K, n_rows, s0, s1, s2, s3, K, C, BK,
                         LOW, TRANSITION)
         if TRANSITION:
-            x = -ks
+            x = -ws
         else:
-            x = load_rows(v_ptr + row0 * V, H * V, n_rows, 0, ib, V, C, BV).to(tl.float32) - ks
-        x = dot_fine(t_beta(t_ptr, beta_ptr, row0, n_rows, H, C), x, tl.zeros([C, BV], tl.float32), LOW)
+            x = load_rows(u_ptr + row0 * V, H * V, n_rows, 0, ib, V, C, BV) - ws
         s0, s1, s2, s3 = plus_kt_x(s0, s1, s2, s3, k_ptr + row0 * K, H * K, n_rows, x, K, C, BK, LOW, True)
     store_state(out_ptr, s0, s1, s2, s3, ib, K, WIDTH, BK, BV)
 
 
 @triton.jit
-def segment_maps_kernel(k_ptr, v_ptr, t_ptr, beta_ptr, p_ptr, d_ptr, segs_ptr, T, NT, NS,
+def segment_maps_kernel(k_ptr, w_ptr, u_ptr, p_ptr, d_ptr, segs_ptr, T, NT, NS,
                         H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, G: tl.constexpr,
                         BK: tl.constexpr, BV: tl.constexpr, LOW: tl.constexpr, PACKED: tl.constexpr):
     """Phase 1. Without packed sequences (NS segments a sequence) it also writes the segment table
@@ -202,11 +201,11 @@ def segment_maps_kernel(k_ptr, v_ptr, t_ptr, beta_ptr, p_ptr, d_ptr, segs_ptr, T
     NKB: tl.constexpr = (K + BV - 1) // BV
     i_sh = i_sh.to(tl.int64)
     if ib < NKB:
-        _segment_walk(k_ptr, v_ptr, t_ptr, beta_ptr, p_ptr + i_sh * K * K, bos, nt, length, i_h, ib, H, K, V, K, C,
-                      BK, BV, LOW, True)
+        _segment_walk(k_ptr, w_ptr, u_ptr, p_ptr + i_sh * K * K, bos, nt, length, i_h, ib, H, K, V, K, C, BK, BV,
+                      LOW, True)
     else:
-        _segment_walk(k_ptr, v_ptr, t_ptr, beta_ptr, d_ptr + i_sh * K * V, bos, nt, length, i_h, ib - NKB, H, K, V,
-                      V, C, BK, BV, LOW, False)
+        _segment_walk(k_ptr, w_ptr, u_ptr, d_ptr + i_sh * K * V, bos, nt, length, i_h, ib - NKB, H, K, V, V, C, BK,
+                      BV, LOW, False)
 
 
 @triton.jit
@@ -273,15 +272,12 @@ def segment_starts_kernel(p_ptr, d_ptr, starts_ptr, s0_ptr, final_ptr, of_seq_pt
     store_state(final_ptr + i_nh.to(tl.int64) * K * V, s0, s1, s2, s3, iv, K, V, BK, BV)
 
 
-def state_two_level(k, sources: tuple, h, s0: Optional[torch.Tensor], final, segments: Optional[Segments], T: int,
-                    NT: int, n_seqs: int, G: int, sizes: dict, state_opts: dict, split: bool, empty, q=None, o=None,
+def state_two_level(k, w, u, h, s0: Optional[torch.Tensor], final, segments: Optional[Segments], T: int, NT: int,
+                    n_seqs: int, G: int, sizes: dict, state_opts: dict, split: bool, empty, q=None, o=None,
                     scale: float = 1.0) -> None:
-    """The three phases, in place of chunk.py's one `state_fwd` launch: h[n] (and V_new over U where
-    phase 3 takes it from W and U), the final state; given o (and q, scale), the output instead
-    (state.py's OUTPUT). `sources` (v, T, beta, W, U): phase 1 takes v, T, beta; phase 3 V_new as the
-    one-level pass does (state.py's FROM_T where W is None). `segments`: packed sequences'
-    (sizes["PACKED"]); `empty`: chunk.py's buffer allocator."""
-    v, t, beta, w, u = sources
+    """The three phases, in place of chunk.py's one `state_fwd` launch: h[n], V_new over u, the final
+    state; given o (and q, scale), the output instead of h and V_new (state.py's OUTPUT). `segments`:
+    packed sequences' (sizes["PACKED"]); `empty`: chunk.py's buffer allocator."""
     H, K, V, LOW, PACKED = sizes["H"], sizes["K"], sizes["V"], sizes["LOW"], sizes["PACKED"]
     BK = block(K)
     NS = triton.cdiv(NT, G)
@@ -293,15 +289,13 @@ def state_two_level(k, sources: tuple, h, s0: Optional[torch.Tensor], final, seg
     of_sequence = segments.of_sequence if PACKED else None  # untouched pointers are None (chunk.py)
     maps = _opts("maps", K, V)
     if n_segs:
-        launch(segment_maps_kernel, (triton.cdiv(K, maps["BV"]) + triton.cdiv(V, maps["BV"]), n_segs * H), k, v, t,
-               beta, p, d, table, T, NT, NS, H=H, K=K, V=V, C=sizes["C"], G=G, BK=BK, LOW=LOW, PACKED=PACKED, **maps)
+        launch(segment_maps_kernel, (triton.cdiv(K, maps["BV"]) + triton.cdiv(V, maps["BV"]), n_segs * H), k, w, u,
+               p, d, table, T, NT, NS, H=H, K=K, V=V, C=sizes["C"], G=G, BK=BK, LOW=LOW, PACKED=PACKED, **maps)
     starts_opts = _opts("starts", K, V)
     launch(segment_starts_kernel, (triton.cdiv(V, starts_opts["BV"]), n_seqs * H), p, d, starts,
            s0, final, of_sequence, NS, H=H, K=K, V=V, BK=BK, LOW=LOW, PACKED=PACKED,
            HAS_S0=s0 is not None, **starts_opts)
     if n_segs:
-        from_t = w is None
-        launch(state_fwd_kernel, (triton.cdiv(V, state_opts["BV"]), n_segs * H), q, k, v, t, beta,
-               *((None, None) if from_t else (w, u)), h, o, starts, None, table, scale, T, NT, BK=BK, HAS_S0=True,
-               HAS_FINAL=False, SPLIT=split, FROM_T=from_t, STORE_V_NEW=not from_t, OUTPUT=o is not None,
+        launch(state_fwd_kernel, (triton.cdiv(V, state_opts["BV"]), n_segs * H), q, k, w, u, h, o, starts, None,
+               table, scale, T, NT, BK=BK, HAS_S0=True, HAS_FINAL=False, SPLIT=split, OUTPUT=o is not None,
                **{**sizes, "PACKED": True}, **state_opts)

@@ -2,16 +2,11 @@
 the state in float32 registers as up to four [BK, BV] tiles (K <= 256, BK <= 64).
 
 Forward (`state_fwd_kernel`), chunk by chunk:
-    h[n] = S (input dtype);  V_new = T diag(beta) (V - K S)  (= U - W S);  S <- S + K^T V_new,
+    h[n] = S (input dtype);  V_new = U - W S;  S <- S + K^T V_new,
 S rounded to the input dtype as an operand (as fla does: the oracle shows little lost there), V_new
 split into hi + lo for the update where SPLIT (else rounded: one product less a step, but on
-correlated keys the final state's error grows from 5e-4 to 6e-3), V_new stored in float32 (where
-STORE_V_NEW) into u's buffer (a program reads its slice of U before it writes V_new there, and no
-other program touches it).
-FROM_T: V_new from the chunk's inverse T (float32 [C, C]), beta and V, with no W and no U (their
-B T H (K + V) values, U's in float32) written by prepare or read here: K S is the product W S was,
-T diag(beta) (V - K S) one [C, C] x [C, BV] product more (both split), and W's bf16 rounding gone.
-Else from W and U (prepare's WY factors; the two-level pass, segments.py, still takes those).
+correlated keys the final state's error grows from 5e-4 to 6e-3), V_new stored in float32 over U
+(a program reads its slice of U before it writes V_new there, and no other program touches it).
 With OUTPUT (the forward's pass) it writes the output instead of h and V_new:
     O = scale (Q h[n] + tril(Q K^T) V_new),
 output.py's products on the state in registers (each value block's program computes the scores
@@ -33,8 +28,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ..kernels.common import as_f32, load_column, load_rows, load_state, store_rows, store_state, to_low
-from .tiles import dot_fine, dot_round, dot_split, hi_lo, load_rows_t, sequence_of
+from ..kernels.common import as_f32, load_rows, load_state, store_rows, store_state, to_low
+from .tiles import dot_round, dot_split, hi_lo, load_rows_t, sequence_of
 
 
 @triton.jit
@@ -94,42 +89,20 @@ def plus_kt_x(s0, s1, s2, s3, k_c, stride, n_rows, x, K: tl.constexpr, C: tl.con
 
 
 @triton.jit
-def t_beta(t_ptr, beta_ptr, row0, n_rows, H: tl.constexpr, C: tl.constexpr):
-    """T diag(beta) [C, C] float32 of the chunk at row0 (zero past its rows)."""
-    return load_rows(t_ptr + row0 * C, H * C, n_rows, 0, 0, C, C, C) * load_column(beta_ptr + row0, H, n_rows, C)[None, :]
-
-
-@triton.jit
-def v_new_of(a_s, row0, n_rows, iv, v_ptr, t_ptr, beta_ptr, u_ptr, H: tl.constexpr, V: tl.constexpr,
-             C: tl.constexpr, BV: tl.constexpr, LOW: tl.constexpr, FROM_T: tl.constexpr):
-    """The chunk's V_new [C, BV] float32 from A S (A = K where FROM_T, else W): T diag(beta) (V - K S),
-    or U - W S."""
-    if FROM_T:
-        x = load_rows(v_ptr + row0 * V, H * V, n_rows, 0, iv, V, C, BV).to(tl.float32) - a_s
-        return dot_fine(t_beta(t_ptr, beta_ptr, row0, n_rows, H, C), x, tl.zeros([C, BV], tl.float32), LOW)
-    else:
-        return load_rows(u_ptr + row0 * V, H * V, n_rows, 0, iv, V, C, BV) - a_s
-
-
-@triton.jit
-def _out_products(a_s, qs, p, i: tl.constexpr, w_c, q_c, k_c, stride, n_rows, s, K: tl.constexpr, C: tl.constexpr,
-                  BK: tl.constexpr, LOW: tl.constexpr, FROM_T: tl.constexpr):
-    """Key block i's part of the step's three products when the pass writes the output: A S (A = K
-    where FROM_T, else W) and Q S (state tile i rounded, as h is stored) and the scores Q K^T (exact
-    operands); and the block's K^T, which the update may take again (REUSE_KT)."""
+def _out_products(ws, qs, p, i: tl.constexpr, w_c, q_c, k_c, stride, n_rows, s, K: tl.constexpr, C: tl.constexpr,
+                  BK: tl.constexpr, LOW: tl.constexpr):
+    """Key block i's part of the step's three products when the pass writes the output: W S and Q S
+    (state tile i rounded, as h is stored) and the scores Q K^T (exact operands); and the block's K^T,
+    which the update may take again (REUSE_KT)."""
     if i * BK < K:
         q = load_rows(q_c, stride, n_rows, 0, i, K, C, BK)
         k_t = load_rows_t(k_c, stride, n_rows, 0, i, K, C, BK)
-        if FROM_T:
-            a = tl.trans(k_t)
-        else:
-            a = load_rows(w_c, stride, n_rows, 0, i, K, C, BK)
-        a_s = dot_round(a, s, a_s, True, False, LOW)
+        ws = dot_round(load_rows(w_c, stride, n_rows, 0, i, K, C, BK), s, ws, True, False, LOW)
         qs = dot_round(q, s, qs, True, False, LOW)
         p = dot_round(q, k_t, p, True, True, LOW)
     else:
         k_t = tl.zeros([BK, C], tl.float32).to(k_c.dtype.element_ty)
-    return a_s, qs, p, k_t
+    return ws, qs, p, k_t
 
 
 @triton.jit
@@ -142,11 +115,10 @@ def _plus_kt_tile(s, i: tl.constexpr, k_t, x_hi, x_lo, K: tl.constexpr, BK: tl.c
 
 
 @triton.jit
-def state_fwd_kernel(q_ptr, k_ptr, v_ptr, t_ptr, beta_ptr, w_ptr, u_ptr, h_ptr, o_ptr, s0_ptr, final_ptr, seqs_ptr,
-                     scale, T, NT, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr,
-                     BK: tl.constexpr, BV: tl.constexpr, LOW: tl.constexpr, PACKED: tl.constexpr,
-                     HAS_S0: tl.constexpr, HAS_FINAL: tl.constexpr, SPLIT: tl.constexpr, FROM_T: tl.constexpr,
-                     STORE_V_NEW: tl.constexpr, OUTPUT: tl.constexpr, REUSE_KT: tl.constexpr):
+def state_fwd_kernel(q_ptr, k_ptr, w_ptr, u_ptr, h_ptr, o_ptr, s0_ptr, final_ptr, seqs_ptr, scale, T, NT,
+                     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr,
+                     BV: tl.constexpr, LOW: tl.constexpr, PACKED: tl.constexpr, HAS_S0: tl.constexpr,
+                     HAS_FINAL: tl.constexpr, SPLIT: tl.constexpr, OUTPUT: tl.constexpr, REUSE_KT: tl.constexpr):
     iv, i_nh = tl.program_id(0), tl.program_id(1)
     i_n, i_h = i_nh // H, i_nh % H
     bos, c0, nt, length = sequence_of(i_n, T, NT, seqs_ptr, PACKED)
@@ -161,16 +133,15 @@ def state_fwd_kernel(q_ptr, k_ptr, v_ptr, t_ptr, beta_ptr, w_ptr, u_ptr, h_ptr, 
     for i in range(nt):
         row0 = (bos + i * C) * H + i_h
         n_rows = tl.minimum(length - i * C, C)
-        a_c = k_ptr + row0 * K if FROM_T else w_ptr + row0 * K  # A S with A = K (FROM_T) or W
         if OUTPUT:  # O = scale (Q h + tril(Q K^T) V_new), as output.py's kernel, from the state in registers
-            q_c, k_c = q_ptr + row0 * K, k_ptr + row0 * K
-            a_s = tl.zeros([C, BV], tl.float32)
-            qs, p = a_s, tl.zeros([C, C], tl.float32)
-            a_s, qs, p, k0 = _out_products(a_s, qs, p, 0, a_c, q_c, k_c, H * K, n_rows, s0, K, C, BK, LOW, FROM_T)
-            a_s, qs, p, k1 = _out_products(a_s, qs, p, 1, a_c, q_c, k_c, H * K, n_rows, s1, K, C, BK, LOW, FROM_T)
-            a_s, qs, p, k2 = _out_products(a_s, qs, p, 2, a_c, q_c, k_c, H * K, n_rows, s2, K, C, BK, LOW, FROM_T)
-            a_s, qs, p, k3 = _out_products(a_s, qs, p, 3, a_c, q_c, k_c, H * K, n_rows, s3, K, C, BK, LOW, FROM_T)
-            v_new = v_new_of(a_s, row0, n_rows, iv, v_ptr, t_ptr, beta_ptr, u_ptr, H, V, C, BV, LOW, FROM_T)
+            w_c, q_c, k_c = w_ptr + row0 * K, q_ptr + row0 * K, k_ptr + row0 * K
+            ws = tl.zeros([C, BV], tl.float32)
+            qs, p = ws, tl.zeros([C, C], tl.float32)
+            ws, qs, p, k0 = _out_products(ws, qs, p, 0, w_c, q_c, k_c, H * K, n_rows, s0, K, C, BK, LOW)
+            ws, qs, p, k1 = _out_products(ws, qs, p, 1, w_c, q_c, k_c, H * K, n_rows, s1, K, C, BK, LOW)
+            ws, qs, p, k2 = _out_products(ws, qs, p, 2, w_c, q_c, k_c, H * K, n_rows, s2, K, C, BK, LOW)
+            ws, qs, p, k3 = _out_products(ws, qs, p, 3, w_c, q_c, k_c, H * K, n_rows, s3, K, C, BK, LOW)
+            v_new = load_rows(u_ptr + row0 * V, H * V, n_rows, 0, iv, V, C, BV) - ws
             p = tl.where(rc[:, None] >= rc[None, :], p, 0.0)
             o = scale * dot_split(p, v_new, qs, False, False, LOW)
             store_rows(o_ptr + row0 * V, o, H * V, n_rows, 0, iv, V, C, BV)
@@ -182,11 +153,12 @@ def state_fwd_kernel(q_ptr, k_ptr, v_ptr, t_ptr, beta_ptr, w_ptr, u_ptr, h_ptr, 
                 s2 = _plus_kt_tile(s2, 2, k2, x_hi, x_lo, K, BK, LOW, SPLIT)
                 s3 = _plus_kt_tile(s3, 3, k3, x_hi, x_lo, K, BK, LOW, SPLIT)
         else:
-            store_state(h_ptr + ((c0 + i) * H + i_h) * K * V, s0, s1, s2, s3, iv, K, V, BK, BV)
-            a_s = rows_times(tl.zeros([C, BV], tl.float32), a_c, H * K, n_rows, s0, s1, s2, s3, K, C, BK, LOW, False)
-            v_new = v_new_of(a_s, row0, n_rows, iv, v_ptr, t_ptr, beta_ptr, u_ptr, H, V, C, BV, LOW, FROM_T)
-            if STORE_V_NEW:
-                store_rows(u_ptr + row0 * V, v_new, H * V, n_rows, 0, iv, V, C, BV)
+            h_c, w_c = h_ptr + ((c0 + i) * H + i_h) * K * V, w_ptr + row0 * K
+            ws = tl.zeros([C, BV], tl.float32)
+            store_state(h_c, s0, s1, s2, s3, iv, K, V, BK, BV)
+            ws = rows_times(ws, w_c, H * K, n_rows, s0, s1, s2, s3, K, C, BK, LOW, False)
+            v_new = load_rows(u_ptr + row0 * V, H * V, n_rows, 0, iv, V, C, BV) - ws
+            store_rows(u_ptr + row0 * V, v_new, H * V, n_rows, 0, iv, V, C, BV)
         if not (OUTPUT and REUSE_KT):
             s0, s1, s2, s3 = plus_kt_x(s0, s1, s2, s3, k_ptr + row0 * K, H * K, n_rows, v_new, K, C, BK, LOW,
                                        SPLIT)
