@@ -31,10 +31,9 @@ from .tiles import chunk_of, dot_fine, dot_round, dot_split, load_rows_t
 
 @triton.jit
 def invert_unit_lower(a, C: tl.constexpr, LOW_IN: tl.constexpr):
-    """(I + a)^-1 of a strictly lower [C, C] float32 tile (C in 16, 32, 64). Its products split their
-    float32 operands into bf16 hi + lo for fp16 inputs too (about 1e-5, as for bf16: far under fp16's
-    rounding): on the H200 Triton 3.6's fp16 build of them gave non-finite rows (docs/design-fused.md)."""
-    LOW: tl.constexpr = 1 if LOW_IN == 2 else LOW_IN
+    """(I + a)^-1 of a strictly lower [C, C] float32 tile (C in 16, 32, 64). fp16 inputs: its products
+    as float32's, 3xTF32 (tiles.py: Triton 3.6's fp16 build of them gave non-finite rows on the H200)."""
+    LOW: tl.constexpr = 0 if LOW_IN == 2 else LOW_IN
     NB: tl.constexpr = C // 16
     nb = tl.arange(0, NB)
     same = nb[:, None, None, None] == nb[None, None, :, None]  # [NB, 1, NB, 1]: a diagonal block

@@ -215,7 +215,7 @@ def _p_dot(acc, p_c, i: tl.constexpr, m: tl.constexpr, s_hi, s_lo, s, K: tl.cons
     products, as dot_fine), float32 inputs: 3xTF32 on s."""
     if m * BK < K:
         p = load_tile(p_c, i, m, K, K, BK, BK)
-        if LOW == 0:
+        if LOW != 1:  # float32 and fp16 inputs: 3xTF32 (tiles.py)
             acc = dot_fine(p, s, acc, LOW)
         else:
             p_hi = to_low(p, LOW)

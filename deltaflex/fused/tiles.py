@@ -10,7 +10,10 @@ without packed sequences they are arithmetic, with them they read the host-built
 Products (the precision scheme, docs/design-fused.md): tiles already in the input dtype LOW enter
 the tensor cores as they are; a float32 operand is either rounded to LOW (`dot_round`) or split into
 hi + lo (`dot_split`, two or three products), where the float64 oracle showed rounding it costs
-accuracy. With float32 inputs (LOW = 0) every product runs as 3xTF32.
+accuracy. With float32 inputs (LOW = 0) every product runs as 3xTF32, and with fp16 inputs too (a
+value rounded to fp16 stays rounded, then enters exactly): on the H200 Triton 3.6's fp16 tensor-core
+builds gave non-finite inverses and wrong dk, dbeta (bf16's, the same kernels, are right), while
+3xTF32 is right there for float32; fp16 then runs at float32's speed.
 """
 
 from __future__ import annotations
@@ -60,21 +63,21 @@ def load_rows_t(ptr, stride, rows, i, j, COLS: tl.constexpr, BR: tl.constexpr, B
 
 @triton.jit
 def dot_round(a, b, acc, A_EXACT: tl.constexpr, B_EXACT: tl.constexpr, LOW: tl.constexpr):
-    """acc + a @ b, a float32 operand rounded to LOW (one product); float32 inputs: 3xTF32."""
-    if LOW == 0:
-        return mma(a, b, acc, A_EXACT, B_EXACT, 0, LOW)
-    else:
+    """acc + a @ b, a float32 operand rounded to LOW (one product); float32 and fp16 inputs: 3xTF32."""
+    if LOW == 1:
         return mma(a, b, acc, A_EXACT, B_EXACT, 2, LOW)
+    else:
+        return mma(a, b, acc, A_EXACT, B_EXACT, 0, LOW)
 
 
 @triton.jit
 def dot_split(a, b, acc, A_EXACT: tl.constexpr, B_EXACT: tl.constexpr, LOW: tl.constexpr):
-    """acc + a @ b, a float32 operand split into hi + lo in LOW (near float32 accuracy); float32
-    inputs: 3xTF32."""
-    if LOW == 0:
-        return mma(a, b, acc, A_EXACT, B_EXACT, 0, LOW)
-    else:
+    """acc + a @ b, a float32 operand split into hi + lo in LOW (near float32 accuracy); float32 and
+    fp16 inputs: 3xTF32."""
+    if LOW == 1:
         return mma(a, b, acc, A_EXACT, B_EXACT, 1, LOW)
+    else:
+        return mma(a, b, acc, A_EXACT, B_EXACT, 0, LOW)
 
 
 @triton.jit

@@ -43,7 +43,9 @@ def forward_form(request, monkeypatch):
 
 
 SHAPES = [  # B, T, H, K, V, chunk_size
-    (2, 1, 2, 16, 16, 64),  # one token
+    # one token: 16 of them (dbeta's error over 2 x 2 tokens on correlated keys reached 1.4e-2 in 1 of 100
+    # draws, its cancellation in V - K S0 beyond bf16's rounding; over 4 x 4 at most 6.8e-3 in 100)
+    (4, 1, 4, 16, 16, 64),
     (2, 100, 2, 32, 48, 64),  # a ragged last chunk, K != V
     (1, 128, 1, 64, 64, 64),  # whole chunks
     (1, 77, 1, 100, 40, 64),  # head dims that are not powers of two
