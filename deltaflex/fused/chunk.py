@@ -17,8 +17,8 @@ Between forward and backward only the inputs and T (B T H C floats) are kept.
 
 Inputs are token-major as fla takes them ([B, T, H, D]; packed sequences B = 1 with `Packing`);
 intermediates are token-major too, so a ragged last chunk, or a packed sequence's, is masked rows,
-never a padded copy. Precision: docs/design-fused.md (bf16/fp16 products with float32 accumulation,
-float32 kept where the float64 oracle says it matters; float32 inputs: 3xTF32 products).
+never a padded copy. Precision: docs/design-fused.md (bf16 products with float32 accumulation,
+float32 kept where the float64 oracle says it matters; float32 and fp16 inputs: 3xTF32 products).
 
 A gated variant (a per-token decay g) would add g to these launches' arguments: the state passes
 scale S (and dS) by exp(g_last) per chunk and rows by exp(g_last - g_t), the per-chunk kernels scale

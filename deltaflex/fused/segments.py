@@ -211,8 +211,8 @@ def segment_maps_kernel(k_ptr, w_ptr, u_ptr, p_ptr, d_ptr, segs_ptr, T, NT, NS,
 @triton.jit
 def _p_dot(acc, p_c, i: tl.constexpr, m: tl.constexpr, s_hi, s_lo, s, K: tl.constexpr, BK: tl.constexpr,
            LOW: tl.constexpr):
-    """acc + P[i, m] S_m, P float32 [K, K] at p_c: S split in advance into s_hi + s_lo (bf16/fp16: three
-    products, as dot_fine), float32 inputs: 3xTF32 on s."""
+    """acc + P[i, m] S_m, P float32 [K, K] at p_c: S split in advance into s_hi + s_lo (bf16: three
+    products, as dot_fine), float32 and fp16 inputs: 3xTF32 on s."""
     if m * BK < K:
         p = load_tile(p_c, i, m, K, K, BK, BK)
         if LOW != 1:  # float32 and fp16 inputs: 3xTF32 (tiles.py)
