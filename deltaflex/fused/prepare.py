@@ -32,7 +32,9 @@ from .tiles import chunk_of, dot_fine, dot_round, dot_split, load_rows_t
 @triton.jit
 def invert_unit_lower(a, C: tl.constexpr, LOW_IN: tl.constexpr):
     """(I + a)^-1 of a strictly lower [C, C] float32 tile (C in 16, 32, 64). fp16 inputs: its products
-    as float32's, 3xTF32 (tiles.py: Triton 3.6's fp16 build of them gave non-finite rows on the H200)."""
+    as float32's, 3xTF32 (tiles.py: Triton 3.6's fp16 build of them gave non-finite rows on the H200).
+    LOW is mapped here, not in tiles.py alone: invert_unit_lower_16, shared with the stage kernels
+    (kernels/solve.py, fp16 there unchanged), picks its products from LOW itself."""
     LOW: tl.constexpr = 0 if LOW_IN == 2 else LOW_IN
     NB: tl.constexpr = C // 16
     nb = tl.arange(0, NB)
