@@ -16,6 +16,7 @@
 # Every step runs under the call's deadline ($DEADLINE s from the start, default 570: the device tool stops a
 # command at 600), so the tuning cache and the archive are always saved.
 # kernels (benchmarks/profile_kernels.py: Triton stage, fusion and launch-config timings; $KERNELS_FLAGS),
+# variants (benchmarks/probes/fused_variants.py: chunk.py variants checked and timed in one process; $VARIANTS),
 # packed (profile_plan.py on 16K packed tokens, documents of mean length 512, $PACKED_PLANS against fla),
 # layer (benchmarks/bench_layer.py; $LAYER_FLAGS), lm (benchmarks/bench_lm.py; $LM_FLAGS),
 # mqar (benchmarks/mqar.py; $MQAR_FLAGS), train (deltaflex train on random tokens, $TRAIN_GPUS ranks under torchrun
@@ -70,6 +71,11 @@ for step in "$@"; do
     kernels)
       within python3 benchmarks/profile_kernels.py ${KERNELS_FLAGS:-} --out "$OUT" 2>&1 | grep -v -i warn \
         | tee "$OUT/kernels.log" | tail -${KERNELS_TAIL:-40} ;;
+    variants)
+      # benchmarks/probes/fused_variants.py: $VARIANTS (JSON, one argument) at $VARIANTS_SHAPES
+      shape_args=(); for s in ${VARIANTS_SHAPES:-4,4096,16,128}; do shape_args+=(--shape "$s"); done
+      within python3 benchmarks/probes/fused_variants.py "${shape_args[@]}" --variants "$VARIANTS" ${VARIANTS_FLAGS:-} \
+        --out "$OUT" 2>&1 | grep -v -i warn | tee "$OUT/variants.log" | tail -${VARIANTS_TAIL:-40} ;;
     probe)
       within python3 benchmarks/probe_blocks.py 2>&1 | tee "$OUT/probe.log" | tail -12 ;;
     bench)
