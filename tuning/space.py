@@ -77,6 +77,17 @@ class SearchSpace:
             fields.update({name: _pick(trial, name, choices) for name, choices in self.compiled_options})
         return Plan(**fields)
 
+    def fused_plans(self, first: Plan) -> list[Plan]:
+        """The fused path's plans (none where a stage lacks a kernel), in the order the tuner tries them
+        before it samples: `first`'s chunk size, then the larger before the smaller, each with its state
+        pass automatic, one-level, then in segments. They cost no graph compile, and on CUDA they are the
+        fastest plans measured (docs/benchmarks.md), so a short run spends its trials there first."""
+        if not all("triton" in choices for _, choices in self.backends):
+            return []
+        sizes = sorted((c for c in self.chunk_sizes if c in FUSED_CHUNK_SIZES), key=lambda c: (c != first.chunk_size, -c))
+        return [Plan(chunk_size=c, compile=False, fused=True, state_segment=g, **{stage: "triton" for stage in STAGES})
+                for c in sizes for g in FUSED_STATE_SEGMENTS]
+
     def params(self, plan: Plan) -> dict | None:
         """The trial parameters that make `suggest` return `plan`, or None if it is outside the space."""
         recorder = _Recorder(plan)

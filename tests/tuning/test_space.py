@@ -98,3 +98,13 @@ def test_the_fused_path_is_searched_where_every_stage_has_a_kernel(no_kernels):
     assert {p.state_segment for p in fused} == set(FUSED_STATE_SEGMENTS) == {0, 1, 16, 32, 64, 128}
     assert all(set(p.backends().values()) == {"triton"} and not p.compile for p in fused)
     assert all(space.params(p) is not None for p in fused)
+
+
+def test_fused_plans_come_in_the_order_the_tuner_tries_them(no_kernels):
+    assert SearchSpace.for_device("cuda", compile=False).fused_plans(default_plan("cuda")) == []  # no kernels
+    for stage in ("solve", "wy", "state", "output"):
+        register_triton_stage(stage, KernelSpace(num_warps=(4, 8), num_stages=(2,), default=KernelConfig()))
+    space = SearchSpace.for_device("cuda", compile=False)
+    plans = space.fused_plans(Plan(chunk_size=32, compile=False, fused=True, **dict.fromkeys(("solve", "wy", "state", "output"), "triton")))
+    assert [(p.chunk_size, p.state_segment) for p in plans] == [(c, g) for c in (32, 64, 16) for g in FUSED_STATE_SEGMENTS]
+    assert set(plans) == {p for p in all_plans(space) if p.fused}  # the space's fused plans, each once

@@ -127,6 +127,26 @@ def test_no_trial_starts_that_would_end_past_the_timeout(monkeypatch):
     assert PlanCache().lookup(result.entry.key) == result.entry
 
 
+def test_the_fused_plans_are_tried_first_then_the_space_is_sampled(monkeypatch):
+    from deltaflex import plan as plan_module
+    from deltaflex.plan import KernelConfig, KernelSpace
+    from deltaflex.tuning.space import SearchSpace
+
+    import deltaflex.kernels  # noqa: F401  (imported first, so nothing refills the registry below)
+
+    monkeypatch.setattr(plan_module, "_TRITON_STAGES", dict.fromkeys(
+        ("solve", "wy", "state", "output"), KernelSpace(num_warps=(4, 8), num_stages=(2,), default=KernelConfig())))
+    space = SearchSpace.for_device("cuda", compile=False)  # a CUDA space, the fused path in it
+    monkeypatch.setattr(tuner.SearchSpace, "for_device", classmethod(lambda cls, *a: space))
+    fake_times(monkeypatch, {16: 4.0, 32: 2.0, 64: 3.0, 128: 5.0})  # and outcomes: the plans cannot run on the CPU
+    monkeypatch.setattr(Evaluator, "_evaluate", lambda self, plan: tuner.Outcome("ok", self.time(plan), 0.0))
+    result, reports = run(trials=8)
+    fused = [p for p in space.fused_plans(DEFAULT) if p != DEFAULT][:4]
+    assert [r.plan for r in reports[:5]] == [DEFAULT, *fused]  # the baseline, then half the trials on the fused plans
+    assert [(p.chunk_size, p.state_segment) for p in fused] == [(64, 0), (64, 1), (64, 16), (64, 32)]
+    assert len(reports) == 8 and result.entry.time_ms == min(r.outcome.time_ms for r in reports)  # the fastest kept
+
+
 def test_a_broken_default_fails_the_tuning(monkeypatch):
     fake_times(monkeypatch, {16: 1.0, 32: 1.0, 64: RuntimeError("boom"), 128: 1.0})
     with pytest.raises(TuningFailed, match="the default plan .* failed at 1x64x2x16x128: RuntimeError: boom"):
