@@ -40,6 +40,15 @@ SWEEP = {  # 32-wide blocks at most where Triton 3.6 built right on the H200 (fu
 }
 
 
+def apply_flags(flags: dict) -> None:
+    """Sets chunk.py attributes from JSON; a table keyed by head dim is updated (JSON's string keys as ints)."""
+    for name, value in flags.items():
+        if isinstance(value, dict):
+            getattr(fused, name).update({int(d): v for d, v in value.items()})
+        else:
+            setattr(fused, name, value)
+
+
 def grid_for(name, grid, kw):
     """A launch's grid under changed block sizes."""
     if name.startswith(("state_fwd_kernel", "state_bwd_kernel")):  # (cdiv(V, BV), sequences * H)
@@ -201,11 +210,7 @@ def main():
     parser.add_argument("--iters", type=int, default=10)
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
-    for name, value in args.flags.items():
-        if isinstance(value, dict):
-            getattr(fused, name).update({int(d): v for d, v in value.items()})
-        else:
-            setattr(fused, name, value)
+    apply_flags(args.flags)
     for path in args.launch:
         if path.exists():
             D = int(path.stem.rsplit("_", 1)[1])

@@ -17,9 +17,12 @@ import argparse
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 CHILD = r"""
 import json, sys, torch
+sys.path.insert(0, sys.argv[7])  # benchmarks/
+from profile_kernels import apply_flags
 from deltaflex import delta_rule
 from deltaflex.fused import chunk as fused
 from deltaflex.reference import recurrent_delta_rule_ref
@@ -31,11 +34,7 @@ if kernel != "none":
         table[kernel] = {**table[kernel], **cfg}
 if kernel == "state_out":  # the forward's pass writes the output at these small shapes too
     fused.OUTPUT_STEP_MS = dict.fromkeys(fused.OUTPUT_STEP_MS, 0.0)
-for name, value in flags.items():  # a table (by head dim) is updated, JSON's string keys as ints
-    if isinstance(value, dict):
-        getattr(fused, name).update({int(d): v for d, v in value.items()})
-    else:
-        setattr(fused, name, value)
+apply_flags(flags)
 worst = {"o": 0.0, "grads": 0.0}
 names = ("q", "k", "v", "beta", "initial_state")
 for B, T, H, K, V in ((2, 300, 4, 64, 64), (1, 200, 2, 128, 128), (1, 150, 1, 256, 256), (1, 100, 2, 100, 100),
@@ -79,7 +78,7 @@ if __name__ == "__main__":
     for text in args.configs:
         cfg = json.dumps(parse("" if text == "-" else text))
         r = subprocess.run([sys.executable, "-c", CHILD, args.kernel, cfg, args.flags, dims, args.dtype,
-                            str(args.seeds)], capture_output=True, text=True, timeout=300)
+                            str(args.seeds), str(Path(__file__).resolve().parents[1])], capture_output=True, text=True, timeout=300)
         lines = [line for line in r.stdout.splitlines() if line.startswith("{")]
         verdict = lines[-1] if lines else "FAILED: " + (r.stderr.strip().splitlines() or ["?"])[-1][:160]
         print(f"{args.kernel} {text} {args.flags}: {verdict}", flush=True)

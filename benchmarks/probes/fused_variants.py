@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from profile_kernels import contenders, kernel_table, timings  # noqa: E402
+from profile_kernels import apply_flags, contenders, kernel_table, timings  # noqa: E402
 
 from deltaflex import delta_rule  # noqa: E402
 from deltaflex.fused import chunk as fused  # noqa: E402
@@ -42,11 +42,7 @@ def apply(variant, base_flags, base_launch):
             getattr(fused, name).update(copy.deepcopy(value))
         else:
             setattr(fused, name, value)
-    for name, value in variant.get("flags", {}).items():
-        if isinstance(value, dict):
-            getattr(fused, name).update({int(d): v for d, v in value.items()})
-        else:
-            setattr(fused, name, value)
+    apply_flags(variant.get("flags", {}))
     for d, kernels in variant.get("launch", {}).items():
         for kernel, cfg in kernels.items():
             fused.LAUNCH[int(d)][kernel] = {**fused.LAUNCH[int(d)][kernel], **cfg}
