@@ -121,10 +121,6 @@ OUTPUT_KERNEL_MS = 0.13 / (4 * 4096 * 16 * 128)
 # checked there (benchmarks/probes/fused_configs.py). Not for the pass that writes the output (its
 # 32-wide build is the wrong one above).
 NARROW_STATE_WHEN_FEW = True
-# Where wy_grads takes dW = -dV_new h^T from, by key head dim: 0 computes it and keeps its blocks in
-# registers until dk (its sm_90 builds spill at every head dim), 1 computes it and stores it to a scratch
-# it reloads for dk, 2 reads it from qk_grads (which has h's tiles loaded for dq already, as fla's dqkwg).
-WY_DW = {64: 0, 128: 0, 256: 0}
 
 
 def _output_in_state(K: int, V: int, rows: int, steps: int, tokens: int, device: torch.device) -> bool:
@@ -266,17 +262,14 @@ def fused_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torc
     launch(state_bwd_kernel, (triton.cdiv(V, opts["BV"]), S * H), q, k, w, do, dv_new, dh,
            dfinal, ds0 if s0 is not None else None, seqs, scale, T, NT, BK=BK,
            HAS_DFINAL=dfinal is not None, HAS_DS0=s0 is not None, **sizes, **opts)
-    dw_from = WY_DW[launch_dims(K)]
-    dw = w if dw_from else None  # W's buffer, no longer read, holds dW (input dtype)
     del w
     dq = _empty(*q.shape, dtype=q.dtype, like=q)
     dk_part = _empty(B, T, H, K, dtype=torch.float32, like=k)
     qk = _opts("qk_grads", K, V)
-    launch(qk_grads_kernel, (triton.cdiv(K, qk["BK"]), n_chunks, B * H), q, k, do, h, dh, u,
-           dv_new if dw_from == 2 else None, dq, dk_part, dw if dw_from == 2 else None, chunks, scale, T, NT,
-           DW=dw_from, **sizes, **qk)
+    launch(qk_grads_kernel, (triton.cdiv(K, qk["BK"]), n_chunks, B * H), q, k, do, h, dh, u, dq, dk_part, chunks,
+           scale, T, NT, **sizes, **qk)
     del dh, u
     dk, dv, dbeta = (_empty(*x.shape, dtype=x.dtype, like=x) for x in (k, v, beta))
-    launch(wy_grads_kernel, (n_chunks, B * H), k, v, beta, t, h, dv_new, dk_part, dw, dk, dv, dbeta, chunks, T, NT,
-           DW=dw_from, **sizes, **_opts("wy_grads", K, V))
+    launch(wy_grads_kernel, (n_chunks, B * H), k, v, beta, t, h, dv_new, dk_part, dk, dv, dbeta, chunks, T, NT, **sizes,
+           **_opts("wy_grads", K, V))
     return dq, dk, dv, dbeta, ds0

@@ -32,22 +32,15 @@ from .tiles import chunk_of, dot_fine, dot_round, dot_split, load_rows_t
 
 
 @triton.jit
-def _dw_block(j: tl.constexpr, dtb, dvn_c, h_c, k_c, dw_c, n_rows, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
-              C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, LOW: tl.constexpr, DW: tl.constexpr):
-    """(Key block j of dW = -dV_new h^T, rounded; dTb + dW_j K_j^T). Blocks past K: (zeros, dTb).
-    DW 0: computed, kept in registers for dk; 1: computed and stored at dw_c (dk reloads it); 2: read
-    from dw_c (qk_grads wrote it)."""
+def _dw_block(j: tl.constexpr, dtb, dvn_c, h_c, k_c, n_rows, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+              C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, LOW: tl.constexpr):
+    """(Key block j of dW = -dV_new h^T, rounded; dTb + dW_j K_j^T). Blocks past K: (zeros, dTb)."""
     if j * BK < K:
-        if DW == 2:
-            dw = load_rows(dw_c, H * K, n_rows, 0, j, K, C, BK)
-        else:
-            dw = tl.zeros([C, BK], tl.float32)
-            for iv in range(0, tl.cdiv(V, BV)):
-                dvn = load_rows(dvn_c, H * V, n_rows, 0, iv, V, C, BV)
-                dw = dot_round(dvn, tl.trans(load_tile(h_c, j, iv, K, V, BK, BV)), dw, False, True, LOW)
-            dw = to_low(-dw, LOW)
-            if DW == 1:
-                store_rows(dw_c, dw, H * K, n_rows, 0, j, K, C, BK)
+        dw = tl.zeros([C, BK], tl.float32)
+        for iv in range(0, tl.cdiv(V, BV)):
+            dvn = load_rows(dvn_c, H * V, n_rows, 0, iv, V, C, BV)
+            dw = dot_round(dvn, tl.trans(load_tile(h_c, j, iv, K, V, BK, BV)), dw, False, True, LOW)
+        dw = to_low(-dw, LOW)
         dtb = dot_round(dw, load_rows_t(k_c, H * K, n_rows, 0, j, K, C, BK), dtb, True, True, LOW)
     else:
         dw = to_low(tl.zeros([C, BK], tl.float32), LOW)
@@ -55,13 +48,10 @@ def _dw_block(j: tl.constexpr, dtb, dvn_c, h_c, k_c, dw_c, n_rows, H: tl.constex
 
 
 @triton.jit
-def _dk_block(j: tl.constexpr, kkt, dw, tbt, dab, k_c, part_c, dk_c, dw_c, n_rows, H: tl.constexpr, K: tl.constexpr,
-              C: tl.constexpr, BK: tl.constexpr, LOW: tl.constexpr, DW: tl.constexpr):
-    """Stores key block j of dk = the partial + Tb^T dW + (dAb + dAb^T) K; returns kkt + K_j K_j^T.
-    DW 0: dW as passed; else reloaded from dw_c."""
+def _dk_block(j: tl.constexpr, kkt, dw, tbt, dab, k_c, part_c, dk_c, n_rows, H: tl.constexpr, K: tl.constexpr,
+              C: tl.constexpr, BK: tl.constexpr, LOW: tl.constexpr):
+    """Stores key block j of dk = the partial + Tb^T dW + (dAb + dAb^T) K; returns kkt + K_j K_j^T."""
     if j * BK < K:
-        if DW != 0:
-            dw = load_rows(dw_c, H * K, n_rows, 0, j, K, C, BK)
         k = load_rows(k_c, H * K, n_rows, 0, j, K, C, BK)
         kkt = dot_round(k, tl.trans(k), kkt, True, True, LOW)
         dk = dot_round(tbt, dw, load_rows(part_c, H * K, n_rows, 0, j, K, C, BK), True, True, LOW)
@@ -71,14 +61,13 @@ def _dk_block(j: tl.constexpr, kkt, dw, tbt, dab, k_c, part_c, dk_c, dw_c, n_row
 
 
 @triton.jit
-def wy_grads_kernel(k_ptr, v_ptr, beta_ptr, t_ptr, h_ptr, dv_new_ptr, dk_part_ptr, dw_ptr, dk_ptr, dv_ptr, dbeta_ptr,
-                    chunks_ptr, T, NT,
+def wy_grads_kernel(k_ptr, v_ptr, beta_ptr, t_ptr, h_ptr, dv_new_ptr, dk_part_ptr, dk_ptr, dv_ptr, dbeta_ptr, chunks_ptr,
+                    T, NT,
                     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr,
-                    BV: tl.constexpr, LOW: tl.constexpr, PACKED: tl.constexpr, DW: tl.constexpr):
+                    BV: tl.constexpr, LOW: tl.constexpr, PACKED: tl.constexpr):
     row0, n_rows, c = chunk_of(tl.program_id(0), tl.program_id(1), T, NT, chunks_ptr, H, C, PACKED)
     h_c = h_ptr + c * K * V
     k_c, v_c, dvn_c, part_c = k_ptr + row0 * K, v_ptr + row0 * V, dv_new_ptr + row0 * V, dk_part_ptr + row0 * K
-    dw_c = dw_ptr + row0 * K if DW != 0 else dw_ptr  # (None without a dW buffer)
     rc = tl.arange(0, C)
     beta = load_column(beta_ptr + row0, H, n_rows, C)
     t = load_rows(t_ptr + row0 * C, H * C, n_rows, 0, 0, C, C, C)
@@ -86,10 +75,10 @@ def wy_grads_kernel(k_ptr, v_ptr, beta_ptr, t_ptr, h_ptr, dv_new_ptr, dk_part_pt
     tbt = to_low(tl.trans(tb), LOW)  # Tb^T rounded (dv and dk's WY term)
     # through W: dW = -dV_new h^T by key block (K <= 4 BK), kept for dk; dTb = dW K^T
     dtb = tl.zeros([C, C], tl.float32)
-    dw0, dtb = _dw_block(0, dtb, dvn_c, h_c, k_c, dw_c, n_rows, H, K, V, C, BK, BV, LOW, DW)
-    dw1, dtb = _dw_block(1, dtb, dvn_c, h_c, k_c, dw_c, n_rows, H, K, V, C, BK, BV, LOW, DW)
-    dw2, dtb = _dw_block(2, dtb, dvn_c, h_c, k_c, dw_c, n_rows, H, K, V, C, BK, BV, LOW, DW)
-    dw3, dtb = _dw_block(3, dtb, dvn_c, h_c, k_c, dw_c, n_rows, H, K, V, C, BK, BV, LOW, DW)
+    dw0, dtb = _dw_block(0, dtb, dvn_c, h_c, k_c, n_rows, H, K, V, C, BK, BV, LOW)
+    dw1, dtb = _dw_block(1, dtb, dvn_c, h_c, k_c, n_rows, H, K, V, C, BK, BV, LOW)
+    dw2, dtb = _dw_block(2, dtb, dvn_c, h_c, k_c, n_rows, H, K, V, C, BK, BV, LOW)
+    dw3, dtb = _dw_block(3, dtb, dvn_c, h_c, k_c, n_rows, H, K, V, C, BK, BV, LOW)
     # through U: dTb += dV_new V^T, dv = Tb^T dV_new
     for iv in range(0, tl.cdiv(V, BV)):
         dvn = load_rows(dvn_c, H * V, n_rows, 0, iv, V, C, BV)
@@ -104,20 +93,18 @@ def wy_grads_kernel(k_ptr, v_ptr, beta_ptr, t_ptr, h_ptr, dv_new_ptr, dk_part_pt
     dab = to_low(da * beta[:, None], LOW)
     kkt = tl.zeros([C, C], tl.float32)
     dk_c = dk_ptr + row0 * K
-    if DW == 1:
-        tl.debug_barrier()  # dW's blocks, stored by other threads of this program, are read back
-    kkt = _dk_block(0, kkt, dw0, tbt, dab, k_c, part_c, dk_c, dw_c, n_rows, H, K, C, BK, LOW, DW)
-    kkt = _dk_block(1, kkt, dw1, tbt, dab, k_c, part_c, dk_c, dw_c, n_rows, H, K, C, BK, LOW, DW)
-    kkt = _dk_block(2, kkt, dw2, tbt, dab, k_c, part_c, dk_c, dw_c, n_rows, H, K, C, BK, LOW, DW)
-    kkt = _dk_block(3, kkt, dw3, tbt, dab, k_c, part_c, dk_c, dw_c, n_rows, H, K, C, BK, LOW, DW)
+    kkt = _dk_block(0, kkt, dw0, tbt, dab, k_c, part_c, dk_c, n_rows, H, K, C, BK, LOW)
+    kkt = _dk_block(1, kkt, dw1, tbt, dab, k_c, part_c, dk_c, n_rows, H, K, C, BK, LOW)
+    kkt = _dk_block(2, kkt, dw2, tbt, dab, k_c, part_c, dk_c, n_rows, H, K, C, BK, LOW)
+    kkt = _dk_block(3, kkt, dw3, tbt, dab, k_c, part_c, dk_c, n_rows, H, K, C, BK, LOW)
     dbeta += tl.sum(da * kkt, 1)
     tl.store(dbeta_ptr + row0 + rc * H, cast_for(dbeta, dbeta_ptr), mask=rc < n_rows)
 
 
 @triton.jit
-def qk_grads_kernel(q_ptr, k_ptr, do_ptr, h_ptr, dh_ptr, v_new_ptr, dv_new_ptr, dq_ptr, dk_part_ptr, dw_ptr, chunks_ptr,
-                    scale, T, NT, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr,
-                    BV: tl.constexpr, LOW: tl.constexpr, PACKED: tl.constexpr, DW: tl.constexpr):
+def qk_grads_kernel(q_ptr, k_ptr, do_ptr, h_ptr, dh_ptr, v_new_ptr, dq_ptr, dk_part_ptr, chunks_ptr, scale,
+                    T, NT, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr,
+                    BV: tl.constexpr, LOW: tl.constexpr, PACKED: tl.constexpr):
     j = tl.program_id(0)
     row0, n_rows, c = chunk_of(tl.program_id(1), tl.program_id(2), T, NT, chunks_ptr, H, C, PACKED)
     h_c, dh_c = h_ptr + c * K * V, dh_ptr + c * K * V
@@ -128,18 +115,12 @@ def qk_grads_kernel(q_ptr, k_ptr, do_ptr, h_ptr, dh_ptr, v_new_ptr, dv_new_ptr, 
     dp = tl.zeros([C, C], tl.float32)
     dq = tl.zeros([C, BK], tl.float32)
     dk = tl.zeros([C, BK], tl.float32)
-    dw = tl.zeros([C, BK], tl.float32)
     for iv in range(0, NV):
         do = load_rows(do_c, H * V, n_rows, 0, iv, V, C, BV)
         vn = load_rows(vn_c, H * V, n_rows, 0, iv, V, C, BV)
-        ht = tl.trans(load_tile(h_c, j, iv, K, V, BK, BV))
         dp = dot_split(do, tl.trans(vn), dp, True, False, LOW)
-        dq = dot_round(do, ht, dq, True, True, LOW)
+        dq = dot_round(do, tl.trans(load_tile(h_c, j, iv, K, V, BK, BV)), dq, True, True, LOW)
         dk = dot_round(vn, tl.trans(load_tile(dh_c, j, iv, K, V, BK, BV)), dk, False, True, LOW)
-        if DW == 2:  # dW = -dV_new h^T for wy_grads (the same product and rounding as there)
-            dw = dot_round(load_rows(dv_new_ptr + row0 * V, H * V, n_rows, 0, iv, V, C, BV), ht, dw, False, True, LOW)
-    if DW == 2:
-        store_rows(dw_ptr + row0 * K, to_low(-dw, LOW), H * K, n_rows, 0, j, K, C, BK)
     dp = scale * tl.where(rc[:, None] >= rc[None, :], dp, 0.0)
     k = load_rows(k_ptr + row0 * K, H * K, n_rows, 0, j, K, C, BK)
     dq = dot_split(dp, k, scale * dq, False, True, LOW)

@@ -212,22 +212,3 @@ def test_reuse_kt_changes_no_result(forward_form, monkeypatch):
         assert torch.equal(a, b)
     o_ref = recurrent_delta_rule_ref(**{n: t.double() for n, t in x.items()})[0]
     assert relative_error(results[1][0], o_ref) <= TOLERANCES[torch.bfloat16]
-
-
-@pytest.mark.parametrize("source", [1, 2])
-def test_where_wy_grads_takes_dw_from_changes_no_result(source, forward_form, monkeypatch):
-    """dW from a scratch wy_grads reloads, or from qk_grads (chunk.WY_DW), against dW kept in registers:
-    the same products and roundings, so the same gradients bit for bit; several key blocks (K = 100)."""
-    if forward_form != "in-state":
-        pytest.skip("the backward is the same for either forward")
-    x = make_inputs(1, 150, 2, 100, 48, dtype=torch.bfloat16, device=DEVICE, keys="correlated", initial_state=True)
-    results = []
-    for dw_from in (0, source):
-        monkeypatch.setattr(fused, "WY_DW", dict.fromkeys(fused.WY_DW, dw_from))
-        leaves = {n: t.clone().requires_grad_() for n, t in x.items()}
-        o, s = delta_rule(**leaves, plan=FUSED, chunk_size=64, output_final_state=True)
-        (o.float().square().sum() + s.square().sum()).backward()
-        results.append([leaves[n].grad for n in leaves])
-    for a, b in zip(*results):
-        assert torch.equal(a, b)
-    check_against_oracle(x, chunk_size=64, plan=FUSED)
