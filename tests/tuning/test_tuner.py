@@ -9,7 +9,7 @@ import torch
 import deltaflex.api
 from deltaflex import Plan, delta_rule
 from deltaflex.bench import Shape
-from deltaflex.plan import default_plan
+from deltaflex.plan import STAGES, default_plan
 from deltaflex.testing import make_inputs
 from deltaflex.tuning import check, tuner
 from deltaflex.tuning.cache import PlanCache
@@ -145,6 +145,34 @@ def test_the_fused_plans_are_tried_first_then_the_space_is_sampled(monkeypatch):
     assert [r.plan for r in reports[:5]] == [DEFAULT, *fused]  # the baseline, then half the trials on the fused plans
     assert [(p.chunk_size, p.state_segment) for p in fused] == [(64, 0), (64, 1), (64, 16), (64, 32)]
     assert len(reports) == 8 and result.entry.time_ms == min(r.outcome.time_ms for r in reports)  # the fastest kept
+
+
+def test_two_spellings_of_one_computation_are_timed_once_and_noise_is_not_saved(monkeypatch):
+    from deltaflex import plan as plan_module
+    from deltaflex.plan import KernelConfig, KernelSpace
+    from deltaflex.tuning.space import SearchSpace
+
+    import deltaflex.kernels  # noqa: F401
+
+    monkeypatch.setattr(plan_module, "_TRITON_STAGES", dict.fromkeys(
+        ("solve", "wy", "state", "output"), KernelSpace(num_warps=(4, 8), num_stages=(2,), default=KernelConfig())))
+    space = SearchSpace.for_device("cuda", compile=False)
+    monkeypatch.setattr(tuner.SearchSpace, "for_device", classmethod(lambda cls, *a: space))
+    fused = space.fused_plans(Plan(chunk_size=64, compile=False, fused=True, **dict.fromkeys(STAGES, "triton")))
+    monkeypatch.setattr(tuner, "default_plan", lambda *a: fused[0])  # C64, the state pass automatic
+    clock = iter(range(10**6))  # every timing of a C64 plan faster than the last: noise a tuner must not save
+
+    def time(self, plan):
+        return 3.0 - next(clock) * 1e-3 if plan.fused and plan.chunk_size == 64 and plan.state_segment < 16 else 10.0
+
+    monkeypatch.setattr(Evaluator, "time", time)
+    monkeypatch.setattr(Evaluator, "_evaluate", lambda self, plan: tuner.Outcome("ok", self.time(plan), 0.0))
+    evaluator = Evaluator(SHAPE, device=torch.device("cpu"), dtype=torch.float32, mode="fwd")
+    assert evaluator.same_as(fused[0]) == evaluator.same_as(fused[1]) == fused[1]  # automatic is one-level here
+    assert evaluator.same_as(fused[2]) == fused[2] and fused[2].state_segment == 16  # a given G stays
+    result, reports = run(trials=6)
+    assert [(r.plan.state_segment, r.repeat) for r in reports[:3]] == [(0, True), (1, True), (16, False)]
+    assert result.entry.plan == fused[0] and result.entry.time_ms == result.default_ms  # the default kept
 
 
 def test_a_broken_default_fails_the_tuning(monkeypatch):
