@@ -57,9 +57,8 @@ class SearchSpace:
         all_triton = all("triton" in choices for _, choices in self.backends)
         if all_triton and _pick(trial, "fused", (False, True)):
             chunk_sizes = tuple(c for c in self.chunk_sizes if c in FUSED_CHUNK_SIZES)
-            return Plan(chunk_size=_pick(trial, "fused.chunk_size", chunk_sizes), compile=False, fused=True,
-                        state_segment=_pick(trial, "fused.state_segment", FUSED_STATE_SEGMENTS),
-                        **{stage: "triton" for stage in STAGES})
+            return _fused_plan(_pick(trial, "fused.chunk_size", chunk_sizes),
+                               _pick(trial, "fused.state_segment", FUSED_STATE_SEGMENTS))
         fields = {"chunk_size": _pick(trial, "chunk_size", self.chunk_sizes)}
         kernels = dict(self.kernels)
         for stage, choices in self.backends:
@@ -85,8 +84,7 @@ class SearchSpace:
         if not all("triton" in choices for _, choices in self.backends):
             return []
         sizes = sorted((c for c in self.chunk_sizes if c in FUSED_CHUNK_SIZES), key=lambda c: (c != first.chunk_size, -c))
-        return [Plan(chunk_size=c, compile=False, fused=True, state_segment=g, **{stage: "triton" for stage in STAGES})
-                for c in sizes for g in FUSED_STATE_SEGMENTS]
+        return [_fused_plan(c, g) for c in sizes for g in FUSED_STATE_SEGMENTS]
 
     def params(self, plan: Plan) -> dict | None:
         """The trial parameters that make `suggest` return `plan`, or None if it is outside the space."""
@@ -122,6 +120,11 @@ def _explicit(plan: Plan) -> Plan:
     if plan.fused:
         return plan
     return dataclasses.replace(plan, **{f"{s}_kernel": plan.kernel(s) for s in STAGES if getattr(plan, s) == "triton"})
+
+
+def _fused_plan(chunk_size: int, state_segment: int) -> Plan:
+    return Plan(chunk_size=chunk_size, compile=False, fused=True, state_segment=state_segment,
+                **{stage: "triton" for stage in STAGES})
 
 
 def _pick(trial, name: str, choices: tuple):

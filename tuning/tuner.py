@@ -11,7 +11,8 @@ slower than the default.
 
 Where the fused path is in the space, up to half the trials go to its plans first (no graph compile,
 the fastest on CUDA: space.py's fused_plans); TPE samples the rest. The study (seeded TPE) is
-stored in the cache directory, keyed like the plan cache, so running the same tuning again resumes it. optuna is imported here only, when a study starts.
+stored in the cache directory, keyed like the plan cache, so running the same tuning again resumes it.
+optuna is imported here only, when a study starts.
 """
 
 from __future__ import annotations

@@ -78,7 +78,8 @@ if __name__ == "__main__":
     for text in args.configs:
         cfg = json.dumps(parse("" if text == "-" else text))
         r = subprocess.run([sys.executable, "-c", CHILD, args.kernel, cfg, args.flags, dims, args.dtype,
-                            str(args.seeds), str(Path(__file__).resolve().parents[1])], capture_output=True, text=True, timeout=300)
+                            str(args.seeds), str(Path(__file__).resolve().parents[1])],
+                           capture_output=True, text=True, timeout=300)
         lines = [line for line in r.stdout.splitlines() if line.startswith("{")]
         verdict = lines[-1] if lines else "FAILED: " + (r.stderr.strip().splitlines() or ["?"])[-1][:160]
         print(f"{args.kernel} {text} {args.flags}: {verdict}", flush=True)
