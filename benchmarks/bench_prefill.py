@@ -14,5 +14,7 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", help="write one JSON line a measurement here")
     parser.add_argument("--no-fla", action="store_true", help="leave fla out")
+    parser.add_argument("--intracard-timeout", type=float, default=600,
+                        help="seconds for fla's IntraCard CP process (its first calls autotune)")
     args = parser.parse_args()
-    run(out=args.out, fla=not args.no_fla)
+    run(out=args.out, fla=not args.no_fla, intracard_timeout=args.intracard_timeout)

@@ -18,7 +18,7 @@
 # kernels (benchmarks/profile_kernels.py: Triton stage, fusion and launch-config timings; $KERNELS_FLAGS),
 # variants (benchmarks/probes/fused_variants.py: chunk.py variants checked and timed in one process; $VARIANTS),
 # packed (profile_plan.py on 16K packed tokens, documents of mean length 512, $PACKED_PLANS against fla),
-# layer (benchmarks/bench_layer.py; $LAYER_FLAGS), lm (benchmarks/bench_lm.py; $LM_FLAGS),
+# prefill (benchmarks/bench_prefill.py, issue 15's table; $PREFILL_INTRACARD_S), layer (benchmarks/bench_layer.py; $LAYER_FLAGS), lm (benchmarks/bench_lm.py; $LM_FLAGS),
 # mqar (benchmarks/mqar.py; $MQAR_FLAGS), train (deltaflex train on random tokens, $TRAIN_GPUS ranks under torchrun
 # when > 1, $TRAIN_FLAGS; the run folder, checkpoints included, stays in /tmp: run.json and metrics.jsonl come back).
 set -uo pipefail
@@ -95,6 +95,11 @@ for step in "$@"; do
       packed_args=(); for p in ${PACKED_PLANS:-compiled}; do packed_args+=(--plan "$p"); done
       within python3 benchmarks/profile_plan.py --shape 1,16384,16,128 --packed-mean 512 "${packed_args[@]}" --fla --out "$OUT" 2>&1 \
         | grep -v -i warn | tee "$OUT/packed.log" | tail -12 ;;
+    prefill)
+      # issue 15's table (benchmarks/bench_prefill.py): fla's IntraCard CP first, in $PREFILL_INTRACARD_S
+      # seconds, the whole step in $PREFILL_S
+      timeout -k 5 "$(left "${PREFILL_S:-570}")" python3 benchmarks/bench_prefill.py --out "$OUT/prefill.jsonl" --intracard-timeout "${PREFILL_INTRACARD_S:-240}" \
+        2>&1 | grep -v -i warn | tee "$OUT/prefill.log" | tail -${PREFILL_TAIL:-25} ;;
     layer)
       within python3 benchmarks/bench_layer.py --out "$OUT" ${LAYER_FLAGS:-} 2>&1 | grep -v -i warn | tee "$OUT/layer.log" | tail -30 ;;
     lm)

@@ -180,15 +180,21 @@ def run_in_process(device, shapes: list[PrefillShape], fla: bool, log) -> list[d
     return rows
 
 
-def run_fla_intracard(shapes: list[PrefillShape], log) -> list[dict]:
-    """fla with FLA_INTRACARD_CP=1, in a process of its own (fla caches the variable on first use)."""
+def run_fla_intracard(shapes: list[PrefillShape], log, timeout: float = 600) -> list[dict]:
+    """fla with FLA_INTRACARD_CP=1, in a process of its own (fla caches the variable on first use). Its
+    first calls autotune kernels of their own: after `timeout` seconds the rows measured so far stand."""
     env = {**os.environ, "FLA_INTRACARD_CP": "1"}
     spec = json.dumps([[list(s.lengths), s.H, s.D] for s in shapes])
-    proc = subprocess.run([sys.executable, "-m", "deltaflex.bench_prefill", "--fla-intracard-worker", spec], env=env,
-                          capture_output=True, text=True, timeout=600)
-    rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
-    if proc.returncode:
-        rows.append({"shape": "-", "contender": "fla intracard", "error": proc.stderr[-400:]})
+    cmd = [sys.executable, "-m", "deltaflex.bench_prefill", "--fla-intracard-worker", spec]
+    try:
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+        stdout, failure = proc.stdout, proc.stderr[-400:] if proc.returncode else None
+    except subprocess.TimeoutExpired as e:
+        stdout = e.stdout.decode() if isinstance(e.stdout, bytes) else (e.stdout or "")
+        failure = f"timed out after {timeout:.0f} s"
+    rows = [json.loads(line) for line in stdout.splitlines() if line.startswith("{")]
+    if failure:
+        rows.append({"shape": "-", "contender": "fla intracard", "error": failure})
     for r in rows:
         log(json.dumps(r))
     return rows
@@ -242,7 +248,8 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def run(out: str | None = None, shapes: list[PrefillShape] | None = None, fla: bool = True, log=print) -> list[dict]:
+def run(out: str | None = None, shapes: list[PrefillShape] | None = None, fla: bool = True, log=print,
+        intracard_timeout: float = 600) -> list[dict]:
     """The whole benchmark on the current CUDA device; JSONL to `out`; returns the rows (table last)."""
     if not torch.cuda.is_available():
         raise SystemExit("the prefill benchmark needs a CUDA device")
@@ -250,9 +257,9 @@ def run(out: str | None = None, shapes: list[PrefillShape] | None = None, fla: b
     device = torch.device("cuda")
     log(f"device {torch.cuda.get_device_name()} ({torch.cuda.get_device_properties(0).multi_processor_count} SMs), "
         f"torch {torch.__version__}")
-    rows = run_in_process(device, shapes, fla, log)
-    if fla and fla_run(False) is not None:
-        rows += run_fla_intracard(shapes, log)
+    # IntraCard CP first: it never finished when it ran last, after the in-process contenders
+    rows = run_fla_intracard(shapes, log, intracard_timeout) if fla and fla_run(False) is not None else []
+    rows += run_in_process(device, shapes, fla, log)
     order = {str(s): i for i, s in enumerate(shapes)}
     rows.sort(key=lambda r: (bool(r.get("accuracy")), order.get(r["shape"], len(order))))
     add_ratios(rows)

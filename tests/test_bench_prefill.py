@@ -45,3 +45,16 @@ def test_rows_table_and_jsonl(monkeypatch, tmp_path):
     out = tmp_path / "prefill.jsonl"
     out.write_text("".join(json.dumps(r) + "\n" for r in rows))
     assert len(out.read_text().splitlines()) == len(rows)
+
+
+def test_intracard_rows_survive_its_timeout(monkeypatch):
+    measured = json.dumps({"shape": "1x4096x8x128", "contender": "fla intracard CP", "ms": 1.0})
+
+    def timed_out(cmd, env, capture_output, text, timeout):
+        assert env["FLA_INTRACARD_CP"] == "1" and timeout == 5
+        raise bp.subprocess.TimeoutExpired(cmd, timeout, output=measured.encode() + b"\n")
+
+    monkeypatch.setattr(bp.subprocess, "run", timed_out)
+    rows = bp.run_fla_intracard(bp.prefill_shapes()[:2], log=lambda s: None, timeout=5)
+    assert rows[0] == json.loads(measured)
+    assert rows[1]["contender"] == "fla intracard" and "timed out after 5 s" in rows[1]["error"]
