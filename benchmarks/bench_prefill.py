@@ -16,5 +16,6 @@ if __name__ == "__main__":
     parser.add_argument("--no-fla", action="store_true", help="leave fla out")
     parser.add_argument("--intracard-timeout", type=float, default=600,
                         help="seconds for fla's IntraCard CP process (its first calls autotune)")
+    parser.add_argument("--rounds", type=int, default=2, help="rounds over the contenders: each one's fastest median")
     args = parser.parse_args()
-    run(out=args.out, fla=not args.no_fla, intracard_timeout=args.intracard_timeout)
+    run(out=args.out, fla=not args.no_fla, intracard_timeout=args.intracard_timeout, rounds=args.rounds)

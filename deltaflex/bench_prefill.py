@@ -151,7 +151,20 @@ def _measure(name: str, run: Run, shape: PrefillShape, device, log) -> dict:
     return row
 
 
-def run_in_process(device, shapes: list[PrefillShape], fla: bool, log) -> list[dict]:
+def _measure_rounds(contenders: list[tuple[str, Run]], shape: PrefillShape, device, log, rounds: int) -> list[dict]:
+    """Each contender's fastest median over `rounds` rounds of all of them in turn: under 16K tokens the
+    kernels take 0.1-0.3 ms and the same configuration measured twice in one round differed by up to 3x
+    (the host's time per call dominates there)."""
+    best: dict[str, dict] = {}
+    for _ in range(rounds):
+        for name, run in contenders:
+            row = _measure(name, run, shape, device, log)
+            if name not in best or ("ms" in row and row["ms"] < best[name].get("ms", float("inf"))):
+                best[name] = row
+    return [best[name] for name, _ in contenders]
+
+
+def run_in_process(device, shapes: list[PrefillShape], fla: bool, log, rounds: int = 2) -> list[dict]:
     """Every contender but fla's IntraCard CP."""
     from .fused.segments import segment_length
 
@@ -163,7 +176,7 @@ def run_in_process(device, shapes: list[PrefillShape], fla: bool, log) -> list[d
         contenders += [(f"ours G={G}", ours(G)) for G in _segments_tried(shape, auto)]
         if fla and fla_run(False) is not None:
             contenders.append(("fla chunk", fla_run(False)))
-        rows += [_measure(name, run, shape, device, log) for name, run in contenders]
+        rows += _measure_rounds(contenders, shape, device, log, rounds)
     shape = PrefillShape(*ACCURACY_SHAPE)
     chunks = [-(-n // 64) for n in shape.lengths]
     auto = segment_length(0, chunks, shape.H, shape.D, shape.D, device)
@@ -249,7 +262,7 @@ def table(rows: list[dict]) -> str:
 
 
 def run(out: str | None = None, shapes: list[PrefillShape] | None = None, fla: bool = True, log=print,
-        intracard_timeout: float = 600) -> list[dict]:
+        intracard_timeout: float = 600, rounds: int = 2) -> list[dict]:
     """The whole benchmark on the current CUDA device; JSONL to `out`; returns the rows (table last)."""
     if not torch.cuda.is_available():
         raise SystemExit("the prefill benchmark needs a CUDA device")
@@ -259,7 +272,7 @@ def run(out: str | None = None, shapes: list[PrefillShape] | None = None, fla: b
         f"torch {torch.__version__}")
     # IntraCard CP first: it never finished when it ran last, after the in-process contenders
     rows = run_fla_intracard(shapes, log, intracard_timeout) if fla and fla_run(False) is not None else []
-    rows += run_in_process(device, shapes, fla, log)
+    rows += run_in_process(device, shapes, fla, log, rounds)
     order = {str(s): i for i, s in enumerate(shapes)}
     rows.sort(key=lambda r: (bool(r.get("accuracy")), order.get(r["shape"], len(order))))
     add_ratios(rows)

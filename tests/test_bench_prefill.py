@@ -34,7 +34,7 @@ def test_rows_table_and_jsonl(monkeypatch, tmp_path):
     monkeypatch.setattr(bp, "fla_run", lambda cu_always: bp.ours(1))  # a stand-in for fla
     monkeypatch.setattr(bp, "_ORACLE", {})
     shapes = [bp.PrefillShape((40,), 1, 16), bp.PrefillShape((20, 30), 1, 16)]
-    rows = bp.run_in_process(DEVICE, shapes, fla=True, log=lambda s: None)
+    rows = bp.run_in_process(DEVICE, shapes, fla=True, log=lambda s: None, rounds=1)
     bp.add_ratios(rows)
     timed = [r for r in rows if "ms" in r]
     assert [r["contender"] for r in timed] == ["ours auto (one-level)", "ours one-level", "ours G=2", "fla chunk"] * 2
@@ -58,3 +58,10 @@ def test_intracard_rows_survive_its_timeout(monkeypatch):
     rows = bp.run_fla_intracard(bp.prefill_shapes()[:2], log=lambda s: None, timeout=5)
     assert rows[0] == json.loads(measured)
     assert rows[1]["contender"] == "fla intracard" and "timed out after 5 s" in rows[1]["error"]
+
+
+def test_rounds_keep_each_contenders_fastest(monkeypatch):
+    times = iter([3.0, 1.0, 2.0, 5.0])  # round 1: a 3, b 1; round 2: a 2, b 5
+    monkeypatch.setattr(bp, "_time", lambda run, x, cu, cu_cpu, packed: next(times))
+    rows = bp._measure_rounds([("a", None), ("b", None)], bp.PrefillShape((40,), 1, 16), DEVICE, lambda s: None, 2)
+    assert [(r["contender"], r["ms"]) for r in rows] == [("a", 2.0), ("b", 1.0)]
