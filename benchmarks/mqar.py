@@ -1,7 +1,8 @@
 """The MQAR experiment as a script: the same options as `deltaflex mqar` (its --help lists them).
 
-    python benchmarks/mqar.py --out results/mqar --max-minutes 9     # H200: the paper's hard setting
-    python benchmarks/mqar.py --quick --device cpu --no-plot --out /tmp/mqar   # CPU smoke run
+    # H200, one call (docs/results.md): two cells, two widths, four mixers, 8 runs at a time
+    python benchmarks/mqar.py --pairs 64,128 --seq-lens 512 --widths 64,128 --workers 8 --max-minutes 8.5 --out results/mqar
+    python benchmarks/mqar.py --quick --device cpu --no-plot --out /tmp/mqar --workers 2   # CPU smoke run
 """
 
 import typer

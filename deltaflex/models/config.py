@@ -5,7 +5,8 @@ A model is a stack of blocks, one token mixer a block, chosen per layer by `mixe
   "attention"       global causal softmax attention with rotary embeddings
   "sliding_window"  the same, each token seeing the `window_size` most recent tokens (itself included)
   "linear"          linear attention: DeltaNet's projections, convolution, feature map and norms,
-                    without the delta rule (S_t = S_{t-1} + k_t v_t^T)
+                    without the delta rule (S_t = S_{t-1} + k_t v_t^T); extra arguments in `linear`,
+                    e.g. {"use_short_conv": False} (the MQAR ablation without the convolution)
 Presets (`preset(name)`): "deltanet", "linear", "transformer", and the paper's two hybrids
 (Yang et al. 2024, section 5): "hybrid-sliding-window" (sliding-window attention every other layer)
 and "hybrid-global-attention" (DeltaNet with global attention in the 2nd and the (L/2 + 1)-th layer).
@@ -25,6 +26,7 @@ ATTENTION_BACKENDS = ("sdpa", "flex")
 PRESETS = ("deltanet", "linear", "transformer", "hybrid-sliding-window", "hybrid-global-attention")
 # DeltaNet arguments the model sets itself (the rest may go in LMConfig.deltanet)
 _DELTANET_OWNED = {"hidden_size", "num_heads", "norm_eps", "plan", "step_backend", "mode"}
+_LINEAR_OWNED = {"hidden_size", "num_heads", "norm_eps"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,6 +43,7 @@ class LMConfig:
     norm_eps: float = 1e-5
     initializer_range: float = 0.02
     deltanet: dict = dataclasses.field(default_factory=dict)  # more DeltaNet arguments, e.g. {"use_gate": True}
+    linear: dict = dataclasses.field(default_factory=dict)  # more LinearAttention arguments
 
     def __post_init__(self):
         object.__setattr__(self, "mixers", tuple(self.mixers) if isinstance(self.mixers, (list, tuple)) else self.mixers)
@@ -63,17 +66,11 @@ class LMConfig:
                 raise ValueError(f"{name} must be a positive number, got {value!r}")
         if not isinstance(self.tie_embeddings, bool):
             raise TypeError(f"tie_embeddings must be a bool, got {self.tie_embeddings!r}")
-        self._check_deltanet_options()
-
-    def _check_deltanet_options(self):
-        if not isinstance(self.deltanet, dict):
-            raise TypeError(f"deltanet must be a dict of DeltaNet arguments, got {type(self.deltanet).__name__}")
         from ..layers import DeltaNet
+        from .linear_attention import LinearAttention
 
-        allowed = set(inspect.signature(DeltaNet.__init__).parameters) - {"self"} - _DELTANET_OWNED
-        unknown = set(self.deltanet) - allowed
-        if unknown:
-            raise ValueError(f"deltanet got unknown or model-owned arguments {sorted(unknown)}; allowed: {sorted(allowed)}")
+        _check_layer_options("deltanet", self.deltanet, DeltaNet, _DELTANET_OWNED)
+        _check_layer_options("linear", self.linear, LinearAttention, _LINEAR_OWNED)
 
     @property
     def num_layers(self) -> int:
@@ -132,6 +129,16 @@ def preset(name: str, num_layers: int = 12, **fields) -> LMConfig:
             raise ValueError(f"hybrid-global-attention needs num_layers >= 4 (two attention layers), got {num_layers}")
         mixers = ["attention" if i in (1, num_layers // 2) else "deltanet" for i in range(num_layers)]
     return LMConfig(mixers=tuple(mixers), **fields)
+
+
+def _check_layer_options(name: str, options, layer: type, owned: set[str]) -> None:
+    """`options` must be a dict of `layer`'s constructor arguments that the model does not set itself."""
+    if not isinstance(options, dict):
+        raise TypeError(f"{name} must be a dict of {layer.__name__} arguments, got {type(options).__name__}")
+    allowed = set(inspect.signature(layer.__init__).parameters) - {"self"} - owned
+    unknown = set(options) - allowed
+    if unknown:
+        raise ValueError(f"{name} got unknown or model-owned arguments {sorted(unknown)}; allowed: {sorted(allowed)}")
 
 
 def _check_positive_int(name: str, value) -> None:

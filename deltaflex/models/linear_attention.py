@@ -4,6 +4,8 @@ The layer is DeltaNet's default data flow with the state update swapped:
     x -> q, k, v projections -> short convolution + SiLU -> q, k L2-normalised per head
       -> S_t = S_{t-1} + k_t v_t^T,  o_t = scale * S_t^T q_t   (DeltaNet: S_t = S_{t-1} + beta_t k_t (v_t - S_{t-1}^T k_t)^T)
       -> per-head RMSNorm -> o_proj
+With use_short_conv=False the convolution is dropped and the SiLU kept (DeltaNet's flow without
+its convolution): the ablation that asks whether the convolution is what lets a mixer recall.
 `causal_linear_attention` computes the rule chunk by chunk: within a chunk a masked C x C product,
 across chunks a cumulative sum of the chunks' K^T V (O(T/C) states of K x V: fine at model sizes
 where this baseline is used). Prefill and decoding run the same function; the cache carries the
@@ -25,7 +27,7 @@ from ..validation import check_hidden_states
 
 class LinearAttentionCache(NamedTuple):
     state: torch.Tensor  # [B, H, K, V], float32 (float64 for a float64 layer)
-    conv_state: tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # q, k, v: [B, conv_size - 1, D]
+    conv_state: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None  # q, k, v: [B, conv_size - 1, D]; None without conv
 
 
 def causal_linear_attention(
@@ -71,17 +73,23 @@ def _chunked(q, k, v, scale, initial_state, chunk_size):
 
 
 class LinearAttention(nn.Module):
-    def __init__(self, hidden_size: int, num_heads: int, conv_size: int = 4, norm_eps: float = 1e-5):
+    def __init__(
+        self, hidden_size: int, num_heads: int, conv_size: int = 4, norm_eps: float = 1e-5, use_short_conv: bool = True
+    ):
         super().__init__()
         if hidden_size % num_heads:
             raise ValueError(f"num_heads = {num_heads} must divide hidden_size = {hidden_size}")
+        if not isinstance(use_short_conv, bool):
+            raise TypeError(f"use_short_conv must be a bool, got {use_short_conv!r}")
         self.hidden_size, self.num_heads, self.head_dim = hidden_size, num_heads, hidden_size // num_heads
+        self.use_short_conv = use_short_conv
         self.q_proj = nn.Linear(hidden_size, hidden_size, bias=False)
         self.k_proj = nn.Linear(hidden_size, hidden_size, bias=False)
         self.v_proj = nn.Linear(hidden_size, hidden_size, bias=False)
-        self.q_conv1d = ShortConvolution(hidden_size, conv_size, activation="silu")
-        self.k_conv1d = ShortConvolution(hidden_size, conv_size, activation="silu")
-        self.v_conv1d = ShortConvolution(hidden_size, conv_size, activation="silu")
+        if use_short_conv:
+            self.q_conv1d = ShortConvolution(hidden_size, conv_size, activation="silu")
+            self.k_conv1d = ShortConvolution(hidden_size, conv_size, activation="silu")
+            self.v_conv1d = ShortConvolution(hidden_size, conv_size, activation="silu")
         self.o_norm = RMSNorm(self.head_dim, eps=norm_eps)
         self.o_proj = nn.Linear(hidden_size, hidden_size, bias=False)
 
@@ -91,17 +99,24 @@ class LinearAttention(nn.Module):
         """hidden_states [B, T, hidden_size] -> (output [B, T, hidden_size], cache or None)."""
         self._check_inputs(hidden_states, cache)
         B, T, _ = hidden_states.shape
-        previous = (None, None, None) if cache is None else cache.conv_state
-        convs = (self.q_conv1d, self.k_conv1d, self.v_conv1d)
-        projections = (self.q_proj(hidden_states), self.k_proj(hidden_states), self.v_proj(hidden_states))
-        (q, conv_q), (k, conv_k), (v, conv_v) = (conv(x, s) for conv, x, s in zip(convs, projections, previous))
+        (q, k, v), conv_state = self._qkv(hidden_states, cache)
         q, k, v = (x.unflatten(-1, (self.num_heads, self.head_dim)) for x in (q, k, v))
         q, k = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
         o, state = causal_linear_attention(q, k, v, initial_state=None if cache is None else cache.state)
         o = self.o_proj(self.o_norm(o).reshape(B, T, self.hidden_size))
         if not (use_cache or cache is not None):
             return o, None
-        return o, LinearAttentionCache(state, (conv_q, conv_k, conv_v))
+        return o, LinearAttentionCache(state, conv_state)
+
+    def _qkv(self, x, cache):
+        """q, k, v [B, T, hidden_size] after the convolution (or without it) and SiLU; the new conv state."""
+        projections = (self.q_proj(x), self.k_proj(x), self.v_proj(x))
+        if not self.use_short_conv:
+            return tuple(F.silu(p) for p in projections), None
+        previous = (None, None, None) if cache is None else cache.conv_state
+        convs = (self.q_conv1d, self.k_conv1d, self.v_conv1d)
+        (q, conv_q), (k, conv_k), (v, conv_v) = (conv(p, s) for conv, p, s in zip(convs, projections, previous))
+        return (q, k, v), (conv_q, conv_k, conv_v)
 
     def _check_inputs(self, x, cache) -> None:
         check_hidden_states(x, self.hidden_size)
@@ -112,3 +127,6 @@ class LinearAttention(nn.Module):
         want = (x.shape[0], self.num_heads, self.head_dim, self.head_dim)
         if tuple(cache.state.shape) != want:
             raise ValueError(f"cache.state must be [B, H, K, V] = {want}, got {tuple(cache.state.shape)}")
+        if (cache.conv_state is None) == self.use_short_conv:
+            raise ValueError("cache.conv_state must hold the q, k and v convolution states with short convolution, "
+                             "and be None without")

@@ -44,7 +44,7 @@ class Block(nn.Module):
         if mixer == "deltanet":
             self.mixer = DeltaNet(h, heads, norm_eps=config.norm_eps, plan=plan, **config.deltanet)
         elif mixer == "linear":
-            self.mixer = LinearAttention(h, heads, norm_eps=config.norm_eps)
+            self.mixer = LinearAttention(h, heads, norm_eps=config.norm_eps, **config.linear)
         else:
             window = config.window_size if mixer == "sliding_window" else None
             self.mixer = Attention(h, heads, window, config.rope_theta, config.attention_backend)

@@ -30,10 +30,19 @@ from ..plan import Plan
 from .config import LMConfig
 from .lm import CausalLM
 
-MQAR_MIXERS = ("deltanet", "linear", "attention")
+MQAR_MIXERS = ("deltanet", "linear", "linear-noconv", "attention")
+# Each MQAR mixer as the LM builds it: its LMConfig mixer and extra LMConfig fields.
+# "linear-noconv" is the ablation: linear attention without its short convolution.
+_LM_MIXERS = {
+    "deltanet": ("deltanet", {}),
+    "linear": ("linear", {}),
+    "linear-noconv": ("linear", {"linear": {"use_short_conv": False}}),
+    "attention": ("attention", {}),
+}
 # One learning rate per mixer, the same for every width; a second call with --lr 1e-3 makes Zoology's
-# max over learning rates (docs/results.md)
-DEFAULT_LRS = {"deltanet": 3e-3, "linear": 3e-3, "attention": 3e-3}
+# max over learning rates (docs/results.md). The ablation takes linear attention's, so that the
+# convolution is the only difference.
+DEFAULT_LRS = {"deltanet": 3e-3, "linear": 3e-3, "linear-noconv": 3e-3, "attention": 3e-3}
 IGNORE = -100  # the label of positions that are not queries (cross_entropy's ignore_index)
 TEST_SEED_OFFSET = 1_000_003  # the test set's seed is the training seed plus this
 
@@ -51,12 +60,12 @@ class MQARTask:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        if 4 * self.num_pairs > self.seq_len:
+        if self.seq_len < min_seq_len(self.num_pairs):
             raise ValueError(
-                f"seq_len = {self.seq_len} must be at least 4 * num_pairs = {4 * self.num_pairs} "
+                f"seq_len = {self.seq_len} must be at least 4 * num_pairs = {min_seq_len(self.num_pairs)} "
                 "(the pairs, then a query slot of two tokens per key)"
             )
-        if self.vocab_size // 2 - 1 < self.num_pairs:
+        if self.vocab_size < min_vocab_size(self.num_pairs):
             raise ValueError(f"vocab_size = {self.vocab_size} leaves fewer than num_pairs = {self.num_pairs} keys")
         if not 0 < self.power_a <= 1:
             raise ValueError(f"power_a must be in (0, 1], got {self.power_a!r}")
@@ -64,6 +73,16 @@ class MQARTask:
     @property
     def query_slots(self) -> int:
         return (self.seq_len - 2 * self.num_pairs) // 2
+
+
+def min_seq_len(num_pairs: int) -> int:
+    """The shortest sequence that holds the pairs and a query slot (two tokens) per key."""
+    return 4 * num_pairs
+
+
+def min_vocab_size(num_pairs: int) -> int:
+    """The smallest vocabulary whose lower half, token 0 aside, holds num_pairs distinct keys."""
+    return 2 * (num_pairs + 1)
 
 
 class MQARBatch(NamedTuple):
@@ -113,10 +132,12 @@ def mqar_test_set(task: MQARTask, num_examples: int, seed: int, device="cpu", ba
 def mqar_model(
     task: MQARTask, mixer: str, width: int, num_layers: int = 2, num_heads: int = 2, plan: str | Plan | None = None
 ) -> CausalLM:
-    """A small LM of `num_layers` layers of one mixer ("deltanet", "linear" or "attention")."""
+    """A small LM of `num_layers` layers of one mixer (one of MQAR_MIXERS)."""
     if mixer not in MQAR_MIXERS:
         raise ValueError(f"mixer must be one of {MQAR_MIXERS}, got {mixer!r}")
-    config = LMConfig(vocab_size=task.vocab_size, hidden_size=width, mixers=(mixer,) * num_layers, num_heads=num_heads)
+    lm_mixer, fields = _LM_MIXERS[mixer]
+    config = LMConfig(vocab_size=task.vocab_size, hidden_size=width, mixers=(lm_mixer,) * num_layers,
+                      num_heads=num_heads, **fields)
     return CausalLM(config, plan=plan)
 
 
@@ -246,6 +267,8 @@ def train_mqar(
         "mixer": mixer,
         "width": width,
         "lr": training.lr,
+        "num_pairs": task.num_pairs,
+        "seq_len": task.seq_len,
         "num_layers": num_layers,
         "num_heads": num_heads,
         "params": model.num_parameters(),

@@ -1,5 +1,6 @@
 """`deltaflex mqar` on CPU at the tiny --quick size: JSON written, table printed, calls accumulate,
-bad options rejected before any training."""
+a grid over --pairs x --seq-lens, two worker processes writing one JSON, bad options rejected before
+any training."""
 
 import json
 import sys
@@ -10,6 +11,11 @@ from typer.testing import CliRunner
 from deltaflex.cli import app
 
 runner = CliRunner()
+def plain(output: str) -> str:
+    """The output without rich's error box, whose borders cut wrapped lines."""
+    return " ".join(output.replace("│", " ").split())
+
+
 QUICK = ["mqar", "--quick", "--device", "cpu", "--no-plot", "--steps", "4", "--eval-every", "2"]
 
 
@@ -18,20 +24,20 @@ def test_quick_run_writes_results_and_a_second_call_adds_to_them(tmp_path):
     assert result.exit_code == 0, result.output
     assert "MQAR accuracy" in result.output and "linear" in result.output
     runs = json.loads((tmp_path / "mqar.json").read_text())["runs"]
-    assert list(runs) == ["linear/d32/lr0.003"] and runs["linear/d32/lr0.003"]["steps_done"] == 4
+    assert list(runs) == ["p8/s64/linear/d32/lr0.003"] and runs["p8/s64/linear/d32/lr0.003"]["steps_done"] == 4
     result = runner.invoke(app, [*QUICK, "--mixers", "linear,attention", "--lr", "attention=1e-3", "--out", str(tmp_path)])
     assert result.exit_code == 0, result.output
-    assert "linear/d32/lr0.003: complete" in result.output
+    assert "p8/s64/linear/d32/lr0.003: complete" in result.output
     saved = json.loads((tmp_path / "mqar.json").read_text())
-    assert sorted(saved["runs"]) == ["attention/d32/lr0.001", "linear/d32/lr0.003"]
-    assert saved["settings"]["task"] == {"vocab_size": 64, "seq_len": 64, "num_pairs": 8, "power_a": 0.01, "random_fill": False}
+    assert sorted(saved["runs"]) == ["p8/s64/attention/d32/lr0.001", "p8/s64/linear/d32/lr0.003"]
+    assert saved["settings"]["task"] == {"vocab_size": 64, "power_a": 0.01, "random_fill": False}
     assert saved["env"]["torch"]
 
 
 def test_budget_left_runs_are_named(tmp_path):
     result = runner.invoke(app, [*QUICK, "--mixers", "attention", "--max-minutes", "1e-9", "--out", str(tmp_path)])
     assert result.exit_code == 0, result.output
-    assert "not started" in result.output and "not complete yet: attention/d32/lr0.003" in result.output
+    assert "not started" in result.output and "not complete yet: p8/s64/attention/d32/lr0.003" in result.output
 
 
 @pytest.mark.parametrize(
@@ -44,17 +50,38 @@ def test_budget_left_runs_are_named(tmp_path):
         (["--plan", "fast"], "expected one of"),
         (["--max-minutes", "0"], "expected a positive number of minutes"),
         (["--heads", "3"], "--heads 3 must divide every width"),
+        (["--workers", "0"], "expected a positive number of worker processes"),
+        (["--pairs", "4,0"], "expected comma-separated positive integers"),
+        (["--num-pairs", "0"], "expected a positive integer, got 0"),
+        (["--pairs", "4", "--num-pairs", "4"], "give --pairs or --num-pairs, not both"),
+        (["--pairs", "4,40"], "40 pairs need a vocabulary of at least 82"),
+        (["--pairs", "4,20", "--seq-lens", "32,64"], "20 pairs need a sequence of at least 4 * 20 = 80 tokens"),
     ],
 )
 def test_bad_options(tmp_path, args, message):
     result = runner.invoke(app, [*QUICK, *args, "--out", str(tmp_path)])
-    assert result.exit_code != 0 and message in result.output, result.output
+    assert result.exit_code != 0 and message in plain(result.output), result.output
     assert not (tmp_path / "mqar.json").exists()
 
 
-def test_bad_task_sizes_fail_clearly(tmp_path):
+def test_bad_task_sizes_name_the_option(tmp_path):
     result = runner.invoke(app, ["mqar", "--device", "cpu", "--no-plot", "--seq-len", "100", "--out", str(tmp_path)])
-    assert result.exit_code == 1 and "seq_len = 100 must be at least 4 * num_pairs = 256" in result.output
+    output = plain(result.output)
+    assert result.exit_code == 2 and "Invalid value for --num-pairs" in output, output
+    assert "64 pairs need a sequence of at least 4 * 64 = 256 tokens" in output and "longest --seq-len (100)" in output
+
+
+def test_a_grid_in_two_workers_fills_one_file(tmp_path):
+    grid = ["--pairs", "2,8", "--seq-lens", "16,32", "--widths", "8", "--mixers", "linear-noconv"]
+    result = runner.invoke(app, [*QUICK, *grid, "--steps", "2", "--workers", "2", "--out", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    assert "left out of the grid, sequences too short for their pairs: p8/s16" in result.output
+    saved = json.loads((tmp_path / "mqar.json").read_text())
+    keys = [f"p{p}/s{s}/linear-noconv/d8/lr0.003" for p, s in ((2, 16), (2, 32), (8, 32))]
+    assert sorted(saved["runs"]) == sorted(keys)
+    assert all(r["complete"] and len(r["curve"]) == 1 for r in saved["runs"].values())
+    result = runner.invoke(app, [*QUICK, *grid, "--steps", "2", "--workers", "2", "--out", str(tmp_path)])
+    assert result.exit_code == 0 and all(f"{k}: complete in" in result.output for k in keys), result.output
 
 
 def test_plot_without_matplotlib_fails_before_training(tmp_path, monkeypatch):
@@ -87,7 +114,7 @@ def test_a_run_still_learning_at_its_end_is_warned_about(tmp_path, monkeypatch):
     monkeypatch.setattr(mqar, "still_moving", lambda curve, steps: 0.25)  # as if it rose by 0.25 at the end
     result = runner.invoke(app, [*QUICK, "--mixers", "linear", "--out", str(tmp_path)])
     assert result.exit_code == 0, result.output
-    assert "warning: linear/d32/lr0.003: its test accuracy still moved by +0.250" in " ".join(result.output.split())
+    assert "warning: p8/s64/linear/d32/lr0.003: its test accuracy still moved by +0.250" in " ".join(result.output.split())
     monkeypatch.setattr(mqar, "still_moving", lambda curve, steps: None)
     result = runner.invoke(app, [*QUICK, "--mixers", "linear", "--fresh", "--out", str(tmp_path)])
     assert result.exit_code == 0, result.output

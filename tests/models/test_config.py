@@ -19,6 +19,7 @@ def test_json_round_trip_through_string_and_file(tmp_path):
         rope_theta=500.0,
         attention_backend="flex",
         deltanet={"use_gate": True, "conv_size": 2},
+        linear={"use_short_conv": False},
     )
     assert LMConfig.from_json(config.to_json()) == config
     config.to_json(tmp_path / "config.json")
@@ -73,6 +74,8 @@ def test_preset_passes_fields_and_defaults_to_a_125m_shape():
         ({"deltanet": {"use_gate": True, "colour": 1}}, ValueError, r"deltanet got unknown .*\['colour'\]"),
         ({"deltanet": {"num_heads": 4}}, ValueError, "model-owned arguments"),
         ({"deltanet": [("use_gate", True)]}, TypeError, "deltanet must be a dict"),
+        ({"linear": {"norm_eps": 1e-6}}, ValueError, r"linear got unknown or model-owned arguments \['norm_eps'\]"),
+        ({"linear": None}, TypeError, "linear must be a dict of LinearAttention arguments"),
     ],
 )
 def test_bad_values_name_the_field(fields, error, message):

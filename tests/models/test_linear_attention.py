@@ -76,9 +76,21 @@ def test_layer_is_deltanets_flow_without_the_delta_rule():
     assert relative_error(layer(x)[0], expected) < 1e-12
 
 
+def test_without_short_convolution_the_silu_stays():
+    layer = LinearAttention(HIDDEN, HEADS, use_short_conv=False).double()
+    assert not hasattr(layer, "q_conv1d")
+    x = torch.randn(2, 13, HIDDEN, dtype=torch.float64)
+    heads = lambda t: t.unflatten(-1, (HEADS, HIDDEN // HEADS))  # noqa: E731
+    q, k = (F.normalize(heads(F.silu(proj(x))), dim=-1) for proj in (layer.q_proj, layer.k_proj))
+    o, _ = linear_attention_ref(q, k, heads(F.silu(layer.v_proj(x))), (HIDDEN // HEADS) ** -0.5)
+    o = o * torch.rsqrt(o.pow(2).mean(-1, keepdim=True) + layer.o_norm.eps) * layer.o_norm.weight
+    assert relative_error(layer(x)[0], layer.o_proj(o.flatten(2))) < 1e-12
+
+
+@pytest.mark.parametrize("use_short_conv", [True, False], ids=["conv", "noconv"])
 @pytest.mark.parametrize("split", [(1,), (6,), (3, 9)], ids=lambda s: "+".join(map(str, s)))
-def test_cached_decoding_equals_full_forward(split):
-    layer = LinearAttention(HIDDEN, HEADS).double()
+def test_cached_decoding_equals_full_forward(split, use_short_conv):
+    layer = LinearAttention(HIDDEN, HEADS, use_short_conv=use_short_conv).double()
     T = 15
     x = torch.randn(2, T, HIDDEN, dtype=torch.float64)
     whole, whole_cache = layer(x, use_cache=True)
@@ -90,6 +102,9 @@ def test_cached_decoding_equals_full_forward(split):
     assert isinstance(cache, LinearAttentionCache)
     assert relative_error(torch.cat(pieces, dim=1), whole) < 1e-12
     assert relative_error(cache.state, whole_cache.state) < 1e-12
+    if not use_short_conv:
+        assert cache.conv_state is None
+        return
     for c, w in zip(cache.conv_state, whole_cache.conv_state):
         assert relative_error(c, w) < 1e-12
 
@@ -106,3 +121,7 @@ def test_bad_arguments():
         layer(x, cache=cache.state)
     with pytest.raises(ValueError, match=r"cache.state must be \[B, H, K, V\] = \(1, 2, 16, 16\)"):
         layer(x[:1], cache=cache)
+    with pytest.raises(ValueError, match="cache.conv_state must .* be None without"):
+        LinearAttention(HIDDEN, HEADS, use_short_conv=False)(x, cache=cache)
+    with pytest.raises(TypeError, match="use_short_conv must be a bool"):
+        LinearAttention(HIDDEN, HEADS, use_short_conv=0)

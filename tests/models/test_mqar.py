@@ -126,7 +126,15 @@ def test_evaluate_counts_right_answers():
     assert model.training  # evaluate puts the model back in training mode
 
 
-@pytest.mark.parametrize("mixer", ["deltanet", "linear", "attention"])
+def test_the_ablation_is_linear_attention_without_its_convolution():
+    with_conv, without = mqar_model(TINY, "linear", 32), mqar_model(TINY, "linear-noconv", 32)
+    convs = [n for n, _ in with_conv.named_modules() if n.endswith("conv1d")]
+    assert len(convs) == 6 and not [n for n, _ in without.named_modules() if n.endswith("conv1d")]
+    assert {n for n, _ in without.named_parameters()} == {n for n, _ in with_conv.named_parameters()} - {
+        f"{n}.weight" for n in convs}
+
+
+@pytest.mark.parametrize("mixer", ["deltanet", "linear", "linear-noconv", "attention"])
 def test_training_runs_and_learns(mixer):
     task = MQARTask(vocab_size=32, seq_len=24, num_pairs=4)
     training = MQARTraining(steps=20, batch_size=8, lr=1e-2, eval_every=10, curve_examples=16, test_examples=24)
@@ -135,6 +143,7 @@ def test_training_runs_and_learns(mixer):
     assert [s for s, _ in seen] == list(range(1, 21))
     assert [p["step"] for _, p in seen if p is not None] == [10, 20]
     assert result["complete"] and result["steps_done"] == 20 and result["mixer"] == mixer
+    assert (result["num_pairs"], result["seq_len"]) == (4, 24)
     assert [p["step"] for p in result["curve"]] == [10, 20]
     assert result["curve"][1]["loss"] < result["curve"][0]["loss"] < 4.0  # log(32) = 3.5 at chance
     assert 0 <= result["accuracy"] <= 1 and result["tokens_per_second"] > 0 and result["params"] > 0
