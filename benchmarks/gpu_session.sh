@@ -103,7 +103,7 @@ for step in "$@"; do
     layer)
       within python3 benchmarks/bench_layer.py --out "$OUT" ${LAYER_FLAGS:-} 2>&1 | grep -v -i warn | tee "$OUT/layer.log" | tail -30 ;;
     lm)
-      within python3 benchmarks/bench_lm.py --out "$OUT" ${LM_FLAGS:-} 2>&1 | grep -v -i warn | tee "$OUT/lm.log" | tail -12 ;;
+      within python3 benchmarks/bench_lm.py --out "$OUT" ${LM_FLAGS:-} 2>&1 | grep -v -i warn | tee "$OUT/lm.log" | tail -${LM_TAIL:-22} ;;
     mqar)
       within python3 benchmarks/mqar.py --out "$OUT/mqar" ${MQAR_FLAGS:-} 2>&1 | grep -v -i warn | tee "$OUT/mqar.log" | tail -25 ;;
     train)
