@@ -205,6 +205,11 @@ def compiled(model: CausalLM, scope):
     run has; a symbolic T would not save the DeltaNet rows' compiles on CUDA anyway (the "auto" plan's
     shape buckets and the fused plan's segment choice guard on T), and every row builds its model afresh."""
     if scope == "blocks":
+        # fla's layer keeps its layer_idx as a static int, so each of its blocks is a graph of its own: past
+        # Dynamo's recompile limit (8) the rest ran uncompiled (H200, fifteenth session: 4 of 12 blocks)
+        import torch._dynamo.config as dynamo_config
+
+        dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, 2 * len(model.blocks))
         for block in model.blocks:
             block.compile(dynamic=False)  # identical blocks share one graph: one compile per kind of block
         return model
